@@ -1,0 +1,8 @@
+"""imagegpt: ImageGPT (Chen et al., "Generative Pretraining from Pixels", 2020) in PyTorch."""
+
+from .config import PRESETS, ImageGPTConfig
+from .errors import ImageGPTError
+from .model import ImageGPT, ImageGPTClassifier
+
+__all__ = ["PRESETS", "ImageGPT", "ImageGPTClassifier", "ImageGPTConfig", "ImageGPTError"]
+__version__ = "0.1.0"

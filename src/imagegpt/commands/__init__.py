@@ -1,0 +1,1 @@
+"""One module per `imagegpt` subcommand; see imagegpt.cli."""

@@ -1,0 +1,309 @@
+"""The ImageGPT transformer, readable top to bottom.
+
+A GPT-2-style decoder over colour tokens in raster order, exactly as Chen et al. (2020) and the released
+checkpoints: pre-norm blocks whose norm has no mean-centring and no bias, quick-GELU MLPs, causal attention scaled
+by 1/sqrt(head_dim), learned position embeddings, an output head untied from the embeddings that never predicts
+SOS, and SOS = vocab_size - 1.
+
+Two levels of API:
+- `forward(input_ids, labels=...)` keeps transformers' semantics: ids are used as given and the loss is the shifted
+  next-token cross-entropy. This is what parity with transformers is checked on.
+- `loss_per_image(ids)` and friends take image tokens [x0, ..., x_{n-1}] and feed [SOS, x0, ..., x_{n-2}], as the
+  released models were trained, so every token of the image is predicted.
+
+Module and parameter names mirror transformers' (transformer.h.{i}.attn.c_attn, ...) so that checkpoint conversion
+is a transpose of the linear weights and nothing else.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .config import ImageGPTConfig
+
+
+def sos_inputs(ids: torch.Tensor, sos_id: int) -> torch.Tensor:
+    """[x0, ..., x_{n-1}] -> [SOS, x0, ..., x_{n-2}]: the model input whose next-token targets are the image."""
+    sos = torch.full_like(ids[:, :1], sos_id)
+    return torch.cat([sos, ids[:, :-1]], dim=1)
+
+
+class Norm(nn.Module):
+    """ImageGPT's layer norm: x / sqrt(mean(x^2) + eps) * weight. No mean-centring, no bias."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
+
+
+def quick_gelu(x: torch.Tensor) -> torch.Tensor:
+    return x * torch.sigmoid(1.702 * x)
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float = 0.0) -> torch.Tensor:
+    """Attention of T queries over the last T of S keys, each query seeing the keys up to its own position.
+
+    q is (B, nh, T, hs); k and v are (B, nh, S, hs) with S >= T (S > T when a KV cache holds earlier positions).
+    SDPA's fused kernels never materialise the T x S matrix and scale by 1/sqrt(hs).
+    """
+    T, S = q.size(-2), k.size(-2)
+    if T == S:
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
+    if T == 1:  # one new token sees every cached position
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
+    mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=S - T)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+
+
+class KVCache:
+    """Preallocated keys and values for every layer, (n_layer, B, nh, max_length, hs) each.
+
+    Memory is 2 x n_layer x B x max_length x n_embd elements, allocated once; `update` writes new positions in
+    place and returns views over the positions filled so far.
+    """
+
+    def __init__(
+        self,
+        config: ImageGPTConfig,
+        batch_size: int,
+        max_length: int | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ):
+        max_length = config.n_positions if max_length is None else max_length
+        shape = (config.n_layer, batch_size, config.n_head, max_length, config.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+
+    @property
+    def max_length(self) -> int:
+        return self.k.size(3)
+
+    def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor):
+        end = start + k.size(2)
+        self.k[layer, :, :, start:end] = k
+        self.v[layer, :, :, start:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: ImageGPTConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_head = config.n_head
+        self.attn_pdrop = config.attn_pdrop
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.resid_dropout = nn.Dropout(config.resid_pdrop)
+
+    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None, start: int = 0) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        if kv_cache is not None:
+            k, v = kv_cache.update(self.layer_idx, start, k, v)  # (B, nh, start + T, hs)
+        y = causal_attention(q, k, v, self.attn_pdrop if self.training else 0.0)
+        y = y.transpose(1, 2).reshape(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ImageGPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, config.inner_dim)
+        self.c_proj = nn.Linear(config.inner_dim, config.n_embd)
+        self.dropout = nn.Dropout(config.resid_pdrop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.c_proj(quick_gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    def __init__(self, config: ImageGPTConfig, layer_idx: int):
+        super().__init__()
+        self.ln_1 = Norm(config.n_embd, config.layer_norm_epsilon)
+        self.attn = CausalSelfAttention(config, layer_idx)
+        self.ln_2 = Norm(config.n_embd, config.layer_norm_epsilon)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None, start: int = 0) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), kv_cache, start)
+        return x + self.mlp(self.ln_2(x))
+
+
+class Transformer(nn.Module):
+    """Embeddings, blocks and the final norm: everything but the head."""
+
+    def __init__(self, config: ImageGPTConfig):
+        super().__init__()
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.wpe = nn.Embedding(config.n_positions, config.n_embd)
+        self.drop = nn.Dropout(config.embd_pdrop)
+        self.h = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        self.ln_f = Norm(config.n_embd, config.layer_norm_epsilon)
+        self.gradient_checkpointing = False
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        kv_cache: KVCache | None = None,
+        start: int = 0,
+        output_hidden_states: bool = False,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
+        """Returns the final normed hidden state (B, T, C) and, if asked, n_layer + 1 hidden states.
+
+        As in transformers, hidden_states[i] is the input of block i for i < n_layer, and the last entry is the
+        output of the final norm.
+        """
+        B, T = input_ids.shape
+        if start + T > self.wpe.num_embeddings:
+            raise ValueError(
+                f"sequence of {start + T} positions exceeds the model's n_positions={self.wpe.num_embeddings}"
+            )
+        positions = torch.arange(start, start + T, device=input_ids.device)
+        x = self.drop(self.wte(input_ids) + self.wpe(positions))  # (B, T, C)
+        hidden_states = [] if output_hidden_states else None
+        for block in self.h:
+            if hidden_states is not None:
+                hidden_states.append(x)
+            if self.gradient_checkpointing and self.training and kv_cache is None:
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x, kv_cache, start)
+        x = self.ln_f(x)
+        if hidden_states is not None:
+            hidden_states.append(x)
+            return x, tuple(hidden_states)
+        return x, None
+
+
+@dataclass
+class ImageGPTOutput:
+    logits: torch.Tensor
+    loss: torch.Tensor | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+
+
+def init_weights(model: nn.Module, config: ImageGPTConfig) -> None:
+    """The original code's initialisation, which the paper reports matters for stable training."""
+    width_std = 1.0 / math.sqrt(config.n_embd)
+    for name, p in model.named_parameters():
+        if name.endswith("ln_1.weight") or name.endswith("ln_2.weight") or name.endswith("ln_f.weight"):
+            nn.init.ones_(p)
+        elif name.endswith(".bias"):
+            nn.init.zeros_(p)
+        elif name.endswith("wpe.weight"):
+            nn.init.normal_(p, std=0.01)
+        elif name.endswith("wte.weight") or ".mlp." in name:
+            nn.init.normal_(p, std=0.02)
+        elif name.endswith("attn.c_attn.weight"):
+            nn.init.normal_(p, std=width_std)
+        elif name.endswith("attn.c_proj.weight"):
+            nn.init.normal_(p, std=1.0 / math.sqrt(config.n_embd * config.n_layer))
+        elif name in ("lm_head.weight", "score.weight"):
+            nn.init.zeros_(p)
+        else:  # pragma: no cover - a new parameter must be given its initialisation here
+            raise AssertionError(f"no initialisation rule for parameter {name}")
+
+
+class _Pretrained(nn.Module):
+    """Loading and saving transformers-format directories (see imagegpt.checkpoint)."""
+
+    config: ImageGPTConfig
+
+    @classmethod
+    def from_pretrained(cls, path, **kwargs):
+        """Load from a transformers ImageGPT directory, or a hub id when online."""
+        from .checkpoint import load_pretrained
+
+        return load_pretrained(cls, path, **kwargs)
+
+    def save_pretrained(self, path, **kwargs) -> None:
+        """Write a directory that transformers' ImageGPT classes load with no missing or unexpected keys."""
+        from .checkpoint import save_pretrained
+
+        save_pretrained(self, path, **kwargs)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+class ImageGPT(_Pretrained):
+    """The backbone plus the next-token head (transformers' ImageGPTForCausalImageModeling)."""
+
+    def __init__(self, config: ImageGPTConfig):
+        super().__init__()
+        self.config = config
+        self.transformer = Transformer(config)
+        # vocab_size - 1 outputs: SOS is never predicted. Untied from wte.
+        self.lm_head = nn.Linear(config.n_embd, config.n_clusters, bias=False)
+        init_weights(self, config)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        output_hidden_states: bool = False,
+        kv_cache: KVCache | None = None,
+        start: int = 0,
+    ) -> ImageGPTOutput:
+        """transformers' semantics: ids used as given; loss = CE(logits[:, :-1], labels[:, 1:])."""
+        x, hidden_states = self.transformer(input_ids, kv_cache, start, output_hidden_states)
+        logits = self.lm_head(x)  # (B, T, n_clusters)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten())
+        return ImageGPTOutput(logits=logits, loss=loss, hidden_states=hidden_states)
+
+    def loss_per_image(self, ids: torch.Tensor) -> torch.Tensor:
+        """Mean next-token loss in nats of each image (B,), predicting every token of ids from [SOS, ...]."""
+        logits = self(sos_inputs(ids, self.config.sos_id)).logits
+        nll = F.cross_entropy(logits.flatten(0, 1).float(), ids.flatten(), reduction="none")
+        return nll.view(ids.shape).mean(dim=1)
+
+    def image_loss(self, ids: torch.Tensor) -> torch.Tensor:
+        """Mean next-token loss in nats over all tokens of the batch, SOS handled (the training objective)."""
+        logits = self(sos_inputs(ids, self.config.sos_id)).logits
+        return F.cross_entropy(logits.flatten(0, 1).float(), ids.flatten())
+
+
+@dataclass
+class ClassifierOutput:
+    logits: torch.Tensor
+    loss: torch.Tensor | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+
+
+class ImageGPTClassifier(_Pretrained):
+    """The backbone plus a linear `score` head on the position-averaged final normed hidden state.
+
+    Matches transformers' ImageGPTForImageClassification, whose input ids are used as given: to read images as the
+    released models were trained, feed `sos_inputs(ids, sos_id)` (imagegpt's fine-tuning does).
+    """
+
+    def __init__(self, config: ImageGPTConfig):
+        super().__init__()
+        self.config = config
+        self.transformer = Transformer(config)
+        self.score = nn.Linear(config.n_embd, config.num_labels, bias=False)
+        init_weights(self, config)
+
+    def forward(
+        self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, output_hidden_states: bool = False
+    ) -> ClassifierOutput:
+        x, hidden_states = self.transformer(input_ids, output_hidden_states=output_hidden_states)
+        logits = self.score(x.mean(dim=1))  # (B, num_labels)
+        loss = None if labels is None else F.cross_entropy(logits.float(), labels)
+        return ClassifierOutput(logits=logits, loss=loss, hidden_states=hidden_states)
