@@ -1,0 +1,541 @@
+"""Linear probes on ImageGPT features, the protocol of Chen et al. (2020), section 3.2.
+
+The feature of layer l is the paper's layer-normed activation, average-pooled over positions:
+
+    f_l = mean_t n^l_t,   n^l = ln_1 of block l applied to h^l (the input of block l)   for l < n_layer,
+                          n^L = ln_f(h^L)                                              for l = n_layer.
+
+Two mistakes common in public notebooks are avoided here. transformers' `hidden_states[l]` for l < n_layer
+are *un-normed* residual-stream activations: we apply the block's own norm, as the paper does. And the model
+input is `[SOS, x0, ..., x_{n-2}]`, as in training: raw processor output shifts every feature by one position.
+
+A probe is an L-BFGS logistic regression (scikit-learn) on standardised features. Its regularisation
+strength C is chosen on the validation split and the test accuracy reported for that choice.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import os
+import warnings
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .device import autocast, resolve_device, resolve_dtype
+from .errors import ArgumentError, DataError, ImageInputError
+from .model import sos_inputs
+
+DEFAULT_CS: tuple[float, ...] = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
+
+
+# -------------------------------------------------------------------------------------------------- layers
+
+
+def resolve_layers(layers: str | int | Sequence[int], n_layer: int) -> list[int]:
+    """'all' -> 0..n_layer, 'middle' -> n_layer // 2; an int, a list or '0,3,5' -> those layers, sorted.
+
+    Layer 0 is the embeddings (the input of block 0) and layer n_layer is the output of the final norm.
+    """
+    if isinstance(layers, str):
+        text = layers.strip().lower()
+        if text == "all":
+            return list(range(n_layer + 1))
+        if text == "middle":
+            return [n_layer // 2]
+        try:
+            layers = [int(part) for part in text.split(",") if part.strip()]
+        except ValueError as e:
+            raise ArgumentError(
+                f"cannot read layers {layers!r}: use 'all', 'middle', or comma-separated numbers like 0,3,5"
+            ) from e
+    elif isinstance(layers, int | np.integer):
+        layers = [int(layers)]
+    layers = sorted({int(layer) for layer in layers})
+    if not layers:
+        raise ArgumentError("no layers given: use 'all', 'middle', or layer numbers like 0,3,5")
+    for layer in layers:
+        if not 0 <= layer <= n_layer:
+            raise ArgumentError(
+                f"layer {layer} is out of range: this model has {n_layer} blocks, so layers go from 0 "
+                f"(the embeddings) to {n_layer} (after the final norm)"
+            )
+    return layers
+
+
+# ------------------------------------------------------------------------------------------------ features
+
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """A hash of the backbone's config and weights: features depend on nothing else."""
+    digest = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
+    for name, tensor in sorted(model.transformer.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(str(tensor.dtype).encode())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:20]
+
+
+def ids_fingerprint(ids: torch.Tensor) -> str:
+    array = np.ascontiguousarray(ids.cpu().numpy().astype(np.int64))
+    digest = hashlib.sha256(str(array.shape).encode())
+    digest.update(array.tobytes())
+    return digest.hexdigest()[:20]
+
+
+def _as_ids(images_or_ids, config, processor, batch_size: int) -> torch.Tensor:
+    """Token ids [N, n_positions] from ids (2-D integers), or from images via the processor."""
+    is_array = isinstance(images_or_ids, np.ndarray) and images_or_ids.ndim == 2
+    is_tensor = isinstance(images_or_ids, torch.Tensor) and images_or_ids.ndim == 2
+    if is_array or is_tensor:
+        floating = (
+            images_or_ids.is_floating_point()
+            if is_tensor
+            else not np.issubdtype(images_or_ids.dtype, np.integer)
+        )
+        if floating:
+            raise ImageInputError(
+                "a 2-D input is read as token ids [N, H*W] and must hold integers; pass images as "
+                "[N, H, W, 3] arrays or as a list"
+            )
+        ids = (
+            images_or_ids.long() if is_tensor else torch.from_numpy(np.asarray(images_or_ids, dtype=np.int64))
+        )
+    else:
+        if processor is None:
+            raise ArgumentError(
+                "images were given without a processor: pass "
+                "processor=ImageProcessor.from_pretrained(model_dir), or pass token ids [N, H*W]"
+            )
+        if len(images_or_ids) == 0:
+            raise ImageInputError("no images given: pass at least one image")
+        ids = torch.cat(
+            [
+                processor.encode(images_or_ids[i : i + batch_size])
+                for i in range(0, len(images_or_ids), batch_size)
+            ]
+        )
+    if ids.size(0) == 0:
+        raise ImageInputError("no images given: pass at least one image")
+    if ids.size(1) != config.n_positions:
+        raise ImageInputError(
+            f"token ids have {ids.size(1)} positions but the model reads {config.n_positions}; encode the "
+            "images with the model's own processor"
+        )
+    if int(ids.min()) < 0 or int(ids.max()) >= config.n_clusters:
+        raise ImageInputError(
+            f"token ids must be palette indices in [0, {config.n_clusters}); got values in "
+            f"[{int(ids.min())}, {int(ids.max())}]. Pass image tokens without SOS: it is prepended here"
+        )
+    return ids
+
+
+@torch.no_grad()
+def _run_layers(
+    model: torch.nn.Module,
+    ids: torch.Tensor,
+    layers: list[int],
+    batch_size: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    progress: bool,
+) -> dict[int, np.ndarray]:
+    """Average-pooled normed activations of `layers`, running only the blocks below the deepest one asked."""
+    transformer, config = model.transformer, model.config
+    n, deepest, wanted = ids.size(0), max(layers), set(layers)
+    features = {layer: np.empty((n, config.n_embd), dtype=np.float32) for layer in layers}
+    positions = torch.arange(config.n_positions, device=device)
+    starts = range(0, n, batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc=f"features (layers {layers[0]}..{deepest})", unit="batch", leave=False)
+    for start in starts:
+        batch = sos_inputs(ids[start : start + batch_size].to(device), config.sos_id)
+        with autocast(device, dtype):
+            x = transformer.wte(batch) + transformer.wpe(positions)  # (B, T, C), the input of block 0
+            for layer in range(deepest + 1):
+                if layer in wanted:
+                    norm = transformer.ln_f if layer == config.n_layer else transformer.h[layer].ln_1
+                    pooled = norm(x).float().mean(dim=1)  # (B, C)
+                    features[layer][start : start + len(batch)] = pooled.cpu().numpy()
+                if layer < deepest:
+                    x = transformer.h[layer](x)
+    return features
+
+
+def _atomic_save(path: Path, array: np.ndarray) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        np.save(f, array)
+    os.replace(tmp, path)
+
+
+def extract_features(
+    model: torch.nn.Module,
+    images_or_ids,
+    layers: str | int | Sequence[int] = "all",
+    *,
+    processor=None,
+    concat: bool = False,
+    batch_size: int = 64,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    progress: bool = False,
+) -> dict[int, np.ndarray] | np.ndarray:
+    """Average-pooled layer-normed features: {layer: float32 [N, n_embd]}, or [N, n_embd * layers] if concat.
+
+    images_or_ids: token ids [N, H*W] (a 2-D integer tensor or array; SOS is prepended here), or images in any
+        form `processor.encode` reads (then `processor` is required).
+    layers: 'all', 'middle', an int, a list, or '0,3,5'.
+    device: where to run; None keeps the model where it is (the model is moved otherwise).
+    dtype: autocast dtype; None or 'auto' = bfloat16 where supported, else float32.
+    cache_dir: if given, features are cached there per layer, keyed by the model's weights, the token ids and
+        the dtype, so a second call (or another layer selection) reuses what was computed.
+    """
+    if batch_size < 1:
+        raise ArgumentError(f"batch_size must be at least 1, got {batch_size}")
+    config = model.config
+    layers = resolve_layers(layers, config.n_layer)
+    device = next(model.parameters()).device if device is None else resolve_device(device)
+    dtype = resolve_dtype(dtype, device)
+    ids = _as_ids(images_or_ids, config, processor, batch_size)
+
+    features: dict[int, np.ndarray] = {}
+    paths: dict[int, Path] = {}
+    if cache_dir is not None:
+        cache_dir = Path(cache_dir)
+        key = f"{model_fingerprint(model)}-{ids_fingerprint(ids)}-{str(dtype).removeprefix('torch.')}"
+        for layer in layers:
+            paths[layer] = cache_dir / f"{key}-layer{layer}.npy"
+            if paths[layer].exists():
+                features[layer] = np.load(paths[layer])
+    missing = [layer for layer in layers if layer not in features]
+    if missing:
+        was_training = model.training
+        model.to(device).eval()
+        try:
+            computed = _run_layers(model, ids, missing, batch_size, device, dtype, progress)
+        finally:
+            model.train(was_training)
+        if cache_dir is not None:
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            for layer, array in computed.items():
+                _atomic_save(paths[layer], array)
+        features.update(computed)
+    if concat:
+        return np.concatenate([features[layer] for layer in layers], axis=1)
+    return {layer: features[layer] for layer in layers}
+
+
+# -------------------------------------------------------------------------------------------------- probes
+
+
+@dataclass
+class ProbeResult:
+    """One probe: the C chosen on validation, and the accuracies of the probe trained with it."""
+
+    C: float
+    val_accuracy: float
+    test_accuracy: float | None
+    val_accuracies: dict[float, float] = field(default_factory=dict)
+    train_accuracy: float | None = None
+
+
+def _check_labels(labels, what: str) -> np.ndarray:
+    if labels is None:
+        raise DataError(
+            f"the {what} split has no labels; a probe needs a labelled dataset (digits, shapes, CIFAR, "
+            "MNIST, or an image folder with one subfolder per class)"
+        )
+    return np.asarray(labels, dtype=np.int64)
+
+
+def fit_probe(
+    train_features: np.ndarray,
+    train_labels,
+    val_features: np.ndarray,
+    val_labels,
+    test_features: np.ndarray | None = None,
+    test_labels=None,
+    *,
+    Cs: Sequence[float] = DEFAULT_CS,
+    max_iter: int = 1000,
+) -> ProbeResult:
+    """L-BFGS logistic regression on standardised features; C chosen by validation accuracy (ties: smaller C).
+
+    The scaler is fitted on the training features only. The C grid is walked from strong to weak
+    regularisation with warm starts, which makes the whole grid cost little more than its weakest member.
+    """
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    train_labels = _check_labels(train_labels, "training")
+    val_labels = _check_labels(val_labels, "validation")
+    if len(np.unique(train_labels)) < 2:
+        raise DataError("the training labels hold a single class; a probe needs at least two")
+    if not Cs:
+        raise ArgumentError("the C grid is empty; give at least one regularisation strength")
+    scaler = StandardScaler().fit(train_features)
+    train_x, val_x = scaler.transform(train_features), scaler.transform(val_features)
+    classifier = LogisticRegression(solver="lbfgs", max_iter=max_iter, warm_start=True)
+    best, val_accuracies = None, {}
+    for C in sorted(float(c) for c in Cs):
+        classifier.set_params(C=C)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            classifier.fit(train_x, train_labels)
+        val_accuracies[C] = float(classifier.score(val_x, val_labels))
+        if best is None or val_accuracies[C] > val_accuracies[best[0]]:
+            best = (C, copy.deepcopy(classifier))
+    C, chosen = best
+    test_accuracy = None
+    if test_features is not None:
+        test_labels = _check_labels(test_labels, "test")
+        test_accuracy = float(chosen.score(scaler.transform(test_features), test_labels))
+    return ProbeResult(
+        C=C,
+        val_accuracy=val_accuracies[C],
+        test_accuracy=test_accuracy,
+        val_accuracies=val_accuracies,
+        train_accuracy=float(chosen.score(train_x, train_labels)),
+    )
+
+
+def labels_per_class_subset(labels, k: int, seed: int) -> np.ndarray:
+    """Indices of k examples of each class, drawn with `seed` (the paper's low-data probes)."""
+    labels = np.asarray(labels)
+    if k < 1:
+        raise ArgumentError(f"labels per class must be at least 1, got {k}")
+    rng = np.random.default_rng(seed)
+    chosen = []
+    for label in np.unique(labels):
+        members = np.flatnonzero(labels == label)
+        if len(members) < k:
+            raise DataError(
+                f"class {label} has only {len(members)} training examples, fewer than "
+                f"--labels-per-class {k}; ask for fewer labels per class"
+            )
+        chosen.append(rng.choice(members, size=k, replace=False))
+    return np.sort(np.concatenate(chosen))
+
+
+def _probe_row(name, train, val, test, labels_per_class, seeds, Cs) -> dict:
+    """A table row: one probe (full data) or the mean and std over seeds (low-data mode)."""
+    (train_x, train_y), (val_x, val_y), (test_x, test_y) = train, val, test
+    if labels_per_class is None:
+        result = fit_probe(train_x, train_y, val_x, val_y, test_x, test_y, Cs=Cs)
+        return {"layer": name, **asdict(result), "val_accuracies": _str_keys(result.val_accuracies)}
+    runs = []
+    for seed in range(seeds):
+        subset = labels_per_class_subset(train_y, labels_per_class, seed)
+        runs.append(fit_probe(train_x[subset], train_y[subset], val_x, val_y, test_x, test_y, Cs=Cs))
+    tests = np.array([r.test_accuracy for r in runs])
+    vals = np.array([r.val_accuracy for r in runs])
+    return {
+        "layer": name,
+        "test_accuracy": float(tests.mean()),
+        "test_accuracy_std": float(tests.std()),
+        "val_accuracy": float(vals.mean()),
+        "val_accuracy_std": float(vals.std()),
+        "runs": [
+            {"seed": seed, **asdict(r), "val_accuracies": _str_keys(r.val_accuracies)}
+            for seed, r in enumerate(runs)
+        ],
+    }
+
+
+def _str_keys(values: dict[float, float]) -> dict[str, float]:
+    return {f"{k:g}": v for k, v in values.items()}
+
+
+def raw_pixel_features(images, processor, batch_size: int = 256) -> np.ndarray:
+    """The baseline's features: the images resized to the model's resolution, in [-1, 1], flattened."""
+    chunks = [
+        processor.to_pixels(images[i : i + batch_size]).reshape(min(batch_size, len(images) - i), -1)
+        for i in range(0, len(images), batch_size)
+    ]
+    return np.concatenate(chunks).astype(np.float32)
+
+
+def run_probe(
+    model: torch.nn.Module,
+    processor,
+    train,
+    val,
+    test,
+    *,
+    layers: str | int | Sequence[int] = "all",
+    concat: bool = False,
+    labels_per_class: int | None = None,
+    seeds: int = 5,
+    Cs: Sequence[float] = DEFAULT_CS,
+    baseline: bool = True,
+    batch_size: int = 64,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    progress: bool = False,
+) -> dict:
+    """Per-layer linear probes and a raw-pixel baseline on three labelled splits; returns a JSON-able report.
+
+    train / val / test: imagegpt.data ImageDatasets (`.images`, `.labels`, `.name`), or (images, labels)
+        pairs.
+    labels_per_class: low-data mode, K training labels per class drawn `seeds` times; rows hold mean and std.
+    concat: also probe the concatenation of the chosen layers (a row named like '3+4+5').
+    """
+    splits = {"train": train, "val": val, "test": test}
+    data = {}
+    for split, dataset in splits.items():
+        images, labels = (dataset.images, dataset.labels) if hasattr(dataset, "images") else dataset
+        data[split] = (images, _check_labels(labels, split))
+    if labels_per_class is not None and seeds < 1:
+        raise ArgumentError(f"seeds must be at least 1, got {seeds}")
+    layers = resolve_layers(layers, model.config.n_layer)
+    train_classes = set(np.unique(data["train"][1]).tolist())
+    for split in ("val", "test"):
+        unseen = set(np.unique(data[split][1]).tolist()) - train_classes
+        if unseen:
+            raise DataError(f"the {split} split has classes {sorted(unseen)} that the training split lacks")
+
+    features = {
+        split: extract_features(
+            model,
+            images,
+            layers,
+            processor=processor,
+            batch_size=batch_size,
+            device=device,
+            dtype=dtype,
+            cache_dir=cache_dir,
+            progress=progress,
+        )
+        for split, (images, _) in data.items()
+    }
+
+    def row(name, pick):
+        return _probe_row(
+            name, *((pick(split), data[split][1]) for split in splits), labels_per_class, seeds, Cs
+        )
+
+    rows = [row(layer, lambda split, layer=layer: features[split][layer]) for layer in layers]
+    concat_row = None
+    if concat and len(layers) > 1:
+        concat_row = row(
+            "+".join(map(str, layers)),
+            lambda split: np.concatenate([features[split][layer] for layer in layers], axis=1),
+        )
+    baseline_row = None
+    if baseline:
+        pixels = {split: raw_pixel_features(images, processor) for split, (images, _) in data.items()}
+        baseline_row = row("pixels", lambda split: pixels[split])
+    best = max(rows, key=lambda r: r["val_accuracy"])
+    n_classes = len(train_classes)
+    return {
+        "data": getattr(train, "name", None),
+        "n_layer": model.config.n_layer,
+        "n_embd": model.config.n_embd,
+        "layers": layers,
+        "sizes": {split: len(images) for split, (images, _) in data.items()},
+        "classes": n_classes,
+        "chance": 1.0 / n_classes,
+        "labels_per_class": labels_per_class,
+        "seeds": seeds if labels_per_class is not None else None,
+        "C_grid": [float(c) for c in sorted(Cs)],
+        "dtype": str(resolve_dtype(dtype, next(model.parameters()).device)).removeprefix("torch."),
+        "rows": rows,
+        "concat": concat_row,
+        "baseline": baseline_row,
+        "best_layer": best["layer"],
+    }
+
+
+# ----------------------------------------------------------------------------------------------- reporting
+
+
+def _accuracy_text(row: dict) -> str:
+    text = f"{100 * row['test_accuracy']:6.2f}%"
+    if "test_accuracy_std" in row:
+        text += f" ± {100 * row['test_accuracy_std']:.2f}"
+    return text
+
+
+def format_report(report: dict) -> str:
+    """The per-layer accuracy table printed by `imagegpt probe`."""
+    low_data = report["labels_per_class"] is not None
+    title = f"linear probe on {report['data'] or 'data'}: {report['classes']} classes, chance "
+    title += (
+        f"{100 * report['chance']:.1f}%, train/val/test {report['sizes']['train']}/{report['sizes']['val']}/"
+    )
+    title += f"{report['sizes']['test']}"
+    if low_data:
+        title += f"; {report['labels_per_class']} labels per class, mean ± std over {report['seeds']} seeds"
+    lines = [title, f"{'layer':>8}  {'val acc':>8}  {'test acc':>16}  {'C':>6}"]
+
+    def line(row, marker=""):
+        C = f"{row['C']:g}" if "C" in row else "-"
+        val = f"{100 * row['val_accuracy']:7.2f}%"
+        return f"{row['layer']!s:>8}  {val:>8}  {_accuracy_text(row):>16}  {C:>6}{marker}"
+
+    for row in report["rows"]:
+        lines.append(line(row, "  <- best on val" if row["layer"] == report["best_layer"] else ""))
+    if report["concat"]:
+        lines.append(line(report["concat"]))
+    if report["baseline"]:
+        lines.append(line(report["baseline"], "  (raw-pixel logistic regression)"))
+    return "\n".join(lines)
+
+
+def plot_report(report: dict, path: str | os.PathLike) -> None:
+    """Test accuracy by layer, with the raw-pixel baseline and chance as horizontal lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = report["rows"]
+    x = [row["layer"] for row in rows]
+    y = [100 * row["test_accuracy"] for row in rows]
+    err = [100 * row.get("test_accuracy_std", 0.0) for row in rows]
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    ax.errorbar(x, y, yerr=err if any(err) else None, marker="o", capsize=3, label="linear probe (test)")
+    if report["baseline"]:
+        ax.axhline(100 * report["baseline"]["test_accuracy"], color="tab:red", ls="--", label="raw pixels")
+    if report["concat"]:
+        ax.axhline(
+            100 * report["concat"]["test_accuracy"],
+            color="tab:green",
+            ls="-.",
+            label=f"layers {report['concat']['layer']}",
+        )
+    ax.axhline(100 * report["chance"], color="gray", ls=":", label="chance")
+    ax.set_xlabel("layer (0 = embeddings)")
+    ax.set_ylabel("test accuracy (%)")
+    title = f"linear probe, {report['data'] or 'data'}"
+    if report["labels_per_class"] is not None:
+        title += f", {report['labels_per_class']} labels/class"
+    ax.set_title(title)
+    ax.set_xticks(x if len(x) <= 25 else x[:: math.ceil(len(x) / 25)])
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write_report(report: dict, out: str | os.PathLike) -> dict[str, Path]:
+    """probe.json and probe.png under `out`; returns their paths."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / "probe.json", "plot": out / "probe.png"}
+    paths["json"].write_text(json.dumps(report, indent=2) + "\n")
+    plot_report(report, paths["plot"])
+    return paths
