@@ -6,7 +6,16 @@ import torch
 
 from imagegpt import ImageGPT, ImageGPTConfig
 from imagegpt.errors import ArgumentError
-from imagegpt.finetune import FinetuneModel, augment_pixels, default_pad, joint_loss
+from imagegpt.finetune import (
+    FinetuneModel,
+    augment_pixels,
+    confusion_matrix,
+    default_pad,
+    format_confusion,
+    joint_loss,
+    plot_confusion,
+    predict,
+)
 from imagegpt.model import sos_inputs
 from imagegpt.probe import extract_features
 
@@ -137,3 +146,28 @@ def test_augmentation_without_padding_or_flip_is_the_identity():
 
 def test_default_pad_is_four_pixels_at_32():
     assert default_pad(32) == 4 and default_pad(16) == 2 and default_pad(8) == 1 and default_pad(64) == 8
+
+
+# -------------------------------------------------------------------------------------------- evaluation
+
+
+def test_predict_feeds_sos_and_batches():
+    model = FinetuneModel(pretrained_model(n_layer=2), num_labels=3).classifier
+    with torch.no_grad():
+        model.score.weight.normal_()
+    ids = random_ids(5, model.config)
+    logits = predict(model, ids, batch_size=2, dtype="float32")
+    with torch.no_grad():
+        expected = model(sos_inputs(ids, model.config.sos_id)).logits.numpy()
+    assert logits.dtype == np.float32 and logits.shape == (5, 3)
+    np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(predict(model, ids.numpy(), dtype="float32"), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_confusion_matrix_and_its_renderings(tmp_path):
+    matrix = confusion_matrix([0, 0, 1, 2, 2, 2], [0, 1, 1, 2, 0, 2], 3)
+    assert matrix.tolist() == [[1, 1, 0], [0, 1, 0], [1, 0, 2]]
+    text = format_confusion(matrix, ["cat", "dog", "bird"])
+    assert text.splitlines()[3].split() == ["bird", "1", "0", "2"]
+    plot_confusion(matrix, ["cat", "dog", "bird"], tmp_path / "c.png", title="t")
+    assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"

@@ -141,3 +141,84 @@ def encode_images(processor, images, augment: bool = False, rng: np.random.Gener
     pixels = processor.to_pixels(images)  # [B, H, W, 3] in [-1, 1] at the model's resolution
     pixels = augment_pixels(pixels, rng, default_pad(pixels.shape[1]) if pad is None else pad)
     return torch.as_tensor(processor.palette.encode(pixels), dtype=torch.long).reshape(len(pixels), -1)
+
+
+# ------------------------------------------------------------------------------------------------ evaluation
+
+
+@torch.no_grad()
+def predict(
+    classifier: ImageGPTClassifier,
+    ids: torch.Tensor,
+    batch_size: int = 64,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+) -> np.ndarray:
+    """Class logits float32 [N, num_labels] of image tokens [N, H*W]; SOS is prepended here."""
+    from .device import autocast, resolve_device, resolve_dtype
+
+    device = next(classifier.parameters()).device if device is None else resolve_device(device)
+    dtype = resolve_dtype(dtype, device)
+    was_training = classifier.training
+    classifier.to(device).eval()
+    ids = torch.as_tensor(np.asarray(ids, dtype=np.int64)) if isinstance(ids, np.ndarray) else ids.long()
+    logits = []
+    try:
+        for start in range(0, len(ids), batch_size):
+            batch = sos_inputs(ids[start : start + batch_size].to(device), classifier.config.sos_id)
+            with autocast(device, dtype):
+                logits.append(classifier(batch).logits.float().cpu())
+    finally:
+        classifier.train(was_training)
+    return torch.cat(logits).numpy()
+
+
+def confusion_matrix(labels, predictions, num_classes: int) -> np.ndarray:
+    """Counts int64 [num_classes, num_classes]: row = true class, column = predicted class."""
+    labels, predictions = np.asarray(labels, dtype=np.int64), np.asarray(predictions, dtype=np.int64)
+    return np.bincount(labels * num_classes + predictions, minlength=num_classes**2).reshape(num_classes, -1)
+
+
+def format_confusion(matrix: np.ndarray, class_names: list[str]) -> str:
+    """The confusion matrix as a text table (rows true, columns predicted)."""
+    names = [str(n)[:10] for n in class_names]
+    width = max(6, *(len(n) for n in names), len(str(int(matrix.max(initial=0)))) + 1)
+    lines = [" " * width + " " + " ".join(f"{n:>{width}}" for n in names) + "   <- predicted"]
+    for name, row in zip(names, matrix):
+        lines.append(f"{name:>{width}} " + " ".join(f"{int(v):>{width}}" for v in row))
+    return "\n".join(lines)
+
+
+def plot_confusion(matrix: np.ndarray, class_names: list[str], path, title: str = "") -> None:
+    """Row-normalised confusion matrix as a PNG, counts written in the cells."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    k = len(matrix)
+    rates = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
+    size = min(12, 2.5 + 0.5 * k)
+    fig, ax = plt.subplots(figsize=(size, size * 0.9), dpi=120)
+    image = ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="fraction of the true class")
+    if k <= 30:
+        for i in range(k):
+            for j in range(k):
+                ax.text(
+                    j,
+                    i,
+                    str(int(matrix[i, j])),
+                    ha="center",
+                    va="center",
+                    fontsize=8,
+                    color="white" if rates[i, j] > 0.5 else "black",
+                )
+        ax.set_xticks(range(k), [str(n) for n in class_names], rotation=45, ha="right")
+        ax.set_yticks(range(k), [str(n) for n in class_names])
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
