@@ -357,13 +357,36 @@ def _str_keys(values: dict[float, float]) -> dict[str, float]:
     return {f"{k:g}": v for k, v in values.items()}
 
 
+def _is_ids(x) -> bool:
+    return isinstance(x, torch.Tensor | np.ndarray) and x.ndim == 2
+
+
+def _image_batches(images, batch_size: int):
+    """Batches of an ImageDataset (via .batch, which decodes image files lazily) or of an image sequence."""
+    for start in range(0, len(images), batch_size):
+        stop = min(start + batch_size, len(images))
+        yield images.batch(start, stop) if hasattr(images, "batch") else images[start:stop]
+
+
+def dataset_ids(dataset, processor, cache_dir=None, batch_size: int = 256) -> np.ndarray | torch.Tensor:
+    """A dataset's token ids [N, H*W]: from imagegpt.data's token cache under cache_dir/tokens if given."""
+    if processor is None:
+        raise ArgumentError("images need a processor to become tokens: pass the model's ImageProcessor")
+    if cache_dir is not None and hasattr(dataset, "name") and hasattr(dataset, "batch"):
+        from .data import token_cache
+
+        return token_cache(dataset, processor, Path(cache_dir) / "tokens")
+    return torch.cat([processor.encode(batch) for batch in _image_batches(dataset, batch_size)])
+
+
 def raw_pixel_features(images, processor, batch_size: int = 256) -> np.ndarray:
     """The baseline's features: the images resized to the model's resolution, in [-1, 1], flattened."""
-    chunks = [
-        processor.to_pixels(images[i : i + batch_size]).reshape(min(batch_size, len(images) - i), -1)
-        for i in range(0, len(images), batch_size)
-    ]
-    return np.concatenate(chunks).astype(np.float32)
+    if _is_ids(images):
+        raise ArgumentError("the raw-pixel baseline needs images, not token ids; pass baseline=False")
+    if processor is None:
+        raise ArgumentError("the raw-pixel baseline needs the model's processor to resize the images")
+    chunks = [processor.to_pixels(batch) for batch in _image_batches(images, batch_size)]
+    return np.concatenate([c.reshape(len(c), -1) for c in chunks]).astype(np.float32)
 
 
 def run_probe(
@@ -387,15 +410,15 @@ def run_probe(
 ) -> dict:
     """Per-layer linear probes and a raw-pixel baseline on three labelled splits; returns a JSON-able report.
 
-    train / val / test: imagegpt.data ImageDatasets (`.images`, `.labels`, `.name`), or (images, labels)
-        pairs.
+    train / val / test: imagegpt.data ImageDatasets, or (images, labels) or (token ids, labels) pairs.
+    cache_dir: token ids (imagegpt.data.token_cache) and features are cached in its tokens/ and features/.
     labels_per_class: low-data mode, K training labels per class drawn `seeds` times; rows hold mean and std.
     concat: also probe the concatenation of the chosen layers (a row named like '3+4+5').
     """
     splits = {"train": train, "val": val, "test": test}
-    data = {}
+    data = {}  # split -> (images: a dataset, images or token ids; labels)
     for split, dataset in splits.items():
-        images, labels = (dataset.images, dataset.labels) if hasattr(dataset, "images") else dataset
+        images, labels = (dataset, dataset.labels) if hasattr(dataset, "labels") else dataset
         data[split] = (images, _check_labels(labels, split))
     if labels_per_class is not None and seeds < 1:
         raise ArgumentError(f"seeds must be at least 1, got {seeds}")
@@ -406,20 +429,19 @@ def run_probe(
         if unseen:
             raise DataError(f"the {split} split has classes {sorted(unseen)} that the training split lacks")
 
-    features = {
-        split: extract_features(
+    features = {}
+    for split, (images, _) in data.items():
+        ids = images if _is_ids(images) else dataset_ids(images, processor, cache_dir)
+        features[split] = extract_features(
             model,
-            images,
+            ids,
             layers,
-            processor=processor,
             batch_size=batch_size,
             device=device,
             dtype=dtype,
-            cache_dir=cache_dir,
+            cache_dir=None if cache_dir is None else Path(cache_dir) / "features",
             progress=progress,
         )
-        for split, (images, _) in data.items()
-    }
 
     def row(name, pick):
         return _probe_row(
@@ -539,3 +561,55 @@ def write_report(report: dict, out: str | os.PathLike) -> dict[str, Path]:
     paths["json"].write_text(json.dumps(report, indent=2) + "\n")
     plot_report(report, paths["plot"])
     return paths
+
+
+def probe_pretrained(
+    model_dir,
+    data,
+    out,
+    *,
+    layers: str | int | Sequence[int] = "all",
+    concat: bool = False,
+    labels_per_class: int | None = None,
+    seeds: int = 5,
+    Cs: Sequence[float] = DEFAULT_CS,
+    baseline: bool = True,
+    batch_size: int = 64,
+    device: str | torch.device | None = "auto",
+    dtype: str | torch.dtype | None = "auto",
+    cache_dir=None,
+    seed: int = 0,
+    data_options: dict | None = None,
+    progress: bool = False,
+) -> tuple[dict, dict[str, Path]]:
+    """`imagegpt probe`: load a model directory and a dataset's three splits, probe, write probe.json/.png.
+
+    cache_dir defaults to `out/cache`; data_options go to imagegpt.data.load_dataset (limit, n, resolution).
+    """
+    from .data import load_dataset
+    from .model import ImageGPT
+    from .processor import ImageProcessor
+
+    model = ImageGPT.from_pretrained(model_dir)
+    processor = ImageProcessor.from_pretrained(model_dir)
+    splits = [
+        load_dataset(data, split=s, seed=seed, **(data_options or {})) for s in ("train", "val", "test")
+    ]
+    report = run_probe(
+        model,
+        processor,
+        *splits,
+        layers=layers,
+        concat=concat,
+        labels_per_class=labels_per_class,
+        seeds=seeds,
+        Cs=Cs,
+        baseline=baseline,
+        batch_size=batch_size,
+        device=device,
+        dtype=dtype,
+        cache_dir=Path(out) / "cache" if cache_dir is None else cache_dir,
+        progress=progress,
+    )
+    report = {"model": str(model_dir), **report, "data": str(data), "seed": seed}
+    return report, write_report(report, out)

@@ -1,0 +1,132 @@
+"""`imagegpt probe`: per-layer linear probes on a pretrained model's features, beside a raw-pixel baseline."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..errors import ArgumentError
+from ._options import add_device_options
+
+EXAMPLE = """examples:
+  imagegpt probe --model runs/digits/model --data digits --layers all --out probe-digits
+  imagegpt probe --model runs/shapes/model --data shapes --layers middle --labels-per-class 4 --out p4
+"""
+
+
+def parse_data_options(pairs: list[str] | None) -> dict:
+    """['n=2000', 'resolution=16'] -> {'n': 2000, 'resolution': 16}: integers and floats are converted."""
+    options = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ArgumentError(f"--data-option takes KEY=VALUE, got {pair!r} (for example n=2000)")
+        for kind in (int, float):
+            try:
+                value = kind(value)
+                break
+            except ValueError:
+                pass
+        options[key.strip()] = value
+    return options
+
+
+def parse_grid(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError as e:
+        raise ArgumentError(f"--C-grid takes comma-separated numbers like 0.01,0.1,1, got {text!r}") from e
+    if not values or any(v <= 0 for v in values):
+        raise ArgumentError(f"--C-grid needs positive regularisation strengths, got {text!r}")
+    return values
+
+
+def add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", required=True, help="a built-in dataset (digits, shapes, photos) or a path")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed of the dataset's splits (and generated data)"
+    )
+    parser.add_argument("--limit", type=int, default=None, help="use at most N images of each split")
+    parser.add_argument(
+        "--data-option",
+        action="append",
+        metavar="KEY=VALUE",
+        help="an option of the dataset, e.g. n=2000 or resolution=16 for shapes (repeatable)",
+    )
+
+
+def data_options(args) -> dict:
+    options = parse_data_options(args.data_option)
+    if args.limit is not None:
+        options["limit"] = args.limit
+    return options
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "probe",
+        help="linear probes on each layer's features (the paper's protocol)",
+        description=(
+            "Average-pooled, layer-normed features of [SOS, x0, ..., x_{n-2}] at each chosen layer, an "
+            "L-BFGS logistic regression on the standardised features with C chosen on the validation split, "
+            "and test accuracy for that choice; a raw-pixel logistic regression on the same splits as a "
+            "baseline. "
+            "Writes probe.json and probe.png under --out."
+        ),
+        epilog=EXAMPLE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--model", required=True, help="a pretrained model directory (imagegpt train's model/)"
+    )
+    add_data_arguments(parser)
+    parser.add_argument("--out", required=True, help="folder for probe.json, probe.png and the feature cache")
+    parser.add_argument(
+        "--layers", default="all", help="all (0..n_layer), middle (n_layer // 2), or numbers like 0,3,5"
+    )
+    parser.add_argument("--concat", action="store_true", help="also probe the chosen layers concatenated")
+    parser.add_argument(
+        "--labels-per-class",
+        type=int,
+        default=None,
+        metavar="K",
+        help="low-data mode: K training labels per class",
+    )
+    parser.add_argument(
+        "--seeds", type=int, default=5, help="low-data mode: draws of the K labels (mean ± std)"
+    )
+    parser.add_argument(
+        "--C-grid",
+        default="0.001,0.01,0.1,1,10",
+        help="regularisation strengths tried on the validation split",
+    )
+    parser.add_argument("--no-baseline", action="store_true", help="skip the raw-pixel baseline")
+    parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
+    parser.add_argument("--cache-dir", default=None, help="token and feature cache (default: OUT/cache)")
+    add_device_options(parser)
+    parser.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ..probe import format_report, probe_pretrained
+
+    report, paths = probe_pretrained(
+        args.model,
+        args.data,
+        args.out,
+        layers=args.layers,
+        concat=args.concat,
+        labels_per_class=args.labels_per_class,
+        seeds=args.seeds,
+        Cs=parse_grid(args.C_grid),
+        baseline=not args.no_baseline,
+        batch_size=args.batch_size,
+        device=args.device,
+        dtype=args.dtype,
+        cache_dir=args.cache_dir,
+        seed=args.seed,
+        data_options=data_options(args),
+        progress=True,
+    )
+    print(format_report(report))
+    print(f"wrote {paths['json']} and {paths['plot']}")
+    return 0
