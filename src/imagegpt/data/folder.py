@@ -1,0 +1,152 @@
+"""Folders of image files (anything Pillow reads: PNG, JPEG, BMP, GIF, TIFF, WebP, ...).
+
+Layouts:
+X
+  count.
+- `root/*.png`: a flat folder, unlabelled.
+- `root/{train,val,test}/...`: official splits, each laid out as above (class names are the union over
+  splits). A missing val (or test) split is held out of train.
+
+Without official splits: a seeded train/val/test split (default 80/10/10). Files that are not readable images
+are skipped and counted in one warning; hidden files and folders (names starting with '.') are ignored.
+
+Images are decoded lazily (ImageDataset.images is an ImageFiles sequence), at their own sizes; the
+`resolution` option resizes the shorter side to it and centre-crops a square, as each image is read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import DataError
+from .dataset import ImageDataset, ImageFiles, check_positive_int, empty_split_error, split_indices
+
+SPLIT_FOLDERS = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
+
+
+def _visible(names):
+    return sorted(n for n in names if not n.startswith("."))
+
+
+def _walk(folder: Path) -> list[Path]:
+    """Every visible file below folder, in a stable order."""
+    files = []
+    for directory, subdirs, names in os.walk(folder):
+        subdirs[:] = _visible(subdirs)
+        files.extend(Path(directory) / n for n in _visible(names))
+    return files
+
+
+def _is_image(path: Path) -> bool:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:  # reads the header only
+            return image.size[0] > 0 and image.size[1] > 0
+    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError):
+        return False
+
+
+def _scan(folder: Path) -> tuple[list[Path], list[str] | None, list[Path]]:
+    """(image files, their class names or None, skipped files) of one split folder."""
+    entries = [folder / n for n in _visible(os.listdir(folder))]
+    classes = [p for p in entries if p.is_dir()]
+    loose = [p for p in entries if not p.is_dir()]
+    if classes:
+        files, names, skipped = [], [], list(loose)  # loose files beside class folders belong to no class
+        for class_folder in classes:
+            for path in _walk(class_folder):
+                if _is_image(path):
+                    files.append(path)
+                    names.append(class_folder.name)
+                else:
+                    skipped.append(path)
+        return files, names, skipped
+    readable = [_is_image(p) for p in loose]
+    return [p for p, ok in zip(loose, readable) if ok], None, [p for p, ok in zip(loose, readable) if not ok]
+
+
+def _fingerprint(paths: list[Path], root: Path) -> str:
+    """Changes when a file is added, removed, renamed or rewritten: token caches keyed by it stay valid."""
+    digest = hashlib.sha1()
+    for path in paths:
+        stat = path.stat()
+        digest.update(f"{path.relative_to(root)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:12]
+
+
+def load_folder(
+    root: Path,
+    split: str,
+    seed: int,
+    val_fraction: float,
+    test_fraction: float,
+    resolution: int | None = None,
+) -> ImageDataset:
+    if resolution is not None:
+        resolution = check_positive_int("folder option resolution", resolution)
+    subfolders = [n for n in _visible(os.listdir(root)) if (root / n).is_dir()]
+    split_folders = {SPLIT_FOLDERS[n.lower()]: root / n for n in subfolders if n.lower() in SPLIT_FOLDERS}
+    official = "train" in split_folders and len(split_folders) >= 2 and len(split_folders) == len(subfolders)
+
+    scans = (
+        {part: _scan(folder) for part, folder in split_folders.items()} if official else {"all": _scan(root)}
+    )
+    skipped = [p for _, _, s in scans.values() for p in s]
+    if skipped:
+        examples = ", ".join(str(p.relative_to(root)) for p in skipped[:5])
+        warnings.warn(
+            f"{root}: skipped {len(skipped)} file(s) that are not readable images or lie outside the class"
+            f" folders (e.g. {examples})",
+            stacklevel=3,
+        )
+    labelled = {names is not None for files, names, _ in scans.values() if files}
+    if len(labelled) > 1:
+        raise DataError(f"{root}: some split folders have class subfolders and some do not; use one layout")
+    all_names = sorted({n for _, names, _ in scans.values() for n in (names or [])})
+    n_images = sum(len(files) for files, _, _ in scans.values())
+    if n_images == 0:
+        raise DataError(
+            f"no readable images in {root} ({len(skipped)} other file(s)); supported: a folder of image"
+            " files, one subfolder per class, optionally under train/val/test folders"
+        )
+
+    label_of = {name: i for i, name in enumerate(all_names)}
+
+    def part(scan, index=None):
+        files, names, _ = scan
+        index = np.arange(len(files)) if index is None else index
+        labels = None if names is None else np.array([label_of[names[i]] for i in index], np.int64)
+        return [files[i] for i in index], labels
+
+    if official:
+        chosen = []
+        has_val, has_test = "val" in scans, "test" in scans
+        for name in ("train", "val", "test") if split == "all" else (split,):
+            if name in scans and (name != "train" or (has_val and has_test)):
+                chosen.append(part(scans[name]))
+            else:  # held out of the train folder
+                train = scans["train"]
+                cut = split_indices(
+                    len(train[0]),
+                    name,
+                    seed,
+                    0.0 if has_val else val_fraction,
+                    0.0 if has_test else test_fraction,
+                )
+                chosen.append(part(train, cut))
+    else:
+        chosen = [part(scans["all"], split_indices(n_images, split, seed, val_fraction, test_fraction))]
+    files = [f for c in chosen for f in c[0]]
+    labels = None if not all_names else np.concatenate([c[1] for c in chosen])
+    if not files:
+        raise empty_split_error(str(root), split)
+    all_files = [f for files_, _, _ in scans.values() for f in files_]
+    options = f"seed={seed},val_fraction={val_fraction},test_fraction={test_fraction},resolution={resolution}"
+    name = f"folder:{root}#{_fingerprint(all_files, root)}({options}):{split}"
+    return ImageDataset(ImageFiles(files, resolution), labels, all_names or None, name)
