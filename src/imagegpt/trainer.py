@@ -1,0 +1,588 @@
+"""Run machinery shared by pretraining and fine-tuning: small functions and classes, not a framework.
+
+A run directory holds everything a run needs to continue exactly where it stopped:
+
+    RUN_DIR/
+      args.json                     the run's full arguments (resume reads them back)
+      metrics.jsonl                 one JSON record per line: {"step", "split", "loss", ...}
+      loss.png                      the loss curve, redrawn from metrics.jsonl
+      checkpoints/latest/           a transformers-format model directory (config.json, model.safetensors,
+                                    preprocessor_config.json) plus training_state.pt: optimizer, schedule,
+                                    step, RNG states and data position
+
+A checkpoint is written into a temporary directory beside `latest`, fsynced, then swapped in with two renames;
+`find_checkpoint` repairs the one window a crash can leave (between the renames), so `latest` is never half
+written. The loop that uses these pieces stays in the caller (train.py, finetune.py): a plain `for` loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import tempfile
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as torch_dist
+from torch import nn
+
+from .device import autocast
+from .errors import ArgumentError, CheckpointError, ImageGPTError
+
+ARGS_FILE = "args.json"
+METRICS_FILE = "metrics.jsonl"
+CURVE_FILE = "loss.png"
+CHECKPOINTS_DIR = "checkpoints"
+STATE_FILE = "training_state.pt"
+
+
+class NonFiniteLossError(ImageGPTError):
+    """The loss or the gradient norm became NaN or infinite; the last good checkpoint is kept."""
+
+
+# Files, written atomically
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):  # some filesystems cannot open directories
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _fsync_tree(path: Path) -> None:
+    for root, _, files in os.walk(path):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as f:
+                os.fsync(f.fileno())
+        _fsync_dir(Path(root))
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write a file so that readers see either the old or the new contents, never a prefix."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+# The run directory
+
+
+def prepare_run_dir(
+    directory: str | os.PathLike, args: dict, *, resume: bool = False, write: bool = True
+) -> Path:
+    """Create (or, with resume, reopen) a run directory and save the run's arguments to args.json.
+
+    A fresh run refuses a directory that already holds one, so that a typo never overwrites a run.
+    write=False (ranks other than 0) only checks.
+    """
+    directory = Path(directory)
+    has_run = (directory / ARGS_FILE).exists() or (directory / CHECKPOINTS_DIR).exists()
+    if resume and not has_run:
+        raise ArgumentError(f"{directory} holds no run to resume (no {ARGS_FILE}); start it without --resume")
+    if not resume and has_run:
+        raise ArgumentError(
+            f"{directory} already holds a run; continue it with --resume {directory}, or choose another --out"
+        )
+    if write:
+        directory.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(
+            directory / ARGS_FILE, json.dumps(args, indent=2, sort_keys=True, default=str) + "\n"
+        )
+    return directory
+
+
+def load_args(directory: str | os.PathLike) -> dict:
+    """The arguments a run was started with (its args.json)."""
+    path = Path(directory) / ARGS_FILE
+    if not path.is_file():
+        raise ArgumentError(f"{directory} is not a run directory: {ARGS_FILE} is missing")
+    return json.loads(path.read_text())
+
+
+# Metrics: JSONL and a loss curve
+
+
+class MetricsLog:
+    """Appends one JSON record per line. On resume, records past the checkpoint's step are dropped, since the
+    resumed run will log those steps again."""
+
+    def __init__(self, path: str | os.PathLike, *, enabled: bool = True, resume_step: int | None = None):
+        self.path = Path(path)
+        self.enabled = enabled
+        if enabled and resume_step is not None and self.path.exists():
+            kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step]
+            write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict]:
+    """All records of a metrics.jsonl; a torn last line (a crash mid-append) is skipped."""
+    records = []
+    for line in Path(path).read_text().splitlines():
+        with contextlib.suppress(json.JSONDecodeError):
+            records.append(json.loads(line))
+    return records
+
+
+def plot_metrics(metrics_path: str | os.PathLike, png_path: str | os.PathLike, key: str = "loss") -> Path:
+    """Draw `key` against step for every split in metrics.jsonl (train as a line, others as markers)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # the Agg canvas: no display, no global state
+    from matplotlib.figure import Figure
+
+    by_split: dict[str, list[tuple[int, float]]] = {}
+    for r in read_metrics(metrics_path):
+        if key in r and "step" in r:
+            by_split.setdefault(r.get("split", "train"), []).append((r["step"], r[key]))
+    figure = Figure(figsize=(6, 4), dpi=100)
+    FigureCanvasAgg(figure)
+    ax = figure.add_subplot()
+    for split, points in sorted(by_split.items()):
+        steps, values = zip(*points)
+        style = {"linewidth": 1} if split == "train" else {"marker": "o", "linestyle": "--"}
+        ax.plot(steps, values, label=split, **style)
+    ax.set_xlabel("step")
+    ax.set_ylabel(key.replace("_", " "))
+    ax.grid(alpha=0.3)
+    if by_split:
+        ax.legend()
+    figure.tight_layout()
+    png_path = Path(png_path)
+    figure.savefig(png_path)
+    return png_path
+
+
+# Optimizer, schedule and one optimizer step
+
+
+def make_optimizer(
+    model: nn.Module, lr: float, weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.95)
+) -> torch.optim.AdamW:
+    """AdamW as in the paper: betas (0.9, 0.95); weight decay (0 by default) only on matrices, not on norms,
+    biases or vectors."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=betas)
+
+
+def cosine_lr(step: int, *, lr: float, warmup: int, total: int) -> float:
+    """Learning rate for optimizer step `step` (0-based): linear warmup to lr, then cosine decay reaching 0 at
+    step `total`."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+@dataclass
+class StepResult:
+    loss: float  # mean over micro-batches and ranks
+    grad_norm: float  # before clipping
+
+
+def optimizer_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    micro_batches: Sequence[Any],
+    loss_fn: Callable[[Any], torch.Tensor],
+    *,
+    clip: float = 1.0,
+    device: torch.device | None = None,
+    dtype: torch.dtype = torch.float32,
+    dist: Distributed | None = None,
+    step: int | None = None,
+) -> StepResult:
+    """One optimizer step over equal-sized micro-batches (gradient accumulation), under autocast.
+
+    `loss_fn(batch)` returns the mean loss of one micro-batch; it calls `model` (DDP-wrapped or not).
+    Gradients are all-reduced once, on the last micro-batch. The loss is averaged over ranks before the
+    finiteness check, so every rank stops together; a NaN or infinite loss or gradient norm raises
+    NonFiniteLossError before the weights are touched.
+    """
+    device = device or next(model.parameters()).device
+    optimizer.zero_grad(set_to_none=True)
+    total = torch.zeros((), device=device)
+    n = len(micro_batches)
+    for i, batch in enumerate(micro_batches):
+        last = i == n - 1
+        sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
+        with sync:
+            with autocast(device, dtype):
+                loss = loss_fn(batch)
+            (loss / n).backward()
+        total += loss.detach().float()
+    loss_value = (dist.mean(total) if dist is not None else total).item() / n
+    where = f" at step {step}" if step is not None else ""
+    if not math.isfinite(loss_value):
+        raise NonFiniteLossError(
+            f"the loss became {loss_value}{where}; the weights were not updated with it. Lower the learning "
+            "rate or lengthen the warmup, then resume from the last good checkpoint"
+        )
+    grad_norm = float(nn.utils.clip_grad_norm_(model.parameters(), clip if clip > 0 else float("inf")))
+    if not math.isfinite(grad_norm):
+        raise NonFiniteLossError(
+            f"the gradient norm became {grad_norm}{where}; the weights were not updated with it. Lower the "
+            "learning rate or lengthen the warmup, then resume from the last good checkpoint"
+        )
+    optimizer.step()
+    return StepResult(loss=loss_value, grad_norm=grad_norm)
+
+
+# Data order: seeded, resumable, sharded
+
+
+class BatchOrder:
+    """Which examples each step reads: a seeded permutation per epoch, consumed a global batch at a time.
+
+    Every rank computes the same permutation and takes its own slice of each global batch, so N ranks see
+    exactly the examples one process would. The state is (epoch, position): saving it resumes the order
+    exactly.
+    An epoch's tail smaller than a global batch is skipped (every step sees a full batch).
+    """
+
+    def __init__(self, n: int, global_batch: int, seed: int = 0, rank: int = 0, world_size: int = 1):
+        if global_batch % world_size:
+            raise ArgumentError(f"batch size {global_batch} is not divisible by the {world_size} processes")
+        if n < global_batch:
+            raise ArgumentError(
+                f"the dataset has {n} examples, fewer than one batch of {global_batch}; lower --batch-size"
+            )
+        self.n, self.global_batch, self.seed = n, global_batch, seed
+        self.rank, self.world_size = rank, world_size
+        self.epoch, self.position = 0, 0
+        self._permutation = self._make_permutation()
+
+    def _make_permutation(self) -> np.ndarray:
+        return np.random.default_rng([self.seed, self.epoch]).permutation(self.n)
+
+    def next(self) -> np.ndarray:
+        """This rank's indices for the next step: global_batch // world_size of them."""
+        if self.position + self.global_batch > self.n:
+            self.epoch, self.position = self.epoch + 1, 0
+            self._permutation = self._make_permutation()
+        batch = self._permutation[self.position : self.position + self.global_batch]
+        self.position += self.global_batch
+        per_rank = self.global_batch // self.world_size
+        return batch[self.rank * per_rank : (self.rank + 1) * per_rank]
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "n": self.n}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["n"] != self.n or state["seed"] != self.seed:
+            raise CheckpointError(
+                f"the checkpoint's data order was for {state['n']} examples with seed {state['seed']}, but "
+                f"this run has {self.n} examples with seed {self.seed}; resume with the same data and seed"
+            )
+        self.epoch, self.position = state["epoch"], state["position"]
+        self._permutation = self._make_permutation()
+
+
+# RNG states
+
+
+def rng_state() -> dict:
+    """torch (and CUDA), numpy and python RNG states, in types torch.load(weights_only=True) accepts."""
+    kind, key, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": [kind, torch.from_numpy(key.astype(np.int64)), pos, has_gauss, cached],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    kind, key, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, key.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# Checkpoints
+
+
+def capture_state(
+    step: int,
+    optimizer: torch.optim.Optimizer,
+    data: BatchOrder | None = None,
+    dist: Distributed | None = None,
+    **extra,
+) -> dict:
+    """The training state to save beside the model: step, optimizer, RNG states of every rank, data position,
+    and anything else the caller passes (the schedule's parameters, the best validation score, ...)."""
+    rng = rng_state()
+    ranks = dist.all_gather_object(rng) if dist is not None and dist.world_size > 1 else [rng]
+    state = {"step": step, "optimizer": optimizer.state_dict(), "rng": ranks, **extra}
+    if data is not None:
+        state["data"] = data.state_dict()
+    return state
+
+
+def restore_state(
+    state: dict,
+    optimizer: torch.optim.Optimizer,
+    data: BatchOrder | None = None,
+    dist: Distributed | None = None,
+) -> int:
+    """Load optimizer, data position and this rank's RNG states from a saved state; returns the next step."""
+    optimizer.load_state_dict(state["optimizer"])
+    if data is not None and "data" in state:
+        data.load_state_dict(state["data"])
+    ranks = state["rng"]
+    rank = dist.rank if dist is not None else 0
+    set_rng_state(ranks[rank] if rank < len(ranks) else ranks[0])
+    return int(state["step"])
+
+
+def save_checkpoint(
+    checkpoints_dir: str | os.PathLike,
+    model: nn.Module,
+    state: dict,
+    *,
+    processor=None,
+    name: str = "latest",
+) -> Path:
+    """Write model (its save_pretrained) and state (training_state.pt) as checkpoints_dir/name, atomically.
+
+    Steps: write everything into a temporary sibling directory and fsync it; rename the old checkpoint to
+    name.old; rename the new one into place; fsync the parent; delete name.old. A crash at any point leaves
+    either the old or the new checkpoint complete, and find_checkpoint finds it.
+    """
+    checkpoints_dir = Path(checkpoints_dir)
+    checkpoints_dir.mkdir(parents=True, exist_ok=True)
+    target, old = checkpoints_dir / name, checkpoints_dir / f"{name}.old"
+    tmp = Path(tempfile.mkdtemp(dir=checkpoints_dir, prefix=f".{name}.tmp-"))
+    try:
+        model = unwrap(model)
+        if processor is not None:
+            model.save_pretrained(tmp, processor=processor)
+        else:
+            model.save_pretrained(tmp)
+        torch.save(state, tmp / STATE_FILE)
+        _fsync_tree(tmp)
+        if target.exists():
+            if old.exists():  # left by an earlier crash after the new checkpoint was in place
+                shutil.rmtree(old)
+            os.rename(target, old)
+        os.rename(tmp, target)
+        _fsync_dir(checkpoints_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def find_checkpoint(checkpoints_dir: str | os.PathLike, name: str = "latest") -> Path | None:
+    """The directory of the named checkpoint, or None if there is none yet.
+
+    Repairs what a crash can leave: a `name.old` with no `name` (a crash between save_checkpoint's two
+    renames) is renamed back; temporary directories of an interrupted write are removed.
+    """
+    checkpoints_dir = Path(checkpoints_dir)
+    if not checkpoints_dir.is_dir():
+        return None
+    for tmp in checkpoints_dir.glob(f".{name}.tmp-*"):
+        shutil.rmtree(tmp, ignore_errors=True)
+    target, old = checkpoints_dir / name, checkpoints_dir / f"{name}.old"
+    if not target.exists() and old.exists():
+        os.rename(old, target)
+    if not target.exists():
+        return None
+    if not (target / STATE_FILE).is_file():
+        raise CheckpointError(
+            f"{target} has no {STATE_FILE}; it is not a checkpoint written by imagegpt training"
+        )
+    return target
+
+
+def load_training_state(checkpoint_dir: str | os.PathLike) -> dict:
+    """training_state.pt of a checkpoint, loaded with weights_only=True (tensors and plain containers)."""
+    path = Path(checkpoint_dir) / STATE_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing; pass a checkpoint directory written by imagegpt training")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def latest_model_dir(path: str | os.PathLike) -> Path:
+    """A model directory from either a model directory or a run directory (its checkpoints/latest)."""
+    path = Path(path)
+    if (path / "config.json").is_file():
+        return path
+    checkpoint = find_checkpoint(path / CHECKPOINTS_DIR) if (path / CHECKPOINTS_DIR).is_dir() else None
+    if checkpoint is None:
+        raise CheckpointError(
+            f"{path} is neither a model directory (no config.json) nor a run directory with a checkpoint"
+        )
+    return checkpoint
+
+
+# Stopping cleanly on Ctrl-C and SIGTERM
+
+
+class StopRequest:
+    """Within `with StopRequest() as stop:`, SIGINT and SIGTERM set `stop.requested` instead of killing the
+    process, so the loop can save a checkpoint at the next step boundary and exit. A second Ctrl-C interrupts
+    at once. Outside the main thread (where handlers cannot be installed) it only holds the flag."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.requested = False
+        self.signal_name: str | None = None
+        self._previous: dict = {}
+
+    def _handle(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+        self.signal_name = signal.Signals(signum).name
+
+    def __enter__(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            for s in self.SIGNALS:
+                self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        self._previous.clear()
+
+
+# Progress
+
+
+def progress_bar(total: int, initial: int = 0, enabled: bool = True, desc: str = "train"):
+    """A tqdm bar over optimizer steps; its remaining time is the ETA. Set the rest with set_postfix."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, disable=not enabled, desc=desc, unit="step", dynamic_ncols=True)
+
+
+# Distribution, applied from outside the model
+
+
+@dataclass
+class Distributed:
+    """This process's place in a torchrun job (rank 0 of 1 when not distributed)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    def mean(self, value: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return value
+        value = value.detach().clone()
+        torch_dist.all_reduce(value, op=torch_dist.ReduceOp.SUM)  # gloo has no AVG
+        return value / self.world_size
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank if it is true on any (so that all ranks stop at the same step)."""
+        if not self.enabled:
+            return flag
+        value = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        torch_dist.all_reduce(value, op=torch_dist.ReduceOp.MAX)
+        return bool(value.item())
+
+    def all_gather_object(self, obj) -> list:
+        if not self.enabled:
+            return [obj]
+        out = [None] * self.world_size
+        torch_dist.all_gather_object(out, obj)
+        return out
+
+    def barrier(self) -> None:
+        if self.enabled:
+            torch_dist.barrier()
+
+
+def init_distributed(device: torch.device) -> Distributed:
+    """Join the torchrun job described by RANK / WORLD_SIZE / LOCAL_RANK, if any: nccl on CUDA (one GPU per
+    local rank), gloo on CPU. Without those variables, a single process on `device`."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return Distributed(device=device)
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    if not torch_dist.is_initialized():
+        torch_dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return Distributed(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+
+
+def close_distributed(dist: Distributed) -> None:
+    if dist.enabled and torch_dist.is_initialized():
+        torch_dist.destroy_process_group()
+
+
+def wrap_model(model: nn.Module, dist: Distributed) -> nn.Module:
+    """DistributedDataParallel around the model when running under torchrun; the model itself is unchanged."""
+    if not dist.enabled:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    device_ids = [dist.device.index] if dist.device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=device_ids)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain model inside a DDP (or torch.compile) wrapper."""
+    while True:
+        if hasattr(model, "module") and isinstance(model.module, nn.Module):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
