@@ -262,6 +262,23 @@ def test_cifar_archive_that_runs_code_is_refused_without_running_it(tmp_path):
         load_dataset(write_tar(tmp_path / "evil2.tar.gz", "cifar-10-batches-py", files))
 
 
+class Decompress:
+    """A payload through the one allowed function, _codecs.encode, with a codec other than latin-1."""
+
+    def __reduce__(self):
+        import codecs
+
+        return (codecs.encode, (b"x" * 10, "zlib"))
+
+
+def test_cifar_unpickler_allows_codecs_only_for_latin1(tmp_path):
+    files = cifar10_files(protocol=2)  # Python 3 writes bytes in protocol 2 via _codecs.encode(..., "latin1")
+    assert b"_codecs" in files["batches.meta"]
+    files["test_batch"] = pickle.dumps({b"data": Decompress(), b"labels": [0]}, protocol=2)
+    with pytest.raises(DataError, match="zlib"):
+        load_dataset(write_tar(tmp_path / "c.tar.gz", "cifar-10-batches-py", files), split="test")
+
+
 def test_cifar_damaged_or_foreign_archives_are_clear_errors(tmp_path):
     files = cifar10_files()
     files["test_batch"] = files["test_batch"][:100]

@@ -26,6 +26,13 @@ CIFAR10_DIR, CIFAR100_DIR = "cifar-10-batches-py", "cifar-100-python"
 CIFAR10_TRAIN = [f"data_batch_{i}" for i in range(1, 6)]
 CIFAR10_FILES = {*CIFAR10_TRAIN, "test_batch", "batches.meta"}
 CIFAR100_FILES = {"train", "test", "meta"}
+MAX_MEMBER_BYTES = 1 << 30  # the largest official file (CIFAR-100 train) is 155 MB
+
+
+def _latin1_encode(text: str, encoding: str = "latin1") -> bytes:
+    if encoding not in ("latin1", "latin-1"):  # other codecs (zlib, bz2, ...) have no place in a CIFAR batch
+        raise pickle.UnpicklingError(f"_codecs.encode with encoding {encoding!r}")
+    return codecs.encode(text, encoding)
 
 
 def _numpy_globals() -> dict[tuple[str, str], object]:
@@ -57,7 +64,7 @@ def _numpy_globals() -> dict[tuple[str, str], object]:
     ):
         allowed[("builtins", name)] = allowed[("__builtin__", name)] = getattr(builtins, name)  # Py 3 / Py 2
     allowed[("builtins", "frozenset")] = frozenset
-    allowed[("_codecs", "encode")] = codecs.encode  # how Python 3 writes bytes in protocol 2
+    allowed[("_codecs", "encode")] = _latin1_encode  # how Python 3 writes bytes in protocol 2
     return allowed
 
 
@@ -144,6 +151,9 @@ class _Files:
         if name not in self.members:
             raise DataError(f"{self.path} has no {name!r}; found {sorted(self.members)}")
         member = self.members[name]
+        size = member.stat().st_size if isinstance(member, Path) else member.size
+        if size > MAX_MEMBER_BYTES:
+            raise DataError(f"{self.path}: {name} is {size} bytes, far larger than any CIFAR batch")
         source = f"{self.path}:{name}" if not self.path.is_dir() else str(member)
         data = member.read_bytes() if isinstance(member, Path) else self.tar.extractfile(member).read()
         return safe_unpickle(data, source)
