@@ -16,13 +16,15 @@ ImageGPTForImageClassification format.
 from __future__ import annotations
 
 import copy
+import json
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import ArgumentError
+from .errors import ArgumentError, CheckpointError, DataError
 from .model import ImageGPT, ImageGPTClassifier, sos_inputs
 
 # --------------------------------------------------------------------------------------------------- model
@@ -222,3 +224,345 @@ def plot_confusion(matrix: np.ndarray, class_names: list[str], path, title: str 
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------------------ training
+
+
+def default_augment(data) -> bool:
+    """Augmentation is on for natural and generated images, off for handwriting (a flipped digit changes)."""
+    from .data import detect_format
+
+    if str(data) == "digits":
+        return False
+    path = Path(str(data)).expanduser()
+    return not (str(data) not in ("shapes", "photos") and path.exists() and detect_format(path) == "idx")
+
+
+def _labelled(dataset, split: str):
+    if dataset.labels is None:
+        raise DataError(
+            f"the {split} split of {dataset.name} has no labels; fine-tuning needs a labelled dataset "
+            "(digits, shapes, photos, CIFAR, MNIST, or an image folder with one subfolder per class)"
+        )
+    return dataset
+
+
+def _batch_images(dataset, index: np.ndarray):
+    subset = dataset[index]
+    return subset.batch(0, len(subset))
+
+
+def evaluate_ids(classifier, ids, labels, batch_size: int, device, dtype) -> float:
+    predictions = predict(classifier, ids, batch_size=batch_size, device=device, dtype=dtype).argmax(axis=1)
+    return float((predictions == np.asarray(labels)).mean())
+
+
+def finetune(
+    model_dir,
+    data,
+    out,
+    *,
+    layer: int | None = None,
+    gen_weight: float = 1.0,
+    augment: bool | None = None,
+    steps: int | None = None,
+    epochs: float | None = None,
+    lr: float = 3e-4,
+    warmup: int | None = None,
+    weight_decay: float = 0.0,
+    batch_size: int = 32,
+    eval_every: int | None = None,
+    patience: int | None = 5,
+    seed: int = 0,
+    data_options: dict | None = None,
+    device: str | torch.device | None = "auto",
+    dtype: str | torch.dtype | None = "auto",
+    resume: bool = False,
+    progress: bool = False,
+) -> dict:
+    """Fine-tune a pretrained model directory into a classifier; returns a summary (also in OUT/summary.json).
+
+    OUT is a run directory (imagegpt.trainer): args.json, metrics.jsonl, loss.png, checkpoints/latest (the
+    classifier plus the training state, and the generative parts L_gen needs) and OUT/model, the classifier of
+    the best validation accuracy so far, in transformers' ImageGPTForImageClassification format.
+
+    steps / epochs: the length (default 10 epochs). eval_every: steps between validations (default one epoch);
+    each validation saves checkpoints/latest. patience: validations without improvement before stopping early
+    (None: never). augment: None = on, except for digits and MNIST-style data. resume: continue the run in OUT
+    from its last checkpoint; the arguments are read back from OUT/args.json.
+    """
+    from .data import load_dataset, token_cache
+    from .device import resolve_device, resolve_dtype
+    from .processor import ImageProcessor
+    from .trainer import (
+        BatchOrder,
+        MetricsLog,
+        StopRequest,
+        capture_state,
+        cosine_lr,
+        find_checkpoint,
+        load_args,
+        load_training_state,
+        make_optimizer,
+        optimizer_step,
+        plot_metrics,
+        prepare_run_dir,
+        progress_bar,
+        restore_state,
+        save_checkpoint,
+        set_lr,
+        write_text_atomic,
+    )
+
+    out = Path(out)
+    args = {
+        "model_dir": str(model_dir),
+        "data": str(data),
+        "layer": layer,
+        "gen_weight": gen_weight,
+        "augment": augment,
+        "steps": steps,
+        "epochs": epochs,
+        "lr": lr,
+        "warmup": warmup,
+        "weight_decay": weight_decay,
+        "batch_size": batch_size,
+        "eval_every": eval_every,
+        "patience": patience,
+        "seed": seed,
+        "data_options": data_options or {},
+    }
+    if resume:
+        saved = load_args(out)
+        args = {k: saved.get(k, v) for k, v in args.items()}
+        prepare_run_dir(out, saved, resume=True, write=False)
+    else:
+        for name, value in (("lr", lr), ("batch_size", batch_size)):
+            if value <= 0:
+                raise ArgumentError(f"--{name.replace('_', '-')} must be positive, got {value}")
+        if gen_weight < 0:
+            raise ArgumentError(f"--gen-weight must be >= 0, got {gen_weight}")
+        if steps is not None and epochs is not None:
+            raise ArgumentError("give --steps or --epochs, not both")
+        for name, value in (("steps", steps), ("epochs", epochs), ("eval_every", eval_every)):
+            if value is not None and value <= 0:
+                raise ArgumentError(f"--{name.replace('_', '-')} must be positive, got {value}")
+        if patience is not None and patience < 1:
+            raise ArgumentError(f"--patience must be at least 1 (or omitted), got {patience}")
+    a = args
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device)
+    augment = default_augment(a["data"]) if a["augment"] is None else bool(a["augment"])
+
+    pretrained = ImageGPT.from_pretrained(a["model_dir"])
+    processor = ImageProcessor.from_pretrained(a["model_dir"])
+    train = _labelled(load_dataset(a["data"], split="train", seed=a["seed"], **a["data_options"]), "train")
+    val = _labelled(load_dataset(a["data"], split="val", seed=a["seed"], **a["data_options"]), "val")
+    num_classes = train.num_classes
+    class_names = train.class_names or [str(i) for i in range(num_classes)]
+    cache = out / "cache"
+    val_ids = token_cache(val, processor, cache)
+    train_ids = None if augment else token_cache(train, processor, cache)
+
+    steps_per_epoch = max(1, len(train) // a["batch_size"])
+    total = a["steps"] or max(1, round((a["epochs"] or 10) * steps_per_epoch))
+    warmup_steps = a["warmup"] if a["warmup"] is not None else min(100, total // 20)
+    every = a["eval_every"] or min(steps_per_epoch, total)
+    model = FinetuneModel(
+        pretrained,
+        num_classes,
+        dict(enumerate(class_names)),
+        layer=a["layer"],
+        generative=a["gen_weight"] > 0,
+    ).to(device)
+    del pretrained
+    optimizer = make_optimizer(model, a["lr"], a["weight_decay"])
+    order = BatchOrder(len(train), a["batch_size"], seed=a["seed"])
+    checkpoints = out / "checkpoints"
+    start, best, best_step, since_best = 0, -1.0, 0, 0
+    if resume:
+        latest = find_checkpoint(checkpoints)
+        if latest is None:
+            raise CheckpointError(
+                f"{out} has no checkpoint yet to resume from; start the run again without --resume"
+            )
+        state = load_training_state(latest)
+        model.classifier.load_state_dict(ImageGPTClassifier.from_pretrained(latest).state_dict())
+        missing, unexpected = model.load_state_dict(state.get("generative", {}), strict=False)
+        if unexpected or any(not k.startswith("classifier.") for k in missing):
+            raise CheckpointError(
+                f"{latest} does not match this fine-tuning run (layer {model.layer}, gen weight "
+                f"{a['gen_weight']}); resume with the arguments the run was started with"
+            )
+        start = restore_state(state, optimizer, order)
+        best, best_step, since_best = state["best_accuracy"], state["best_step"], state["since_best"]
+    else:
+        prepare_run_dir(out, args)
+    metrics = MetricsLog(out / "metrics.jsonl", resume_step=start if resume else None)
+
+    def save_latest(step: int) -> None:
+        generative = {k: v for k, v in model.state_dict().items() if not k.startswith("classifier.")}
+        state = capture_state(
+            step,
+            optimizer,
+            order,
+            best_accuracy=best,
+            best_step=best_step,
+            since_best=since_best,
+            generative=generative,
+        )
+        save_checkpoint(checkpoints, model.classifier, state, processor=processor)
+
+    parts = {}
+
+    def loss_fn(batch):
+        ids, labels = batch
+        _, clf_loss, gen_loss = model(ids, labels, gen_weight=a["gen_weight"])
+        parts["clf_loss"], parts["gen_loss"] = (
+            clf_loss.detach(),
+            None if gen_loss is None else gen_loss.detach(),
+        )
+        return joint_loss(clf_loss, gen_loss, a["gen_weight"])
+
+    status = "finished"
+    step = start
+    bar = progress_bar(total, initial=start, enabled=progress, desc="finetune")
+    model.train()
+    with StopRequest() as stop:
+        while step < total:
+            set_lr(optimizer, cosine_lr(step, lr=a["lr"], warmup=warmup_steps, total=total))
+            index = order.next()
+            if augment:
+                rng = np.random.default_rng([a["seed"], step])  # a function of the step: resumes exactly
+                ids = encode_images(processor, _batch_images(train, index), augment=True, rng=rng)
+            else:
+                ids = torch.as_tensor(np.asarray(train_ids[np.sort(index)], dtype=np.int64))
+                index = np.sort(index)
+            labels = torch.as_tensor(train.labels[index])
+            batch = (ids.to(device), labels.to(device))
+            result = optimizer_step(model, optimizer, [batch], loss_fn, device=device, dtype=dtype, step=step)
+            step += 1
+            record = {
+                "step": step,
+                "split": "train",
+                "loss": result.loss,
+                "clf_loss": float(parts["clf_loss"]),
+            }
+            if parts["gen_loss"] is not None:
+                record["gen_loss"] = float(parts["gen_loss"])
+            metrics.write({**record, "lr": optimizer.param_groups[0]["lr"], "grad_norm": result.grad_norm})
+            bar.update(1)
+            bar.set_postfix(loss=f"{result.loss:.3f}", best=f"{max(best, 0):.3f}")
+            if step % every == 0 or step == total:
+                accuracy = evaluate_ids(
+                    model.classifier, val_ids, val.labels, 2 * a["batch_size"], device, dtype
+                )
+                model.train()
+                metrics.write({"step": step, "split": "val", "accuracy": accuracy})
+                if accuracy > best:
+                    best, best_step, since_best = accuracy, step, 0
+                    best_state = {"step": step, "val_accuracy": accuracy}
+                    save_checkpoint(out, model.classifier, best_state, processor=processor, name="model")
+                else:
+                    since_best += 1
+                save_latest(step)
+                if a["patience"] is not None and since_best >= a["patience"]:
+                    status = "stopped early"
+                    break
+            if stop.requested:
+                save_latest(step)
+                status = f"interrupted ({stop.signal_name}); continue with --resume"
+                break
+    bar.close()
+    plot_metrics(out / "metrics.jsonl", out / "loss.png")
+    summary = {
+        "status": status,
+        "step": step,
+        "steps": total,
+        "best_val_accuracy": best,
+        "best_step": best_step,
+        "model": str(out / "model"),
+        "classes": num_classes,
+        "augment": augment,
+        "layer": model.layer,
+        "gen_weight": a["gen_weight"],
+    }
+    write_text_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+# ------------------------------------------------------------------------------------------------ classify
+
+
+def classifier_dir(path) -> Path:
+    """A classifier directory from itself or from a fine-tuning run directory (its model/)."""
+    path = Path(path)
+    if (path / "config.json").is_file():
+        return path
+    if (path / "model" / "config.json").is_file():
+        return path / "model"
+    raise CheckpointError(
+        f"{path} is not a classifier directory (no config.json) nor an imagegpt finetune run (no model/); "
+        "pass the --out folder of imagegpt finetune, or a transformers ImageGPTForImageClassification folder"
+    )
+
+
+def classify(
+    model_dir,
+    data,
+    *,
+    split: str = "test",
+    out=None,
+    batch_size: int = 64,
+    device: str | torch.device | None = "auto",
+    dtype: str | torch.dtype | None = "auto",
+    seed: int = 0,
+    data_options: dict | None = None,
+    cache_dir=None,
+) -> dict:
+    """Accuracy and confusion matrix of a classifier directory on one split of a labelled dataset.
+
+    Writes classify-SPLIT.json and confusion-SPLIT.png into `out` (default: the folder holding the classifier
+    directory, which for `imagegpt finetune --out RUN` is RUN) and returns the report.
+    """
+    from .data import load_dataset, token_cache
+    from .processor import ImageProcessor
+
+    model_dir = classifier_dir(model_dir)
+    classifier = ImageGPTClassifier.from_pretrained(model_dir)
+    processor = ImageProcessor.from_pretrained(model_dir)
+    dataset = _labelled(load_dataset(data, split=split, seed=seed, **(data_options or {})), split)
+    num_labels = classifier.config.num_labels
+    if dataset.num_classes != num_labels:
+        raise DataError(
+            f"the classifier in {model_dir} has {num_labels} classes but {data} has {dataset.num_classes}; "
+            "evaluate it on the kind of data it was fine-tuned on"
+        )
+    if cache_dir is not None:
+        ids = token_cache(dataset, processor, cache_dir)
+    else:
+        ids = torch.cat([processor.encode(dataset.batch(i, i + 256)) for i in range(0, len(dataset), 256)])
+    logits = predict(classifier, ids, batch_size=batch_size, device=device, dtype=dtype)
+    predictions = logits.argmax(axis=1)
+    matrix = confusion_matrix(dataset.labels, predictions, num_labels)
+    id2label = classifier.config.id2label
+    class_names = [id2label[i] for i in range(num_labels)] if id2label else (dataset.class_names or [])
+    class_names = class_names or [str(i) for i in range(num_labels)]
+    report = {
+        "model": str(model_dir),
+        "data": str(data),
+        "split": split,
+        "images": len(dataset),
+        "accuracy": float((predictions == dataset.labels).mean()),
+        "class_names": class_names,
+        "confusion": matrix.tolist(),
+    }
+    out = Path(model_dir).resolve().parent if out is None else Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    report["json"] = str(out / f"classify-{split}.json")
+    report["plot"] = str(out / f"confusion-{split}.png")
+    Path(report["json"]).write_text(json.dumps(report, indent=2) + "\n")
+    title = f"{Path(model_dir).name} on {data} ({split}): accuracy {100 * report['accuracy']:.2f}%"
+    plot_confusion(matrix, class_names, report["plot"], title=title)
+    return report

@@ -40,8 +40,10 @@ def parse_grid(text: str) -> list[float]:
     return values
 
 
-def add_data_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", required=True, help="a built-in dataset (digits, shapes, photos) or a path")
+def add_data_arguments(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    parser.add_argument(
+        "--data", required=required, help="a built-in dataset (digits, shapes, photos) or a path"
+    )
     parser.add_argument(
         "--seed", type=int, default=0, help="seed of the dataset's splits (and generated data)"
     )
