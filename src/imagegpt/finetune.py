@@ -278,7 +278,9 @@ def finetune(
     data_options: dict | None = None,
     device: str | torch.device | None = "auto",
     dtype: str | torch.dtype | None = "auto",
+    clip: float = 1.0,
     resume: bool = False,
+    stop_after: int | None = None,
     progress: bool = False,
 ) -> dict:
     """Fine-tune a pretrained model directory into a classifier; returns a summary (also in OUT/summary.json).
@@ -290,18 +292,25 @@ def finetune(
     steps / epochs: the length (default 10 epochs). eval_every: steps between validations (default one epoch);
     each validation saves checkpoints/latest. patience: validations without improvement before stopping early
     (None: never). augment: None = on, except for digits and MNIST-style data. resume: continue the run in OUT
-    from its last checkpoint; the arguments are read back from OUT/args.json.
+    from its last checkpoint; the arguments are read back from OUT/args.json. stop_after: stop, resumably,
+    after this many steps of this session.
     """
     from .data import load_dataset, token_cache
     from .device import resolve_device, resolve_dtype
+    from .probe import data_options_for
     from .processor import ImageProcessor
     from .trainer import (
+        CURVE_FILE,
+        METRICS_FILE,
+        MODEL_DIR,
         BatchOrder,
         MetricsLog,
+        NonFiniteLossError,
         StopRequest,
         capture_state,
         cosine_lr,
         find_checkpoint,
+        latest_model_dir,
         load_args,
         load_training_state,
         make_optimizer,
@@ -332,6 +341,7 @@ def finetune(
         "patience": patience,
         "seed": seed,
         "data_options": data_options or {},
+        "clip": clip,
     }
     if resume:
         saved = load_args(out)
@@ -351,14 +361,17 @@ def finetune(
         if patience is not None and patience < 1:
             raise ArgumentError(f"--patience must be at least 1 (or omitted), got {patience}")
     a = args
+    clip = a["clip"]
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
     augment = default_augment(a["data"]) if a["augment"] is None else bool(a["augment"])
 
-    pretrained = ImageGPT.from_pretrained(a["model_dir"])
-    processor = ImageProcessor.from_pretrained(a["model_dir"])
-    train = _labelled(load_dataset(a["data"], split="train", seed=a["seed"], **a["data_options"]), "train")
-    val = _labelled(load_dataset(a["data"], split="val", seed=a["seed"], **a["data_options"]), "val")
+    model_dir = latest_model_dir(a["model_dir"])
+    pretrained = ImageGPT.from_pretrained(model_dir)
+    processor = ImageProcessor.from_pretrained(model_dir)
+    options = data_options_for(a["data"], a["data_options"], processor)
+    train = _labelled(load_dataset(a["data"], split="train", seed=a["seed"], **options), "train")
+    val = _labelled(load_dataset(a["data"], split="val", seed=a["seed"], **options), "val")
     num_classes = train.num_classes
     class_names = train.class_names or [str(i) for i in range(num_classes)]
     cache = out / "cache"
@@ -395,13 +408,17 @@ def finetune(
                 f"{latest} does not match this fine-tuning run (layer {model.layer}, gen weight "
                 f"{a['gen_weight']}); resume with the arguments the run was started with"
             )
+        if state.get("done"):
+            raise ArgumentError(
+                f"the run in {out} has already finished; its classifier is in {out / MODEL_DIR}"
+            )
         start = restore_state(state, optimizer, order)
         best, best_step, since_best = state["best_accuracy"], state["best_step"], state["since_best"]
     else:
         prepare_run_dir(out, args)
-    metrics = MetricsLog(out / "metrics.jsonl", resume_step=start if resume else None)
+    metrics = MetricsLog(out / METRICS_FILE, resume_step=start if resume else None)
 
-    def save_latest(step: int) -> None:
+    def save_latest(step: int, done: bool = False) -> None:
         generative = {k: v for k, v in model.state_dict().items() if not k.startswith("classifier.")}
         state = capture_state(
             step,
@@ -410,6 +427,7 @@ def finetune(
             best_accuracy=best,
             best_step=best_step,
             since_best=since_best,
+            done=done,
             generative=generative,
         )
         save_checkpoint(checkpoints, model.classifier, state, processor=processor)
@@ -429,60 +447,75 @@ def finetune(
     step = start
     bar = progress_bar(total, initial=start, enabled=progress, desc="finetune")
     model.train()
-    with StopRequest() as stop:
-        while step < total:
-            set_lr(optimizer, cosine_lr(step, lr=a["lr"], warmup=warmup_steps, total=total))
-            index = order.next()
-            if augment:
-                rng = np.random.default_rng([a["seed"], step])  # a function of the step: resumes exactly
-                ids = encode_images(processor, _batch_images(train, index), augment=True, rng=rng)
-            else:
-                ids = torch.as_tensor(np.asarray(train_ids[np.sort(index)], dtype=np.int64))
-                index = np.sort(index)
-            labels = torch.as_tensor(train.labels[index])
-            batch = (ids.to(device), labels.to(device))
-            result = optimizer_step(model, optimizer, [batch], loss_fn, device=device, dtype=dtype, step=step)
-            step += 1
-            record = {
-                "step": step,
-                "split": "train",
-                "loss": result.loss,
-                "clf_loss": float(parts["clf_loss"]),
-            }
-            if parts["gen_loss"] is not None:
-                record["gen_loss"] = float(parts["gen_loss"])
-            metrics.write({**record, "lr": optimizer.param_groups[0]["lr"], "grad_norm": result.grad_norm})
-            bar.update(1)
-            bar.set_postfix(loss=f"{result.loss:.3f}", best=f"{max(best, 0):.3f}")
-            if step % every == 0 or step == total:
-                accuracy = evaluate_ids(
-                    model.classifier, val_ids, val.labels, 2 * a["batch_size"], device, dtype
-                )
-                model.train()
-                metrics.write({"step": step, "split": "val", "accuracy": accuracy})
-                if accuracy > best:
-                    best, best_step, since_best = accuracy, step, 0
-                    best_state = {"step": step, "val_accuracy": accuracy}
-                    save_checkpoint(out, model.classifier, best_state, processor=processor, name="model")
+    try:
+        with StopRequest() as stop:
+            while step < total:
+                set_lr(optimizer, cosine_lr(step, lr=a["lr"], warmup=warmup_steps, total=total))
+                index = np.sort(order.next())  # sorted: reads the token memmap in file order
+                if augment:
+                    rng = np.random.default_rng([a["seed"], step])  # a function of the step: resumes exactly
+                    ids = encode_images(processor, _batch_images(train, index), augment=True, rng=rng)
                 else:
-                    since_best += 1
-                save_latest(step)
-                if a["patience"] is not None and since_best >= a["patience"]:
-                    status = "stopped early"
+                    ids = torch.as_tensor(np.asarray(train_ids[index], dtype=np.int64))
+                batch = (ids.to(device), torch.as_tensor(train.labels[index]).to(device))
+                result = optimizer_step(
+                    model, optimizer, [batch], loss_fn, clip=clip, device=device, dtype=dtype, step=step + 1
+                )
+                step += 1
+                record = {"step": step, "split": "train", "loss": result.loss, "clf_loss": parts["clf_loss"]}
+                if parts["gen_loss"] is not None:
+                    record["gen_loss"] = parts["gen_loss"]
+                record.update(lr=optimizer.param_groups[0]["lr"], grad_norm=result.grad_norm)
+                metrics.write(record)
+                bar.update(1)
+                bar.set_postfix(loss=f"{result.loss:.3f}", best_val=f"{max(best, 0):.3f}", refresh=False)
+                if step % every == 0 or step == total:
+                    accuracy = evaluate_ids(
+                        model.classifier, val_ids, val.labels, 2 * a["batch_size"], device, dtype
+                    )
+                    model.train()
+                    metrics.write({"step": step, "split": "val", "accuracy": accuracy})
+                    if accuracy > best:
+                        best, best_step, since_best = accuracy, step, 0
+                        save_checkpoint(out, model.classifier, None, processor=processor, name=MODEL_DIR)
+                    else:
+                        since_best += 1
+                    early = a["patience"] is not None and since_best >= a["patience"]
+                    save_latest(step, done=early or step == total)
+                    if early:
+                        status = (
+                            f"stopped early: no better validation accuracy in {a['patience']} validations"
+                        )
+                        break
+                if stop.requested or (stop_after is not None and step - start >= stop_after and step < total):
+                    save_latest(step)
+                    why = (
+                        f"interrupted ({stop.signal_name})"
+                        if stop.requested
+                        else f"stopped after {stop_after} steps"
+                    )
+                    status = f"{why}; continue with `imagegpt finetune --resume {out}`"
                     break
-            if stop.requested:
-                save_latest(step)
-                status = f"interrupted ({stop.signal_name}); continue with --resume"
-                break
+    except NonFiniteLossError as e:
+        bar.close()
+        plot_metrics(out / METRICS_FILE, out / CURVE_FILE)
+        last = find_checkpoint(checkpoints)
+        where = (
+            f"the last good checkpoint is {last}; resume it with `imagegpt finetune --resume {out}` after "
+            "lowering --lr in its args.json, or start again with a smaller --lr"
+            if last is not None
+            else "no checkpoint was saved yet; start again with a smaller --lr or a longer --warmup"
+        )
+        raise NonFiniteLossError(f"{e}. Fine-tuning stopped; {where}") from None
     bar.close()
-    plot_metrics(out / "metrics.jsonl", out / "loss.png")
+    plot_metrics(out / METRICS_FILE, out / CURVE_FILE)
     summary = {
         "status": status,
         "step": step,
         "steps": total,
         "best_val_accuracy": best,
         "best_step": best_step,
-        "model": str(out / "model"),
+        "model": str(out / MODEL_DIR),
         "classes": num_classes,
         "augment": augment,
         "layer": model.layer,
@@ -527,12 +560,14 @@ def classify(
     directory, which for `imagegpt finetune --out RUN` is RUN) and returns the report.
     """
     from .data import load_dataset, token_cache
+    from .probe import data_options_for
     from .processor import ImageProcessor
 
     model_dir = classifier_dir(model_dir)
     classifier = ImageGPTClassifier.from_pretrained(model_dir)
     processor = ImageProcessor.from_pretrained(model_dir)
-    dataset = _labelled(load_dataset(data, split=split, seed=seed, **(data_options or {})), split)
+    options = data_options_for(data, data_options, processor)
+    dataset = _labelled(load_dataset(data, split=split, seed=seed, **options), split)
     num_labels = classifier.config.num_labels
     if dataset.num_classes != num_labels:
         raise DataError(

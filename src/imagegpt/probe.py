@@ -563,6 +563,15 @@ def write_report(report: dict, out: str | os.PathLike) -> dict[str, Path]:
     return paths
 
 
+def data_options_for(data, options: dict | None, processor) -> dict:
+    """Dataset options, with generated built-ins (shapes, photos) drawn at the model's resolution by default
+    (as `imagegpt train` draws them) rather than resized to it."""
+    options = dict(options or {})
+    if str(data) in ("shapes", "photos") and processor.height == processor.width:
+        options.setdefault("resolution", int(processor.height))
+    return options
+
+
 def probe_pretrained(
     model_dir,
     data,
@@ -589,12 +598,13 @@ def probe_pretrained(
     from .data import load_dataset
     from .model import ImageGPT
     from .processor import ImageProcessor
+    from .trainer import latest_model_dir
 
+    model_dir = latest_model_dir(model_dir)  # a model directory, or a run directory's model
     model = ImageGPT.from_pretrained(model_dir)
     processor = ImageProcessor.from_pretrained(model_dir)
-    splits = [
-        load_dataset(data, split=s, seed=seed, **(data_options or {})) for s in ("train", "val", "test")
-    ]
+    options = data_options_for(data, data_options, processor)
+    splits = [load_dataset(data, split=s, seed=seed, **options) for s in ("train", "val", "test")]
     report = run_probe(
         model,
         processor,

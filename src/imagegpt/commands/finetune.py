@@ -72,6 +72,9 @@ def register(subparsers) -> None:
         default=5,
         help="stop after this many validations without improvement (0: never)",
     )
+    parser.add_argument(
+        "--stop-after", type=int, default=None, metavar="N", help="stop after N steps; continue with --resume"
+    )
     add_device_options(parser)
     parser.set_defaults(func=run)
 
@@ -106,6 +109,7 @@ def run(args) -> int:
         device=args.device,
         dtype=args.dtype,
         resume=resume,
+        stop_after=args.stop_after,
         progress=True,
     )
     print(
