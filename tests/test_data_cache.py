@@ -9,56 +9,21 @@ from PIL import Image
 from imagegpt.data import load_dataset, sample_pixels, token_cache
 from imagegpt.data.cache import cache_path
 from imagegpt.errors import ConfigError
+from imagegpt.palette import Palette
 
 try:
-    from imagegpt.palette import Palette
     from imagegpt.processor import ImageProcessor
 except ImportError:  # being written in parallel: until it lands, a stand-in with the contract's interface
-    import hashlib
-
     import torch
-
-    class Palette:
-        def __init__(self, centers):
-            self.centers = np.asarray(centers, np.float32)
-
-        @classmethod
-        def fit(cls, pixels, clusters=512, seed=0):
-            pixels = np.asarray(pixels, np.float32)
-            centers = pixels[np.random.default_rng(seed).choice(len(pixels), clusters, replace=False)]
-            for _ in range(10):
-                ids = cls(centers).encode(pixels)
-                centers = np.stack(
-                    [pixels[ids == k].mean(0) if (ids == k).any() else centers[k] for k in range(clusters)]
-                )
-            return cls(centers)
-
-        def encode(self, pixels):
-            d = ((np.asarray(pixels, np.float32)[..., None, :] - self.centers) ** 2).sum(-1)
-            return d.argmin(-1)
-
-        def fingerprint(self):
-            return hashlib.sha1(self.centers.tobytes()).hexdigest()[:16]
-
-        def __len__(self):
-            return len(self.centers)
 
     class ImageProcessor:
         def __init__(self, palette, size):
             self.palette, self.height, self.width = palette, size, size
 
         def encode(self, images):
-            resized = np.stack(
-                [
-                    np.asarray(
-                        Image.fromarray(np.asarray(im)).resize(
-                            (self.width, self.height), Image.Resampling.BILINEAR
-                        )
-                    )
-                    for im in images
-                ]
-            )
-            ids = self.palette.encode(resized.astype(np.float32) / 127.5 - 1)
+            size = (self.width, self.height)
+            resized = [np.asarray(Image.fromarray(np.asarray(im)).resize(size)) for im in images]
+            ids = self.palette.encode(np.stack(resized))
             return torch.from_numpy(ids.reshape(len(images), -1))
 
 
