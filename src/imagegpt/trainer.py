@@ -9,6 +9,7 @@ A run directory holds everything a run needs to continue exactly where it stoppe
       checkpoints/latest/           a transformers-format model directory (config.json, model.safetensors,
                                     preprocessor_config.json) plus training_state.pt: optimizer, schedule,
                                     step, RNG states and data position
+      model/                        the finished run's model (save_checkpoint with state=None), when it ends
 
 A checkpoint is written into a temporary directory beside `latest`, fsynced, then swapped in with two renames;
 `find_checkpoint` repairs the one window a crash can leave (between the renames), so `latest` is never half
@@ -43,6 +44,7 @@ ARGS_FILE = "args.json"
 METRICS_FILE = "metrics.jsonl"
 CURVE_FILE = "loss.png"
 CHECKPOINTS_DIR = "checkpoints"
+MODEL_DIR = "model"
 STATE_FILE = "training_state.pt"
 
 
@@ -377,12 +379,14 @@ def restore_state(
 def save_checkpoint(
     checkpoints_dir: str | os.PathLike,
     model: nn.Module,
-    state: dict,
+    state: dict | None,
     *,
     processor=None,
     name: str = "latest",
 ) -> Path:
     """Write model (its save_pretrained) and state (training_state.pt) as checkpoints_dir/name, atomically.
+
+    state None writes the model directory alone (a run's final RUN_DIR/model, say) with the same guarantee.
 
     Steps: write everything into a temporary sibling directory and fsync it; rename the old checkpoint to
     name.old; rename the new one into place; fsync the parent; delete name.old. A crash at any point leaves
@@ -398,7 +402,8 @@ def save_checkpoint(
             model.save_pretrained(tmp, processor=processor)
         else:
             model.save_pretrained(tmp)
-        torch.save(state, tmp / STATE_FILE)
+        if state is not None:
+            torch.save(state, tmp / STATE_FILE)
         _fsync_tree(tmp)
         if target.exists():
             if old.exists():  # left by an earlier crash after the new checkpoint was in place
@@ -445,10 +450,12 @@ def load_training_state(checkpoint_dir: str | os.PathLike) -> dict:
 
 
 def latest_model_dir(path: str | os.PathLike) -> Path:
-    """A model directory from either a model directory or a run directory (its checkpoints/latest)."""
+    """A model directory from a model directory or a run directory (its model/, else checkpoints/latest)."""
     path = Path(path)
     if (path / "config.json").is_file():
         return path
+    if (path / MODEL_DIR / "config.json").is_file():
+        return path / MODEL_DIR
     checkpoint = find_checkpoint(path / CHECKPOINTS_DIR) if (path / CHECKPOINTS_DIR).is_dir() else None
     if checkpoint is None:
         raise CheckpointError(

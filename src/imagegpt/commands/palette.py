@@ -1,0 +1,45 @@
+"""`imagegpt palette fit`: k-means colour palette on pixels sampled from a dataset."""
+
+from __future__ import annotations
+
+from ..errors import ArgumentError
+from .probe import add_data_arguments, data_options
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("palette", help="fit a colour palette (k-means on a dataset's pixels)")
+    actions = parser.add_subparsers(dest="action", metavar="ACTION")
+    fit = actions.add_parser(
+        "fit",
+        help="fit a palette on a dataset",
+        description=(
+            "k-means with K clusters on pixels drawn at random from the training split; writes a "
+            "palette.json that imagegpt train --palette (and ImageProcessor) read."
+        ),
+    )
+    add_data_arguments(fit)
+    fit.add_argument(
+        "--clusters", type=int, default=512, help="number of colours K (default 512, as the paper)"
+    )
+    fit.add_argument("--out", required=True, help="the palette file to write, e.g. palette.json")
+    fit.add_argument(
+        "--pixels", type=int, default=100_000, help="pixels sampled for k-means (default 100000)"
+    )
+    fit.add_argument("--split", default="train", choices=["train", "val", "test", "all"])
+    fit.set_defaults(func=run_fit)
+    parser.set_defaults(func=lambda args: parser.print_help() or 2)
+
+
+def run_fit(args) -> int:
+    from ..data import load_dataset
+    from ..train import fit_palette
+
+    if args.clusters < 2:
+        raise ArgumentError(f"--clusters must be at least 2, got {args.clusters}")
+    if args.pixels < args.clusters:
+        raise ArgumentError(f"--pixels ({args.pixels}) must be at least --clusters ({args.clusters})")
+    dataset = load_dataset(args.data, split=args.split, seed=args.seed, **data_options(args))
+    palette = fit_palette(dataset, args.clusters, args.pixels, seed=args.seed)
+    palette.save(args.out)
+    print(f"fitted {len(palette)} colours on {args.pixels} pixels of {dataset.name}; wrote {args.out}")
+    return 0

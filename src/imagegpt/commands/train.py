@@ -1,0 +1,182 @@
+"""`imagegpt train`: pretrain an ImageGPT on a dataset (the paper's recipe); resumable; torchrun for DDP."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import fields
+
+from ..errors import ArgumentError
+from ._options import add_device_options
+from .probe import parse_data_options
+
+EXAMPLE = """examples:
+  imagegpt train --data shapes --preset igpt-nano --resolution 16 --clusters 16 --out runs/shapes --steps 500
+  imagegpt train --data cifar-10-python.tar.gz --preset igpt-mini --resolution 32 --palette palette.json \\
+      --out runs/cifar --steps 20000 --batch-size 64 --accumulate 2
+  imagegpt train --resume runs/shapes                   # continue after Ctrl-C, a crash or --stop-after
+  torchrun --standalone --nproc_per_node=4 -m imagegpt train --data ... --out runs/ddp   # DDP, 4 processes
+"""
+
+# TrainOptions fields given as options. Their parser defaults are None, so that --resume sees what was given.
+TRAIN_ARGUMENTS = {
+    "data": "data",
+    "out": "out",
+    "preset": "preset",
+    "resolution": "resolution",
+    "clusters": "clusters",
+    "palette": "palette",
+    "palette_pixels": "palette_pixels",
+    "steps": "steps",
+    "batch_size": "batch_size",
+    "accumulate": "accumulate",
+    "lr": "lr",
+    "warmup": "warmup",
+    "weight_decay": "weight_decay",
+    "clip": "clip",
+    "dropout": "dropout",
+    "eval_every": "eval_every",
+    "eval_images": "eval_images",
+    "save_every": "save_every",
+    "seed": "seed",
+    "data_seed": "data_seed",
+    "cache_dir": "cache_dir",
+    "stop_after": "stop_after",
+}
+
+
+def register(subparsers) -> None:
+    from ..train import TrainOptions
+
+    defaults = {f.name: f.default for f in fields(TrainOptions)}
+    parser = subparsers.add_parser(
+        "train",
+        help="pretrain an ImageGPT on a dataset",
+        description=(
+            "Fit a palette (unless --palette is given), tokenise the dataset once (cached), and train the "
+            "next-pixel objective with AdamW (0.9, 0.95), linear warmup then cosine decay to 0, gradient "
+            "clipping at 1.0 and bfloat16 autocast where supported. RUN_DIR gets args.json, metrics.jsonl, "
+            "loss.png, checkpoints/latest (a transformers model directory plus the training state) and, when "
+            "the run finishes, model/. Ctrl-C or SIGTERM saves a checkpoint; --resume RUN_DIR continues "
+            "exactly. Under torchrun the same command runs DistributedDataParallel."
+        ),
+        epilog=EXAMPLE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    data = parser.add_argument_group("data and palette")
+    data.add_argument(
+        "--data", help=f"a built-in dataset (digits, shapes, photos) or a path (default {defaults['data']})"
+    )
+    data.add_argument("--resolution", type=int, help="image side in pixels (default: the dataset's own size)")
+    data.add_argument("--clusters", type=int, help=f"palette size to fit (default {defaults['clusters']})")
+    data.add_argument("--palette", help="a palette.json (imagegpt palette fit) instead of fitting one")
+    data.add_argument(
+        "--palette-pixels",
+        type=int,
+        help=f"pixels sampled to fit the palette (default {defaults['palette_pixels']})",
+    )
+    data.add_argument(
+        "--data-seed", type=int, help="seed of the dataset's splits and generated data (default 0)"
+    )
+    data.add_argument("--limit", type=int, help="use at most N images of each split")
+    data.add_argument(
+        "--data-option",
+        action="append",
+        metavar="KEY=VALUE",
+        help="a dataset option, e.g. n=2000 (repeatable)",
+    )
+    data.add_argument("--cache-dir", help="token cache (default: RUN_DIR/cache)")
+    model = parser.add_argument_group("model and optimisation")
+    model.add_argument("--preset", help=f"model size: igpt-nano ... igpt-xl (default {defaults['preset']})")
+    model.add_argument("--steps", type=int, help=f"optimizer steps (default {defaults['steps']})")
+    model.add_argument(
+        "--batch-size",
+        type=int,
+        help=f"images per optimizer step, over all processes (default {defaults['batch_size']})",
+    )
+    model.add_argument(
+        "--accumulate", type=int, help="micro-batches per step (gradient accumulation; default 1)"
+    )
+    model.add_argument("--lr", type=float, help=f"peak learning rate (default {defaults['lr']})")
+    model.add_argument("--warmup", type=int, help=f"linear warmup steps (default {defaults['warmup']})")
+    model.add_argument("--weight-decay", type=float, help="AdamW weight decay on matrices (default 0)")
+    model.add_argument("--clip", type=float, help="gradient norm clipping (default 1.0; 0 turns it off)")
+    model.add_argument("--dropout", type=float, help="dropout rate (default 0, as the paper)")
+    model.add_argument("--seed", type=int, help="seed of the initialisation (default 0)")
+    model.add_argument(
+        "--gradient-checkpointing",
+        action="store_true",
+        default=None,
+        help="recompute activations (less memory)",
+    )
+    run = parser.add_argument_group("run")
+    run.add_argument("--out", help="the run directory RUN_DIR")
+    run.add_argument(
+        "--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR with its saved arguments"
+    )
+    run.add_argument(
+        "--eval-every",
+        type=int,
+        help=f"steps between validations (default {defaults['eval_every']}; 0: at the end)",
+    )
+    run.add_argument(
+        "--eval-images",
+        type=int,
+        help=f"validation images per periodic evaluation (default {defaults['eval_images']})",
+    )
+    run.add_argument(
+        "--save-every",
+        type=int,
+        help=f"steps between checkpoints (default {defaults['save_every']}; 0: at the end)",
+    )
+    run.add_argument("--stop-after", type=int, help="stop (with a checkpoint) after N steps of this session")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_device_options(parser)
+    parser.set_defaults(func=run_train, device=None, dtype=None)
+
+
+def options_from_args(args):
+    """(TrainOptions, resume) from parsed arguments; with --resume, the run's saved arguments + overrides."""
+    from ..train import TrainOptions, resume_options
+
+    given = {
+        field: getattr(args, name)
+        for name, field in TRAIN_ARGUMENTS.items()
+        if getattr(args, name) is not None
+    }
+    if args.gradient_checkpointing:
+        given["gradient_checkpointing"] = True
+    data_options = parse_data_options(args.data_option)
+    if args.limit is not None:
+        data_options["limit"] = args.limit
+    if data_options:
+        given["data_options"] = data_options
+    for name in ("device", "dtype"):
+        if getattr(args, name) is not None:
+            given[name] = getattr(args, name)
+    progress = not args.no_progress
+    if args.resume:
+        if args.out is not None and args.out != args.resume:
+            raise ArgumentError("give --resume RUN_DIR alone (it is the output directory), not with --out")
+        given.pop("out", None)
+        return resume_options(args.resume, progress=progress, **given), True
+    if args.out is None:
+        raise ArgumentError("--out RUN_DIR is required (or --resume RUN_DIR to continue a run)")
+    if args.palette is not None and args.clusters is not None:
+        raise ArgumentError(
+            "give --palette or --clusters, not both (the palette fixes the number of colours)"
+        )
+    return TrainOptions(**given, progress=progress), False
+
+
+def run_train(args) -> int:
+    from ..train import train
+
+    options, resume = options_from_args(args)
+    result = train(options, resume=resume)
+    if os.environ.get("RANK", "0") == "0" and result.val_bits_per_dim is not None and not result.stopped:
+        print(
+            f"step {result.step}: validation {result.val_loss:.4f} nats/token = "
+            f"{result.val_bits_per_dim:.4f} bits/dim; model in {result.model_dir}"
+        )
+    return 0

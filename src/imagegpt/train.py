@@ -1,0 +1,422 @@
+"""Pretraining from pixels: fit a palette, tokenise once, train the next-pixel objective.
+
+`train(TrainOptions(...))` is a plain function around a plain loop; the run machinery (run directory,
+checkpoints, resume, signals) is imagegpt.trainer's. The paper's recipe: AdamW (0.9, 0.95) without weight
+decay, linear warmup then cosine decay to 0, gradient clipping at 1.0, bfloat16 autocast where supported, and
+SOS handled as the original: the model reads [SOS, x0, ..., x_{n-2}] and predicts [x0, ..., x_{n-1}].
+
+Under torchrun, the same function runs DistributedDataParallel (wrapped from outside the model): every rank
+reads its own slice of each global batch from the token cache, and only rank 0 writes files.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ImageGPTConfig
+from .device import resolve_device, resolve_dtype
+from .errors import ArgumentError, CheckpointError
+from .evaluate import bits_per_dim, token_nll
+from .model import ImageGPT, sos_inputs
+from .trainer import (
+    CHECKPOINTS_DIR,
+    CURVE_FILE,
+    METRICS_FILE,
+    MODEL_DIR,
+    BatchOrder,
+    Distributed,
+    MetricsLog,
+    NonFiniteLossError,
+    StopRequest,
+    capture_state,
+    close_distributed,
+    cosine_lr,
+    find_checkpoint,
+    init_distributed,
+    load_args,
+    load_training_state,
+    make_optimizer,
+    optimizer_step,
+    plot_metrics,
+    prepare_run_dir,
+    progress_bar,
+    restore_state,
+    save_checkpoint,
+    set_lr,
+    wrap_model,
+)
+
+PALETTE_FILE = "palette.json"
+# Generated built-in datasets are drawn at the training resolution rather than resized to it.
+GENERATED = ("shapes", "photos")
+
+
+@dataclass
+class TrainOptions:
+    """Everything a pretraining run depends on; saved as the run's args.json.
+
+    batch_size is the global batch: images per optimizer step, over all processes and accumulation steps.
+    resolution None means the dataset's own image size. palette: a palette.json or preprocessor_config.json;
+    None fits one with `clusters` colours on `palette_pixels` pixels of the training split.
+    eval_every / save_every: steps between validations / checkpoints (0: only at the end). eval_images caps
+    the validation images of the periodic evaluations (0: all); the final one uses the whole split.
+    data_options go to imagegpt.data.load_dataset (n, limit, val_fraction, ...); data_seed fixes the split.
+    """
+
+    data: str = "shapes"
+    out: str = "runs/imagegpt"
+    preset: str = "igpt-nano"
+    resolution: int | None = None
+    clusters: int = 16
+    palette: str | None = None
+    palette_pixels: int = 100_000
+    steps: int = 1000
+    batch_size: int = 32
+    accumulate: int = 1
+    lr: float = 1e-3
+    warmup: int = 100
+    weight_decay: float = 0.0
+    clip: float = 1.0
+    dropout: float = 0.0
+    eval_every: int = 200
+    eval_images: int = 512
+    save_every: int = 500
+    seed: int = 0
+    data_seed: int = 0
+    data_options: dict = field(default_factory=dict)
+    device: str = "auto"
+    dtype: str = "auto"
+    gradient_checkpointing: bool = False
+    cache_dir: str | None = None
+    progress: bool = True
+    stop_after: int | None = None
+
+    def validate(self) -> None:
+        positive = ("steps", "batch_size", "accumulate", "palette_pixels")
+        for name in positive:
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ArgumentError(
+                    f"--{name.replace('_', '-')} must be a positive integer, got {getattr(self, name)}"
+                )
+        for name in ("warmup", "eval_every", "save_every", "eval_images", "seed", "data_seed"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                raise ArgumentError(
+                    f"--{name.replace('_', '-')} must be an integer >= 0, got {getattr(self, name)}"
+                )
+        if not self.lr > 0 or not math.isfinite(self.lr):
+            raise ArgumentError(f"--lr must be a positive number, got {self.lr}")
+        if self.weight_decay < 0 or self.clip < 0:
+            raise ArgumentError("--weight-decay and --clip must be >= 0 (--clip 0 turns clipping off)")
+        if self.palette is None and not 2 <= self.clusters <= 65535:
+            raise ArgumentError(f"--clusters must be in [2, 65535], got {self.clusters}")
+        if self.resolution is not None and self.resolution < 1:
+            raise ArgumentError(f"--resolution must be positive, got {self.resolution}")
+        if self.stop_after is not None and self.stop_after < 1:
+            raise ArgumentError(f"--stop-after must be positive, got {self.stop_after}")
+
+
+# Options that may differ when a run is resumed: they change where and how it runs, not what it computes.
+RESUME_OVERRIDABLE = ("device", "progress", "stop_after", "eval_every", "save_every", "cache_dir", "lr")
+
+
+def resume_options(run_dir: str | Path, **overrides) -> TrainOptions:
+    """The options of the run in run_dir (its args.json), with the few that may change on resume replaced."""
+    saved = load_args(run_dir)
+    known = {f.name for f in fields(TrainOptions)}
+    options = TrainOptions(**{k: v for k, v in saved.items() if k in known})
+    changed = {k: v for k, v in overrides.items() if v is not None and getattr(options, k) != v}
+    refused = sorted(set(changed) - set(RESUME_OVERRIDABLE))
+    if refused:
+        detail = ", ".join(f"--{k.replace('_', '-')} ({getattr(options, k)!r} in the run)" for k in refused)
+        raise ArgumentError(
+            f"a resumed run keeps its arguments, but {detail} differ; drop them, or start a new run with "
+            "--out. "
+            f"Only {', '.join('--' + k.replace('_', '-') for k in RESUME_OVERRIDABLE)} may change"
+        )
+    for k, v in changed.items():
+        setattr(options, k, v)
+    options.out = str(run_dir)
+    return options
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    model_dir: Path
+    step: int
+    stopped: bool  # True when a signal or stop_after ended the run before its last step
+    train_loss: float | None
+    val_loss: float | None  # nats per token on the validation split, at the last evaluation
+    val_bits_per_dim: float | None
+    tokens_per_second: float | None
+
+
+def image_loss(model: nn.Module, ids: torch.Tensor, sos_id: int) -> torch.Tensor:
+    """Mean next-token loss in nats over the batch, SOS handled. Calls model(...), so a DDP wrapper syncs."""
+    logits = model(sos_inputs(ids, sos_id)).logits  # (B, T, n_clusters)
+    return F.cross_entropy(logits.flatten(0, 1).float(), ids.flatten())
+
+
+def fit_palette(dataset, clusters: int, pixels: int = 100_000, seed: int = 0):
+    """k-means on `pixels` pixels drawn at random from the dataset's images."""
+    from .data import sample_pixels
+    from .palette import Palette
+
+    return Palette.fit(sample_pixels(dataset, pixels, seed=seed), clusters=clusters, seed=seed)
+
+
+def _data_options(options: TrainOptions) -> dict:
+    data_options = dict(options.data_options)
+    if options.data in GENERATED and options.resolution is not None:
+        data_options.setdefault("resolution", options.resolution)
+    return data_options
+
+
+def _resolution(options: TrainOptions, dataset) -> int | tuple[int, int]:
+    if options.resolution is not None:
+        return options.resolution
+    if dataset.image_size is None:
+        raise ArgumentError(f"the images of {options.data} differ in size; choose one with --resolution")
+    height, width = dataset.image_size
+    return height if height == width else (height, width)
+
+
+def train(options: TrainOptions, *, resume: bool = False, on_step=None) -> TrainResult:
+    """Pretrain an ImageGPT per `options` into the run directory options.out (resume: continue the run there).
+
+    on_step(step, record, model), if given, is called after every optimizer step with the step's metrics.
+    Under torchrun (WORLD_SIZE set) this runs DistributedDataParallel; call it from every rank.
+    """
+    options = replace(options, data_options=dict(options.data_options))  # the caller's copy stays as given
+    options.validate()
+    device = resolve_device(options.device)
+    dist = init_distributed(device)
+    try:
+        return _train(options, resume, dist, on_step)
+    finally:
+        close_distributed(dist)
+
+
+def _train(options: TrainOptions, resume: bool, dist: Distributed, on_step) -> TrainResult:
+    from .data import load_dataset, token_cache
+    from .palette import Palette
+    from .processor import ImageProcessor
+
+    device = dist.device
+    dtype = resolve_dtype(options.dtype, device)
+    run_dir = Path(options.out)
+    checkpoints = run_dir / CHECKPOINTS_DIR
+    data_options = _data_options(options)
+
+    prepare_run_dir(run_dir, {}, resume=resume, write=False)  # every rank checks before rank 0 writes
+    dist.barrier()
+    train_set = load_dataset(options.data, split="train", seed=options.data_seed, **data_options)
+    val_set = load_dataset(options.data, split="val", seed=options.data_seed, **data_options)
+    resolution = _resolution(options, train_set)
+    per_rank = options.batch_size // dist.world_size
+    if options.batch_size % (dist.world_size * options.accumulate):
+        raise ArgumentError(
+            f"--batch-size {options.batch_size} must be divisible by the number of processes "
+            f"({dist.world_size}) times --accumulate ({options.accumulate})"
+        )
+    BatchOrder(
+        len(train_set), options.batch_size
+    )  # checks that the data holds a batch, before writing anything
+    if options.resolution is None and isinstance(resolution, int):
+        options.resolution = resolution
+
+    # The palette: the run's own (fitted or copied at the start), so that a resumed run uses the same one.
+    palette_path = run_dir / PALETTE_FILE
+    if resume:
+        if not palette_path.is_file():
+            raise CheckpointError(f"{palette_path} is missing; the run cannot be resumed without its palette")
+    elif dist.is_main:
+        if options.palette is not None:
+            palette = Palette.load(options.palette)
+        else:
+            palette = fit_palette(train_set, options.clusters, options.palette_pixels, options.seed)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        palette.save(palette_path)  # before args.json: a run directory with args.json always has its palette
+        prepare_run_dir(run_dir, asdict(options) | {"clusters": len(palette)})
+    dist.barrier()
+    palette = Palette.load(palette_path)
+    if not resume and options.palette is not None:
+        options.clusters = len(palette)
+    processor = ImageProcessor(palette, resolution)
+    if resume and dist.is_main:
+        prepare_run_dir(run_dir, asdict(options), resume=True)  # records the overrides of this session
+
+    cache_dir = Path(options.cache_dir) if options.cache_dir else run_dir / "cache"
+    if dist.is_main:  # rank 0 quantises; the others open the finished cache
+        train_tokens = token_cache(train_set, processor, cache_dir, progress=options.progress)
+        val_tokens = token_cache(val_set, processor, cache_dir, progress=options.progress)
+    dist.barrier()
+    if not dist.is_main:
+        train_tokens = token_cache(train_set, processor, cache_dir)
+        val_tokens = token_cache(val_set, processor, cache_dir)
+
+    order = BatchOrder(len(train_tokens), options.batch_size, options.data_seed, dist.rank, dist.world_size)
+
+    torch.manual_seed(options.seed)
+    config = ImageGPTConfig.from_preset(
+        options.preset,
+        resolution=resolution,
+        clusters=len(palette),
+        resid_pdrop=options.dropout,
+        embd_pdrop=options.dropout,
+        attn_pdrop=options.dropout,
+    )
+    model = ImageGPT(config)
+    step = 0
+    latest = find_checkpoint(checkpoints) if resume else None
+    if latest is not None:
+        model = ImageGPT.from_pretrained(latest)
+        shape = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head")
+        if any(getattr(model.config, k) != getattr(config, k) for k in shape):
+            raise CheckpointError(
+                f"{latest} holds a model of another shape than this run's arguments describe"
+            )
+    model.to(device)
+    model.transformer.gradient_checkpointing = options.gradient_checkpointing
+    optimizer = make_optimizer(model, options.lr, options.weight_decay)
+    if latest is not None:
+        step = restore_state(load_training_state(latest), optimizer, order, dist)
+    model.train()
+    ddp = wrap_model(model, dist)
+    schedule = {"lr": options.lr, "warmup": options.warmup, "total": options.steps}
+
+    metrics = MetricsLog(run_dir / METRICS_FILE, enabled=dist.is_main, resume_step=step if resume else None)
+    tokens_per_step = options.batch_size * config.n_positions
+    sos_id = config.sos_id
+
+    def validate(at_step: int, images: int) -> tuple[float, float]:
+        ids = val_tokens if images == 0 else val_tokens[:images]
+        total, count = token_nll(
+            model, ids[dist.rank :: dist.world_size], batch_size=per_rank, device=device, dtype=dtype
+        )
+        total = (
+            dist.mean(torch.tensor([total, float(count)], dtype=torch.float64, device=device))
+            * dist.world_size
+        )
+        nats = float(total[0] / total[1])
+        metrics.write({"step": at_step, "split": "val", "loss": nats, "bits_per_dim": bits_per_dim(nats)})
+        return nats, bits_per_dim(nats)
+
+    def save(at_step: int) -> None:
+        state = capture_state(at_step, optimizer, order, dist, schedule=schedule)
+        if dist.is_main:
+            save_checkpoint(checkpoints, model, state, processor=processor)
+            plot_metrics(run_dir / METRICS_FILE, run_dir / CURVE_FILE)
+        dist.barrier()
+
+    say = print if options.progress and dist.is_main else (lambda *a, **k: None)
+    if not resume:
+        say(
+            f"imagegpt train: {options.preset} ({model.num_parameters() / 1e6:.2f}M parameters) at "
+            f"{processor.height}x{processor.width}, {len(palette)} colours, {len(train_tokens)} train / "
+            f"{len(val_tokens)} val images, {dist.world_size} process(es) on {device}, "
+            f"{str(dtype).split('.')[-1]}"
+        )
+    bar = progress_bar(options.steps, initial=step, enabled=options.progress and dist.is_main)
+    train_loss = val_loss = val_bpd = rate = None
+    stopped = False
+    steps_this_session = 0
+    try:
+        with StopRequest() as stop:
+            while step < options.steps:
+                if dist.any(stop.requested):
+                    stopped = True
+                    break
+                started = time.perf_counter()
+                set_lr(optimizer, cosine_lr(step, **schedule))
+                ids = torch.from_numpy(train_tokens[order.next()].astype(np.int64)).to(device)
+                result = optimizer_step(
+                    ddp,
+                    optimizer,
+                    ids.chunk(options.accumulate),
+                    lambda batch: image_loss(ddp, batch, sos_id),
+                    clip=options.clip,
+                    device=device,
+                    dtype=dtype,
+                    dist=dist,
+                    step=step + 1,
+                )
+                step += 1
+                steps_this_session += 1
+                elapsed = time.perf_counter() - started
+                rate = (
+                    tokens_per_step / elapsed
+                    if rate is None
+                    else 0.9 * rate + 0.1 * tokens_per_step / elapsed
+                )
+                train_loss = result.loss
+                record = {
+                    "step": step,
+                    "split": "train",
+                    "loss": result.loss,
+                    "bits_per_dim": bits_per_dim(result.loss),
+                    "lr": optimizer.param_groups[0]["lr"],
+                    "grad_norm": result.grad_norm,
+                    "tokens_per_s": tokens_per_step / elapsed,
+                }
+                metrics.write(record)
+                bar.update(1)
+                bar.set_postfix(
+                    loss=f"{result.loss:.3f}",
+                    bpd=f"{bits_per_dim(result.loss):.3f}",
+                    tok_s=f"{rate:,.0f}",
+                    refresh=False,
+                )
+                if on_step is not None:
+                    on_step(step, record, model)
+                if options.eval_every and step % options.eval_every == 0 and step < options.steps:
+                    val_loss, val_bpd = validate(step, options.eval_images)
+                    if options.progress and dist.is_main:
+                        bar.write(f"step {step}: val loss {val_loss:.4f} nats/token, {val_bpd:.4f} bits/dim")
+                if options.save_every and step % options.save_every == 0 and step < options.steps:
+                    save(step)
+                if options.stop_after is not None and steps_this_session >= options.stop_after:
+                    stopped = step < options.steps
+                    break
+    except NonFiniteLossError as e:
+        bar.close()
+        last = find_checkpoint(checkpoints) if dist.is_main else None
+        where = (
+            f"the last good checkpoint is {last} (step {load_training_state(last)['step']}); resume it with "
+            f"`imagegpt train --resume {run_dir} --lr SMALLER`"
+            if last is not None
+            else "no checkpoint was saved yet; start again with a smaller --lr or a longer --warmup"
+        )
+        if dist.is_main:
+            plot_metrics(run_dir / METRICS_FILE, run_dir / CURVE_FILE)
+        raise NonFiniteLossError(f"{e}. Training stopped; {where}") from None
+    bar.close()
+    if not stopped:
+        val_loss, val_bpd = validate(step, 0)
+    save(step)
+    model_dir = checkpoints / "latest"
+    if not stopped:
+        model_dir = run_dir / MODEL_DIR
+        if dist.is_main:
+            save_checkpoint(run_dir, model, None, processor=processor, name=MODEL_DIR)
+        dist.barrier()
+    if stopped:
+        say(f"imagegpt train: stopped at step {step}; continue with `imagegpt train --resume {run_dir}`")
+    return TrainResult(
+        run_dir=run_dir,
+        model_dir=model_dir,
+        step=step,
+        stopped=stopped,
+        train_loss=train_loss,
+        val_loss=val_loss,
+        val_bits_per_dim=val_bpd,
+        tokens_per_second=rate,
+    )
