@@ -125,45 +125,35 @@ def _names(meta, key: str, source: str) -> list[str]:
     return [n.decode() if isinstance(n, bytes) else str(n) for n in _get(meta, key, source)]
 
 
-class _Files:
-    """The CIFAR files by base name, from a tar archive (read in memory) or a folder."""
+def _read_files(path: Path, wanted: set[str]) -> tuple[set[str], dict[str, object]]:
+    """(every file name, {name: unpickled object} for the wanted names) of a CIFAR folder or tar archive.
 
-    def __init__(self, path: Path):
-        self.path = path
-        self.members: dict[str, object] = {}
-        if path.is_dir():
-            for child in path.iterdir():
-                if child.is_file():
-                    self.members[child.name] = child
-        else:
-            try:
-                self.tar = tarfile.open(path, "r:*")  # noqa: SIM115  (closed by __exit__)
-            except (tarfile.TarError, OSError) as e:
-                raise DataError(f"cannot open {path} as a tar archive: {e}") from e
-            for member in self.tar.getmembers():
-                if member.isfile():  # links and devices are never followed
-                    self.members[member.name.rsplit("/", 1)[-1]] = member
+    An archive is read in one pass as a stream, each wanted member unpickled from memory as it goes by; links,
+    devices and folders inside it are never followed, and nothing is written to disk.
+    """
+    names, objects = set(), {}
 
-    def names(self) -> set[str]:
-        return set(self.members)
+    def take(name: str, size: int, read) -> None:
+        names.add(name)
+        if name in wanted:
+            if size > MAX_MEMBER_BYTES:
+                raise DataError(f"{path}: {name} is {size} bytes, far larger than any CIFAR batch")
+            objects[name] = safe_unpickle(read(), f"{path}:{name}" if path.is_file() else str(path / name))
 
-    def read(self, name: str) -> object:
-        if name not in self.members:
-            raise DataError(f"{self.path} has no {name!r}; found {sorted(self.members)}")
-        member = self.members[name]
-        size = member.stat().st_size if isinstance(member, Path) else member.size
-        if size > MAX_MEMBER_BYTES:
-            raise DataError(f"{self.path}: {name} is {size} bytes, far larger than any CIFAR batch")
-        source = f"{self.path}:{name}" if not self.path.is_dir() else str(member)
-        data = member.read_bytes() if isinstance(member, Path) else self.tar.extractfile(member).read()
-        return safe_unpickle(data, source)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        if hasattr(self, "tar"):
-            self.tar.close()
+    if path.is_dir():
+        for child in sorted(path.iterdir()):
+            if child.is_file():
+                take(child.name, child.stat().st_size, child.read_bytes)
+        return names, objects
+    try:
+        with tarfile.open(path, "r|*") as tar:
+            for member in tar:
+                if member.isfile():
+                    name = member.name.rsplit("/", 1)[-1]
+                    take(name, member.size, lambda m=member: tar.extractfile(m).read())
+    except (tarfile.TarError, OSError, EOFError) as e:
+        raise DataError(f"cannot read {path} as a tar archive: {e}") from e
+    return names, objects
 
 
 def cifar_kind(names: set[str]) -> str | None:
@@ -176,9 +166,8 @@ def cifar_kind(names: set[str]) -> str | None:
 
 
 def is_cifar(path: Path) -> bool:
-    if path.is_dir():
-        return cifar_kind({p.name for p in path.iterdir() if p.is_file()}) is not None
-    return False
+    """A folder holding the CIFAR-10 or CIFAR-100 python files."""
+    return path.is_dir() and cifar_kind({p.name for p in path.iterdir() if p.is_file()}) is not None
 
 
 def load_cifar(
@@ -189,42 +178,46 @@ def load_cifar(
     labels: CIFAR-100 only, 'fine' (100 classes, the default) or 'coarse' (20 superclasses).
     identity: a fingerprint of the file(s), for the dataset's name.
     """
-    with _Files(path) as files:
-        kind = cifar_kind(files.names())
-        if kind is None:
-            raise DataError(
-                f"{path} is not a CIFAR python archive: expected {sorted(CIFAR10_FILES)} (CIFAR-10) or"
-                f" {sorted(CIFAR100_FILES)} (CIFAR-100), found {sorted(files.names())[:12]}"
-            )
-        if kind == "cifar10":
-            if labels is not None:
-                raise ArgumentError(
-                    f"{path} is CIFAR-10, which has one kind of label; drop the labels option"
-                )
-            train_files, test_files, label_key = CIFAR10_TRAIN, ["test_batch"], "labels"
-            class_names = _names(files.read("batches.meta"), "label_names", "batches.meta")
-        else:
-            labels = labels or "fine"
-            if labels not in ("fine", "coarse"):
-                raise ArgumentError(f"CIFAR-100 labels must be 'fine' or 'coarse', got {labels!r}")
-            train_files, test_files, label_key = ["train"], ["test"], f"{labels}_labels"
-            class_names = _names(files.read("meta"), f"{labels}_label_names", "meta")
+    meta = {"batches.meta", "meta"}
+    test = {"test_batch", "test"}
+    train = set(CIFAR10_TRAIN) | {"train"}
+    wanted = meta | (test if split == "test" else train if split in ("train", "val") else test | train)
+    names, files = _read_files(path, wanted)
+    kind = cifar_kind(names)
+    if kind is None:
+        raise DataError(
+            f"{path} is not a CIFAR python archive: expected {sorted(CIFAR10_FILES)} (CIFAR-10) or"
+            f" {sorted(CIFAR100_FILES)} (CIFAR-100), found {sorted(names)[:12]}"
+        )
+    if kind == "cifar10":
+        if labels is not None:
+            raise ArgumentError(f"{path} is CIFAR-10, which has one kind of label; drop the labels option")
+        train_files, test_files, label_key = CIFAR10_TRAIN, ["test_batch"], "labels"
+        class_names = _names(files["batches.meta"], "label_names", "batches.meta")
+    else:
+        labels = labels or "fine"
+        if labels not in ("fine", "coarse"):
+            raise ArgumentError(f"CIFAR-100 labels must be 'fine' or 'coarse', got {labels!r}")
+        train_files, test_files, label_key = ["train"], ["test"], f"{labels}_labels"
+        class_names = _names(files["meta"], f"{labels}_label_names", "meta")
 
-        def read(names):
-            parts = [_decode_batch(files.read(n), f"{path}:{n}", label_key) for n in names]
-            return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+    def read(names):
+        parts = [_decode_batch(files.pop(n), f"{path}:{n}", label_key) for n in names]
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
-        images, targets = [], []
-        if split != "test":
-            x, y = read(train_files)
-            index = split_indices(len(x), split, seed, val_fraction, 0.0, has_test=True)
-            images.append(x[index])
-            targets.append(y[index])
-        if split in ("test", "all"):
-            x, y = read(test_files)
-            images.append(x)
-            targets.append(y)
-    images, targets = np.ascontiguousarray(np.concatenate(images)), np.concatenate(targets)
+    images, targets = [], []
+    if split != "test":
+        x, y = read(train_files)
+        index = split_indices(len(x), split, seed, val_fraction, 0.0, has_test=True)
+        images.append(x if split == "all" else x[index])
+        targets.append(y if split == "all" else y[index])
+        del x
+    if split in ("test", "all"):
+        x, y = read(test_files)
+        images.append(x)
+        targets.append(y)
+    images = images[0] if len(images) == 1 else np.concatenate(images)  # contiguous either way
+    targets = np.concatenate(targets)
     if len(images) == 0:
         raise empty_split_error(str(path), split)
     if targets.min() < 0 or targets.max() >= len(class_names):
