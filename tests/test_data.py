@@ -422,6 +422,13 @@ def test_folder_with_train_test_subfolders_uses_them(tmp_path):
     assert all("test" in str(p) for p in test.images.paths)
     assert not set(train.images.paths) & set(val.images.paths)
     assert test.class_names == ["cat", "dog"] and sorted(test.labels.tolist()) == [0, 0, 0, 1, 1, 1]
+    # a lone train/ folder: its subfolders are the classes, and val and test are held out of it
+    only_train = tmp_path / "only"
+    for c in ("cat", "dog"):
+        for i in range(10):
+            save_image(only_train / "train" / c / f"{i}.png", 7)
+    parts = [load_dataset(only_train, split=s) for s in SPLITS]
+    assert [len(p) for p in parts] == [16, 2, 2] and parts[0].class_names == ["cat", "dog"]
 
 
 def test_folder_name_changes_when_a_file_changes(tmp_path):

@@ -92,7 +92,7 @@ def load_folder(
         resolution = check_positive_int("folder option resolution", resolution)
     subfolders = [n for n in _visible(os.listdir(root)) if (root / n).is_dir()]
     split_folders = {SPLIT_FOLDERS[n.lower()]: root / n for n in subfolders if n.lower() in SPLIT_FOLDERS}
-    official = "train" in split_folders and len(split_folders) >= 2 and len(split_folders) == len(subfolders)
+    official = "train" in split_folders and len(split_folders) == len(subfolders)
 
     scans = (
         {part: _scan(folder) for part, folder in split_folders.items()} if official else {"all": _scan(root)}
