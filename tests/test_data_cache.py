@@ -10,21 +10,7 @@ from imagegpt.data import load_dataset, sample_pixels, token_cache
 from imagegpt.data.cache import cache_path
 from imagegpt.errors import ConfigError
 from imagegpt.palette import Palette
-
-try:
-    from imagegpt.processor import ImageProcessor
-except ImportError:  # being written in parallel: until it lands, a stand-in with the contract's interface
-    import torch
-
-    class ImageProcessor:
-        def __init__(self, palette, size):
-            self.palette, self.height, self.width = palette, size, size
-
-        def encode(self, images):
-            size = (self.width, self.height)
-            resized = [np.asarray(Image.fromarray(np.asarray(im)).resize(size)) for im in images]
-            ids = self.palette.encode(np.stack(resized))
-            return torch.from_numpy(ids.reshape(len(images), -1))
+from imagegpt.processor import ImageProcessor
 
 
 class CountingProcessor(ImageProcessor):
@@ -68,6 +54,8 @@ def test_cache_key_changes_with_palette_resolution_and_data(tmp_path, shapes):
     assert base == cache_path(shapes, ImageProcessor(palette(), 6), tmp_path)  # deterministic palette fit
     assert cache_path(shapes, ImageProcessor(palette(seed=1), 6), tmp_path) != base
     assert cache_path(shapes, ImageProcessor(palette(), 4), tmp_path) != base
+    assert cache_path(shapes, ImageProcessor(palette(), 6, center_crop=True), tmp_path) != base
+    assert cache_path(shapes, ImageProcessor(palette(), 6, resample="nearest"), tmp_path) != base
     val = load_dataset("shapes", split="val", n=50, resolution=8)
     assert cache_path(val, ImageProcessor(palette(), 6), tmp_path) != base
     other = CountingProcessor(palette(), 4)

@@ -19,13 +19,14 @@ MAX_CLUSTERS = 65535  # ids 0..65534 fit uint16 with room for SOS = n_clusters
 
 
 def cache_path(dataset: ImageDataset, processor, cache_dir: str | Path) -> Path:
-    """Where token_cache keeps this dataset's ids for this processor (resolution, palette, cropping)."""
+    """Where token_cache keeps this dataset's ids for this processor (resolution, palette, crop, filter)."""
     key = {
         "version": CACHE_VERSION,
         "dataset": dataset.name,
         "size": [int(processor.height), int(processor.width)],
         "palette": processor.palette.fingerprint(),
         "center_crop": bool(getattr(processor, "center_crop", False)),
+        "resample": getattr(processor, "resample", None),
         "n": len(dataset),
     }
     digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
@@ -33,11 +34,10 @@ def cache_path(dataset: ImageDataset, processor, cache_dir: str | Path) -> Path:
     return Path(cache_dir) / f"{slug}-{processor.height}x{processor.width}-{digest}.npy"
 
 
-def _default_batch_size(dataset: ImageDataset, pixels: int, clusters: int) -> int:
+def _default_batch_size(dataset: ImageDataset, pixels: int) -> int:
     if isinstance(dataset.images, ImageFiles) and dataset.images.resolution is None:
         return 32  # images at their own sizes: a few megapixels each before the processor resizes them
-    # Quantising compares every pixel with every cluster: bound that (B * pixels * clusters) to ~64M values.
-    return max(1, min(1024, 2**26 // max(1, pixels * clusters)))
+    return max(1, min(4096, 2**20 // pixels))  # 1M pixels a batch: 12 MB as float32 RGB
 
 
 def token_cache(
@@ -50,9 +50,9 @@ def token_cache(
     """The dataset's token ids as a read-only uint16 memmap [N, H*W], tokenised once and cached on disk.
 
     The cache file is keyed by dataset.name (which includes the source, options, seed and split), the
-    processor's resolution and cropping, and palette.fingerprint(): a re-run with the same data and palette
-    reads the file instead of quantising again. The file is written to a temporary name and renamed into
-    place, so an interrupted run never leaves a partial cache behind.
+    processor's resolution, cropping and resampling filter, and palette.fingerprint(): a re-run with the same
+    data and palette reads the file instead of quantising again. The file is written to a temporary name and
+    renamed into place, so an interrupted run never leaves a partial cache behind.
     """
     clusters = len(processor.palette)
     if clusters > MAX_CLUSTERS:
@@ -68,7 +68,7 @@ def token_cache(
                 return tokens
         except (OSError, ValueError):
             pass  # unreadable: rebuilt below
-    batch_size = batch_size or _default_batch_size(dataset, pixels, clusters)
+    batch_size = batch_size or _default_batch_size(dataset, pixels)
     batch_size = check_positive_int("batch_size", batch_size)
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
