@@ -259,6 +259,7 @@ def test_a_crash_between_the_two_renames_is_repaired(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest"]
 
 
+@pytest.mark.slow  # a fresh Python process importing torch
 def test_a_process_killed_mid_write_leaves_a_loadable_latest(tmp_path):
     """A real crash: the child dies (os._exit, no cleanup) after writing part of the new checkpoint."""
     script = textwrap.dedent(

@@ -182,6 +182,9 @@ def evaluate(
     model = ImageGPT.from_pretrained(model_dir).to(device)
     processor = ImageProcessor.from_pretrained(model_dir)
     options = dict(data_options or {})
+    limit = options.pop(
+        "limit", limit
+    )  # the limit applies to the evaluated split, not to the unigram's train
 
     def tokens_of(split_name: str, limit_: int | None):
         dataset = load_dataset(data, split=split_name, seed=seed, limit=limit_, **options)

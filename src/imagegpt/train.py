@@ -132,6 +132,7 @@ def resume_options(run_dir: str | Path, **overrides) -> TrainOptions:
     saved = load_args(run_dir)
     known = {f.name for f in fields(TrainOptions)}
     options = TrainOptions(**{k: v for k, v in saved.items() if k in known})
+    options.stop_after = None  # a limit for one session, not the run's
     changed = {k: v for k, v in overrides.items() if v is not None and getattr(options, k) != v}
     refused = sorted(set(changed) - set(RESUME_OVERRIDABLE))
     if refused:
@@ -408,8 +409,6 @@ def _train(options: TrainOptions, resume: bool, dist: Distributed, on_step) -> T
         if dist.is_main:
             save_checkpoint(run_dir, model, None, processor=processor, name=MODEL_DIR)
         dist.barrier()
-    if stopped:
-        say(f"imagegpt train: stopped at step {step}; continue with `imagegpt train --resume {run_dir}`")
     return TrainResult(
         run_dir=run_dir,
         model_dir=model_dir,

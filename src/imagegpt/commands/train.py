@@ -174,7 +174,14 @@ def run_train(args) -> int:
 
     options, resume = options_from_args(args)
     result = train(options, resume=resume)
-    if os.environ.get("RANK", "0") == "0" and result.val_bits_per_dim is not None and not result.stopped:
+    if os.environ.get("RANK", "0") != "0":
+        return 0
+    if result.stopped:
+        print(
+            f"stopped at step {result.step} of {options.steps} with a checkpoint; continue with "
+            f"`imagegpt train --resume {result.run_dir}`"
+        )
+    elif result.val_bits_per_dim is not None:
         print(
             f"step {result.step}: validation {result.val_loss:.4f} nats/token = "
             f"{result.val_bits_per_dim:.4f} bits/dim; model in {result.model_dir}"
