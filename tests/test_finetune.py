@@ -171,3 +171,206 @@ def test_confusion_matrix_and_its_renderings(tmp_path):
     assert text.splitlines()[3].split() == ["bird", "1", "0", "2"]
     plot_confusion(matrix, ["cat", "dog", "bird"], tmp_path / "c.png", title="t")
     assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
+
+
+# ---------------------------------------------------------------------------------------- fine-tuning runs
+
+
+def save_pretrained_dir(directory, n_layer=2, clusters=8, resolution=8, seed=0):
+    """A small model directory with a palette fitted on digits, as `imagegpt train` writes one."""
+    from imagegpt.data import load_dataset
+    from imagegpt.palette import Palette
+    from imagegpt.processor import ImageProcessor
+
+    digits = load_dataset("digits", split="train")
+    palette = Palette.fit(digits.images, clusters=clusters, seed=seed)
+    model = pretrained_model(n_layer=n_layer, seed=seed, resolution=resolution, clusters=clusters)
+    model.save_pretrained(directory, processor=ImageProcessor(palette, resolution))
+    return directory
+
+
+@pytest.fixture(scope="module")
+def pretrained_dir(tmp_path_factory):
+    return save_pretrained_dir(tmp_path_factory.mktemp("pretrained"))
+
+
+def accuracy_of(classifier_dir, split="val"):
+    from imagegpt.finetune import classify
+
+    return classify(
+        classifier_dir, "digits", split=split, dtype="float32", out=classifier_dir.parent / "eval"
+    )
+
+
+@pytest.mark.slow
+def test_finetuning_improves_accuracy_and_keeps_the_best_classifier(pretrained_dir, tmp_path):
+    from imagegpt.finetune import finetune
+    from imagegpt.trainer import read_metrics
+
+    out = tmp_path / "run"
+    summary = finetune(
+        pretrained_dir,
+        "digits",
+        out,
+        steps=60,
+        eval_every=20,
+        batch_size=32,
+        lr=5e-3,
+        warmup=5,
+        dtype="float32",
+        gen_weight=0.1,
+        patience=None,
+    )
+    assert summary["status"] == "finished" and summary["step"] == 60
+    assert summary["augment"] is False  # the default for digits
+    val = [r for r in read_metrics(out / "metrics.jsonl") if r["split"] == "val"]
+    assert [r["step"] for r in val] == [20, 40, 60]
+    assert summary["best_val_accuracy"] == max(r["accuracy"] for r in val)
+    # Chance is 0.1, where the zero-initialised head starts (every logit equal).
+    assert summary["best_val_accuracy"] > 0.3
+    train = [r for r in read_metrics(out / "metrics.jsonl") if r["split"] == "train"]
+    assert all("gen_loss" in r and "clf_loss" in r for r in train)
+    assert np.mean([r["clf_loss"] for r in train[-10:]]) < np.mean([r["clf_loss"] for r in train[:5]]) - 0.3
+    # OUT/model is the classifier of the best validation, not the last one.
+    assert accuracy_of(out / "model")["accuracy"] == pytest.approx(summary["best_val_accuracy"])
+    assert (out / "loss.png").is_file() and (out / "summary.json").is_file()
+
+
+@pytest.mark.slow
+def test_finetuned_directory_loads_in_transformers_with_equal_logits(pretrained_dir, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from imagegpt import ImageGPTClassifier
+    from imagegpt.finetune import finetune
+
+    out = tmp_path / "run"
+    finetune(pretrained_dir, "digits", out, steps=4, eval_every=2, batch_size=16, dtype="float32", layer=1)
+    model_dir = out / "model"
+    assert {"config.json", "model.safetensors", "preprocessor_config.json"} <= {
+        p.name for p in model_dir.iterdir()
+    }
+    theirs, info = transformers.ImageGPTForImageClassification.from_pretrained(
+        model_dir, output_loading_info=True
+    )
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info.get("mismatched_keys")
+    assert theirs.config.num_labels == 10 and theirs.config.n_layer == 1  # the head sits after block 1
+    assert theirs.config.id2label[3] == "3"
+    ours = ImageGPTClassifier.from_pretrained(model_dir)
+    ids = torch.randint(0, 8, (3, 64))
+    inputs = sos_inputs(ids, ours.config.sos_id)
+    with torch.no_grad():
+        expected = ours(inputs).logits
+        assert expected.abs().max() > 0  # the head was trained, not the zero initialisation
+        torch.testing.assert_close(theirs.eval()(inputs).logits, expected, rtol=1e-4, atol=1e-4)
+    processor = transformers.ImageGPTImageProcessor.from_pretrained(model_dir)
+    assert processor.size == {"height": 8, "width": 8}
+
+
+@pytest.mark.slow
+def test_an_interrupted_run_resumes_exactly(pretrained_dir, tmp_path):
+    from imagegpt.finetune import finetune
+    from imagegpt.trainer import read_metrics
+
+    common = dict(steps=12, eval_every=4, batch_size=16, dtype="float32", augment=True, patience=None)
+    finetune(pretrained_dir, "digits", tmp_path / "whole", **common)
+    stopped = finetune(pretrained_dir, "digits", tmp_path / "parts", stop_after=6, **common)
+    assert stopped["step"] == 6 and "--resume" in stopped["status"]
+    resumed = finetune(None, None, tmp_path / "parts", resume=True)
+    assert resumed["step"] == 12 and resumed["status"] == "finished"
+
+    def losses(run):
+        return [
+            (r["step"], r["split"], r.get("loss", r.get("accuracy")))
+            for r in read_metrics(run / "metrics.jsonl")
+        ]
+
+    whole, parts = losses(tmp_path / "whole"), losses(tmp_path / "parts")
+    assert [r[:2] for r in parts] == [r[:2] for r in whole]
+    np.testing.assert_allclose([r[2] for r in parts], [r[2] for r in whole], rtol=1e-5, atol=1e-6)
+    from safetensors.torch import load_file
+
+    a, b = (load_file(tmp_path / run / "model" / "model.safetensors") for run in ("whole", "parts"))
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ArgumentError, match="already finished"):
+        finetune(None, None, tmp_path / "parts", resume=True)
+
+
+def test_early_stopping_after_patience_validations_without_improvement(pretrained_dir, tmp_path):
+    from imagegpt.finetune import finetune
+
+    summary = finetune(
+        pretrained_dir,
+        "digits",
+        tmp_path / "run",
+        steps=50,
+        eval_every=1,
+        patience=2,
+        lr=1e-12,
+        warmup=0,
+        batch_size=16,
+        dtype="float32",
+    )
+    from imagegpt.trainer import read_metrics
+
+    # A learning rate of 1e-12 barely moves the head: validation accuracy soon stops improving.
+    accuracies = [
+        r["accuracy"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["split"] == "val"
+    ]
+    best, since_best, expected_stop = -1.0, 0, None
+    for step, accuracy in enumerate(accuracies, start=1):
+        best, since_best = (accuracy, 0) if accuracy > best else (best, since_best + 1)
+        if since_best == 2:
+            expected_stop = step
+            break
+    assert summary["status"].startswith("stopped early") and summary["step"] == expected_stop < 50
+    assert len(accuracies) == expected_stop
+    assert summary["best_val_accuracy"] == max(accuracies)
+    assert summary["best_step"] == accuracies.index(max(accuracies)) + 1
+
+
+def test_finetune_errors(pretrained_dir, tmp_path):
+    from imagegpt.errors import DataError
+    from imagegpt.finetune import finetune
+
+    unlabelled = tmp_path / "images.npy"
+    np.save(unlabelled, np.random.default_rng(0).integers(0, 256, (40, 8, 8, 3), dtype=np.uint8))
+    with pytest.raises(DataError, match="no labels"):
+        finetune(pretrained_dir, unlabelled, tmp_path / "a", steps=1)
+    with pytest.raises(ArgumentError, match="out of range"):
+        finetune(pretrained_dir, "digits", tmp_path / "b", steps=1, layer=3)
+    with pytest.raises(ArgumentError, match="--steps or --epochs"):
+        finetune(pretrained_dir, "digits", tmp_path / "c", steps=1, epochs=1)
+    with pytest.raises(ArgumentError, match="no run to resume"):
+        finetune(None, None, tmp_path / "nothing", resume=True)
+
+
+def test_a_non_finite_loss_stops_with_a_clear_message(pretrained_dir, tmp_path):
+    from imagegpt.finetune import finetune
+    from imagegpt.trainer import NonFiniteLossError
+
+    with pytest.raises(NonFiniteLossError, match="Fine-tuning stopped"):
+        finetune(
+            pretrained_dir,
+            "digits",
+            tmp_path / "run",
+            steps=20,
+            lr=1e30,
+            warmup=0,
+            batch_size=16,
+            dtype="float32",
+        )
+
+
+def test_classify_reports_accuracy_and_confusion_and_refuses_other_class_counts(pretrained_dir, tmp_path):
+    from imagegpt.errors import DataError
+    from imagegpt.finetune import classify, finetune
+
+    out = tmp_path / "run"
+    finetune(pretrained_dir, "digits", out, steps=2, eval_every=2, batch_size=16, dtype="float32")
+    report = classify(out, "digits", split="test", dtype="float32")  # a run directory resolves to its model/
+    matrix = np.array(report["confusion"])
+    assert matrix.shape == (10, 10) and matrix.sum() == report["images"]
+    assert report["accuracy"] == pytest.approx(np.trace(matrix) / matrix.sum())
+    assert (out / "classify-test.json").is_file() and (out / "confusion-test.png").is_file()
+    with pytest.raises(DataError, match="10 classes but shapes has 6"):
+        classify(out, "shapes", data_options={"n": 60})

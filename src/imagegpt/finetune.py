@@ -344,9 +344,9 @@ def finetune(
         "clip": clip,
     }
     if resume:
+        prepare_run_dir(out, {}, resume=True, write=False)  # a clear error if there is no run
         saved = load_args(out)
         args = {k: saved.get(k, v) for k, v in args.items()}
-        prepare_run_dir(out, saved, resume=True, write=False)
     else:
         for name, value in (("lr", lr), ("batch_size", batch_size)):
             if value <= 0:
@@ -462,9 +462,10 @@ def finetune(
                     model, optimizer, [batch], loss_fn, clip=clip, device=device, dtype=dtype, step=step + 1
                 )
                 step += 1
-                record = {"step": step, "split": "train", "loss": result.loss, "clf_loss": parts["clf_loss"]}
+                record = {"step": step, "split": "train", "loss": result.loss}
+                record["clf_loss"] = float(parts["clf_loss"])
                 if parts["gen_loss"] is not None:
-                    record["gen_loss"] = parts["gen_loss"]
+                    record["gen_loss"] = float(parts["gen_loss"])
                 record.update(lr=optimizer.param_groups[0]["lr"], grad_norm=result.grad_norm)
                 metrics.write(record)
                 bar.update(1)
