@@ -1,0 +1,63 @@
+"""`imagegpt demo`: palette, pretraining, bits/dim, completions, samples and probes on built-in data."""
+
+from __future__ import annotations
+
+from dataclasses import fields
+
+from ._options import add_device_options
+
+
+def register(subparsers) -> None:
+    from ..demo import DemoOptions
+
+    defaults = {f.name: f.default for f in fields(DemoOptions)}
+    parser = subparsers.add_parser(
+        "demo",
+        help="the whole pipeline on built-in data in a few minutes (the main job)",
+        description=(
+            "Fits a colour palette, pretrains a small ImageGPT, reports bits/dim on held-out images "
+            "against the unigram and uniform baselines, completes held-out images from their top half, "
+            "samples new ones, and probes every layer. Everything goes under --out; an interrupted demo "
+            "resumes its training."
+        ),
+    )
+    parser.add_argument("--out", default=defaults["out"], help=f"output folder (default {defaults['out']})")
+    parser.add_argument("--data", default=defaults["data"], help="built-in dataset: shapes, digits or photos")
+    for name in ("resolution", "images", "clusters", "steps", "batch_size", "seed", "samples", "completions"):
+        flag = "--" + name.replace("_", "-")
+        parser.add_argument(flag, type=int, default=defaults[name], help=f"(default {defaults[name]})")
+    parser.add_argument("--preset", default=defaults["preset"], help=f"(default {defaults['preset']})")
+    parser.add_argument("--lr", type=float, default=defaults["lr"], help=f"(default {defaults['lr']})")
+    parser.add_argument("--keep", type=float, default=defaults["keep"], help="rows kept when completing")
+    parser.add_argument("--no-probe", action="store_true", help="skip the linear probes")
+    parser.add_argument("--overwrite", action="store_true", help="replace a finished demo in --out")
+    parser.add_argument("--quiet", action="store_true", help="no progress output, only the summary")
+    add_device_options(parser)
+    parser.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ..demo import DemoOptions, format_summary, run_demo
+
+    options = DemoOptions(
+        out=args.out,
+        data=args.data,
+        resolution=args.resolution,
+        images=args.images,
+        clusters=args.clusters,
+        preset=args.preset,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+        keep=args.keep,
+        completions=args.completions,
+        samples=args.samples,
+        probe=not args.no_probe,
+        device=args.device,
+        dtype=args.dtype,
+        overwrite=args.overwrite,
+        progress=not args.quiet,
+    )
+    print(format_summary(run_demo(options)))
+    return 0
