@@ -1,0 +1,447 @@
+"""Images of any common form <-> token ids: crop, resize, normalise to [-1, 1], quantise with the palette.
+
+The pipeline reproduces transformers' ImageGPTImageProcessor (its PIL backend) bit for bit on RGB inputs: the
+uint8 image is resized by Pillow (bilinear by default, as transformers does for uint8 arrays), mapped to
+[-1, 1] as x * (1/255) then (x - 0.5) / 0.5 in float32, and each pixel takes its nearest palette centre.
+
+How inputs become uint8 RGB, [H, W, 3]:
+- file paths (str or Path): opened with Pillow, EXIF orientation applied (as transformers' load_image does);
+- PIL images: RGB as is; L, 1, P, CMYK, YCbCr, ... converted to RGB; anything with alpha (RGBA, LA, PA, P or
+  L with a transparent colour) composited onto white, as transformers' convert_to_rgb does; 16-bit grayscale
+  (I;16*, and I, which is how Pillow opens some 16-bit files) scaled by 255/65535 (Pillow's own convert would
+  clip every value above 255 to white); F (32-bit float) read like a float array;
+- numpy arrays and torch tensors: 2-D is grayscale; 3-D is [H, W, C] or [C, H, W] with C in 1, 3 or 4 (4 is
+  RGBA, composited onto white). When both ends could be channels, numpy arrays are read as [H, W, C] and torch
+  tensors as [C, H, W], each library's convention. uint8 as is; bool as 0/255; uint16 is 16-bit (scaled by
+  255/65535); other integers must lie in 0..255; floats must lie in [0, 1] (scaled by 255 and rounded, so a
+  float image gives the tokens of the uint8 image it would be saved as).
+- a batch: a list or tuple of any of these, of mixed sizes, or a 4-D array/tensor ([B, H, W, C] for numpy,
+  [B, C, H, W] for torch, by the same rule).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .errors import ArgumentError, CheckpointError, ConfigError, ImageInputError
+from .palette import UINT8_TO_UNIT, Palette
+
+PROCESSOR_NAME = "preprocessor_config.json"
+RESAMPLE = {"nearest": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3, "box": 4, "hamming": 5}
+_CENTER_CROP_KEY = "imagegpt_center_crop"  # ours; transformers keeps it as an attribute and ignores it
+# do_* switches of preprocessor_config.json we read; any other one switched on is refused. do_convert_rgb is
+# honoured as far as it goes: every image becomes RGB here (RGB images are unchanged either way).
+_SWITCHES = {
+    "do_color_quantize",
+    "do_resize",
+    "do_rescale",
+    "do_normalize",
+    "do_center_crop",
+    "do_convert_rgb",
+}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
+
+
+class ImageProcessor:
+    """Images <-> token ids for one palette and resolution.
+
+    palette: a Palette (or anything Palette() takes: (K, 3) centres in [-1, 1]).
+    size: the model's resolution, an int for square images or (height, width).
+    center_crop: crop the central square before resizing (the paper's evaluation); off by default, as in
+        transformers, which squashes non-square images to the target shape.
+    resample: Pillow's filter for resizing, "bilinear" (transformers' default) or a name/number from RESAMPLE.
+    """
+
+    def __init__(
+        self,
+        palette: Palette,
+        size: int | tuple[int, int],
+        center_crop: bool = False,
+        *,
+        resample: str | int = "bilinear",
+    ) -> None:
+        self.palette = palette if isinstance(palette, Palette) else Palette(palette)
+        self.height, self.width = _size(size)
+        self.center_crop = bool(center_crop)
+        self.resample = _resample(resample)
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.height, self.width
+
+    def __repr__(self) -> str:
+        crop = ", center_crop=True" if self.center_crop else ""
+        return f"ImageProcessor({len(self.palette)} colours, {self.height}x{self.width}{crop})"
+
+    # ---- images -> ids ----
+
+    def to_rgb(self, images) -> np.ndarray:
+        """Images in any accepted form -> uint8 [B, H, W, 3], cropped (if center_crop) and resized."""
+        items = _as_list(images)
+        out = np.empty((len(items), self.height, self.width, 3), dtype=np.uint8)
+        for i, item in enumerate(items):
+            what = f"image {i}" if len(items) > 1 else "image"
+            out[i] = self._resize(_load_rgb(item, what))
+        return out
+
+    def to_pixels(self, images) -> np.ndarray:
+        """Images -> float32 [B, H, W, 3] in [-1, 1], as the model's palette sees them."""
+        return UINT8_TO_UNIT[self.to_rgb(images)]
+
+    def encode(self, images) -> torch.Tensor:
+        """Images -> token ids, torch.long [B, H*W] in raster order (no SOS)."""
+        rgb = self.to_rgb(images)
+        ids = self.palette.encode(rgb)  # (B, H, W), quantised over the whole batch at once
+        return torch.from_numpy(ids).reshape(len(rgb), self.height * self.width)
+
+    __call__ = encode
+
+    def decode(self, ids) -> np.ndarray:
+        """Token ids [B, H*W] or [B, H, W] (or one image's [H*W]) -> uint8 images [B, H, W, 3]."""
+        array = ids.detach().cpu().numpy() if isinstance(ids, torch.Tensor) else np.asarray(ids)
+        pixels = self.height * self.width
+        if array.ndim == 1 and array.shape[0] == pixels:
+            array = array[None]
+        if not (
+            (array.ndim == 2 and array.shape[1] == pixels)
+            or (array.ndim == 3 and array.shape[1:] == (self.height, self.width))
+        ):
+            raise ArgumentError(
+                f"token ids of shape {tuple(array.shape)} do not fit {self.height}x{self.width} images: "
+                f"expected [B, {pixels}] or [B, {self.height}, {self.width}] (without the SOS token)"
+            )
+        return self.palette.decode(array).reshape(len(array), self.height, self.width, 3)
+
+    def _resize(self, rgb: np.ndarray) -> np.ndarray:
+        if self.center_crop:
+            h, w = rgb.shape[:2]
+            side = min(h, w)
+            top, left = (h - side) // 2, (w - side) // 2
+            rgb = rgb[top : top + side, left : left + side]
+        if rgb.shape[:2] == (self.height, self.width):
+            return rgb  # Pillow returns an unchanged copy at the same size
+        # transformers' PIL backend: Image.fromarray(uint8 HWC).resize((W, H), resample), reducing_gap None
+        image = Image.fromarray(np.ascontiguousarray(rgb))
+        return np.asarray(image.resize((self.width, self.height), resample=self.resample))
+
+    # ---- preprocessor_config.json ----
+
+    def to_dict(self) -> dict:
+        """The preprocessor_config.json fields, as transformers' ImageGPTImageProcessor writes them."""
+        config = {
+            "clusters": self.palette.to_list(),
+            "do_color_quantize": True,
+            "do_normalize": True,
+            "do_rescale": True,
+            "do_resize": True,
+            "image_mean": [0.5, 0.5, 0.5],
+            "image_processor_type": "ImageGPTImageProcessor",
+            "image_std": [0.5, 0.5, 0.5],
+            "resample": self.resample,
+            "rescale_factor": 1 / 255,
+            "size": {"height": self.height, "width": self.width},
+        }
+        if self.center_crop:
+            config[_CENTER_CROP_KEY] = True
+        return config
+
+    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+        """Write directory/preprocessor_config.json, which transformers' ImageGPTImageProcessor also loads."""
+        directory = Path(directory).expanduser()
+        if directory.exists() and not directory.is_dir():
+            raise CheckpointError(f"{directory} is a file; save_pretrained writes a directory")
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / PROCESSOR_NAME
+        path.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        return path
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, *, center_crop: bool | None = None) -> ImageProcessor:
+        """Read preprocessor_config.json from a directory, the json file itself, or a Hub id (when online).
+
+        center_crop: override the file's setting (transformers' files never set it: they do not crop).
+        """
+        file = _config_file(path)
+        try:
+            config = json.loads(file.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"cannot read {file} as JSON: {e}") from e
+        if not isinstance(config, dict):
+            raise CheckpointError(
+                f"{file} holds a JSON {type(config).__name__}, not a processor config object"
+            )
+        processor = cls.from_dict(config, source=str(file))
+        if center_crop is not None:
+            processor.center_crop = bool(center_crop)
+        return processor
+
+    @classmethod
+    def from_dict(cls, config: dict, source: str = "the processor config") -> ImageProcessor:
+        """Build from preprocessor_config.json fields; refuse any setting that would change the tokens."""
+
+        def refuse(reason: str) -> ConfigError:
+            return ConfigError(f"{source}: {reason}; imagegpt's processor cannot honour it")
+
+        if config.get("clusters") is None:
+            raise refuse("no 'clusters' (the palette), so this is not an ImageGPT processor config")
+        try:
+            palette = Palette(np.asarray(config["clusters"], dtype=np.float64))
+        except (TypeError, ValueError) as e:
+            raise refuse(f"bad 'clusters': {e}") from e
+        if not config.get("do_color_quantize", True):
+            raise refuse("do_color_quantize is false (it asks for pixel values, not tokens)")
+        if not config.get("do_resize", True):
+            raise refuse("do_resize is false (images would keep their own sizes and token counts)")
+        if config.get("do_center_crop"):
+            raise refuse("do_center_crop is true (transformers' ImageGPT backends disagree on it)")
+        # The normalisation must be the released models': u8 * (1/255), then (x - 0.5) / 0.5, i.e. [-1, 1].
+        rescale = config.get("do_rescale", True)
+        factor = config.get("rescale_factor", 1 / 255)
+        normalize = config.get("do_normalize", True)
+        mean, std = config.get("image_mean", 0.5), config.get("image_std", 0.5)
+        if not (rescale and _close(factor, 1 / 255) and normalize and _close(mean, 0.5) and _close(std, 0.5)):
+            raise refuse(
+                f"its normalisation (do_rescale={rescale}, rescale_factor={factor}, "
+                f"do_normalize={normalize}, image_mean={mean}, image_std={std}) does not map pixels to "
+                "[-1, 1] as the palette expects"
+            )
+        size = config.get("size", {"height": 256, "width": 256})  # transformers' default
+        if isinstance(size, int) and config.get("default_to_square") is False:
+            raise refuse(f"size {size} with default_to_square false resizes the shortest edge only")
+        if isinstance(size, dict):
+            given = {k: v for k, v in size.items() if v is not None}
+            if set(given) != {"height", "width"}:
+                raise refuse(f"size {size} is not a fixed height and width")
+            size = (given["height"], given["width"])
+        try:
+            size = _size(size)
+            resample = _resample(config.get("resample", 2))
+        except ConfigError as e:
+            raise refuse(str(e)) from e
+        for key, value in config.items():
+            if key.startswith("do_") and value and key not in _SWITCHES:
+                raise refuse(f"{key} is true")
+        return cls(palette, size, center_crop=bool(config.get(_CENTER_CROP_KEY, False)), resample=resample)
+
+
+# ---- configuration helpers ----
+
+
+def _size(size) -> tuple[int, int]:
+    if isinstance(size, int | np.integer) and not isinstance(size, bool):
+        size = (size, size)
+    if (
+        not isinstance(size, tuple | list)
+        or len(size) != 2
+        or not all(isinstance(s, int | np.integer) and not isinstance(s, bool) and s >= 1 for s in size)
+    ):
+        raise ConfigError(f"size must be a positive int or (height, width) of positive ints, got {size!r}")
+    return int(size[0]), int(size[1])
+
+
+def _resample(resample) -> int:
+    if isinstance(resample, str) and resample.lower() in RESAMPLE:
+        return RESAMPLE[resample.lower()]
+    if (
+        isinstance(resample, int | np.integer)
+        and not isinstance(resample, bool)
+        and resample in RESAMPLE.values()
+    ):
+        return int(resample)
+    raise ConfigError(f"resample must be one of {', '.join(RESAMPLE)} (or Pillow's 0-5), got {resample!r}")
+
+
+def _close(value, target: float) -> bool:
+    values = value if isinstance(value, list | tuple) else [value] * 3
+    return len(values) == 3 and all(
+        isinstance(v, int | float) and not isinstance(v, bool) and abs(v - target) <= 1e-9 * target
+        for v in values
+    )
+
+
+def _config_file(path) -> Path:
+    if not isinstance(path, str | os.PathLike):
+        raise ArgumentError(
+            f"expected a directory, a preprocessor_config.json or a Hub id, got {type(path).__name__}"
+        )
+    local = Path(path).expanduser()
+    if local.is_dir():
+        if not (local / PROCESSOR_NAME).is_file():
+            raise CheckpointError(
+                f"{path} has no {PROCESSOR_NAME}; pass a model directory saved with a processor, or build "
+                "one with ImageProcessor(palette, size)"
+            )
+        return local / PROCESSOR_NAME
+    if local.is_file():
+        return local
+    if not _HUB_ID.match(str(path)) or ".." in str(path):
+        raise CheckpointError(
+            f"no such file or directory: {path}; pass a directory holding {PROCESSOR_NAME} or the json itself"
+        )
+    try:
+        from huggingface_hub import hf_hub_download
+    except ImportError as e:
+        raise CheckpointError(
+            f"{path} is not a local file or directory, and loading a Hugging Face Hub id needs the optional "
+            "huggingface_hub package: pip install 'imagegpt[hub]', or pass a local directory"
+        ) from e
+    try:
+        return Path(hf_hub_download(str(path), PROCESSOR_NAME))
+    except Exception as e:  # any failure to fetch (offline, unknown id, no such file) is the user's to fix
+        reason = " ".join(str(e).split())
+        raise CheckpointError(
+            f"{path} is not a local file or directory, and fetching its {PROCESSOR_NAME} from the Hugging "
+            f"Face Hub failed ({reason}). Check the id and your connection (HF_HUB_OFFLINE=1 forbids "
+            "downloads), or pass a local directory"
+        ) from e
+
+
+# ---- reading images ----
+
+
+def _as_list(images) -> list:
+    """A single image, a list/tuple of images, or a 4-D batch -> a list of single images."""
+    if isinstance(images, list | tuple):
+        if len(images) == 0:
+            raise ImageInputError("no images: got an empty list; pass at least one image")
+        items = []
+        for item in images:
+            items.extend(_split_batch(item) if _is_batch(item) else [item])
+        return items
+    if _is_batch(images):
+        return _split_batch(images)
+    return [images]
+
+
+def _is_batch(item) -> bool:
+    return isinstance(item, np.ndarray | torch.Tensor) and item.ndim == 4
+
+
+def _split_batch(batch) -> list:
+    if len(batch) == 0:
+        raise ImageInputError(f"no images: got an empty batch of shape {tuple(batch.shape)}")
+    return list(batch)
+
+
+def _load_rgb(item, what: str) -> np.ndarray:
+    """One image in any accepted form -> contiguous uint8 [H, W, 3]."""
+    if isinstance(item, str | os.PathLike):
+        return _read_file(item, what)
+    if isinstance(item, Image.Image):
+        return _pil_to_rgb(item, what)
+    if isinstance(item, torch.Tensor):
+        tensor = item.detach().cpu()
+        if tensor.dtype in (torch.bfloat16, torch.float16):
+            tensor = tensor.float()
+        return _array_to_rgb(tensor.numpy(), what, channels_first=True)
+    if isinstance(item, np.ndarray):
+        return _array_to_rgb(item, what, channels_first=False)
+    raise ImageInputError(
+        f"{what}: cannot read an image from a {type(item).__name__}; pass a file path, a PIL image, a numpy "
+        "array or a torch tensor (or a list of them)"
+    )
+
+
+def _read_file(path: str | os.PathLike, what: str) -> np.ndarray:
+    file = Path(path).expanduser()
+    if not file.exists():
+        raise ImageInputError(f"{what}: no such file: {path}")
+    if file.is_dir():
+        raise ImageInputError(
+            f"{what}: {path} is a directory; pass image files (imagegpt.data.load_dataset reads folders)"
+        )
+    try:
+        with Image.open(file) as image:
+            return _pil_to_rgb(ImageOps.exif_transpose(image), what)
+    except ImageInputError:
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise ImageInputError(
+            f"{what}: cannot read {path} as an image ({e}); is it a PNG, JPEG or similar?"
+        ) from e
+
+
+def _pil_to_rgb(image: Image.Image, what: str) -> np.ndarray:
+    mode = image.mode
+    if mode.startswith("I;16") or mode == "I":
+        values = np.asarray(image).astype(np.int64)  # native byte order for I;16B
+        return _array_to_rgb(values, what, channels_first=False, sixteen_bit=True)
+    if mode == "F":
+        return _array_to_rgb(np.asarray(image), what, channels_first=False)
+    if "A" in image.getbands() or image.info.get("transparency") is not None:
+        return _over_white(image.convert("RGBA"))
+    return np.asarray(image if mode == "RGB" else image.convert("RGB"))
+
+
+def _over_white(rgba: Image.Image) -> np.ndarray:
+    """Composite onto white, as transformers' convert_to_rgb does."""
+    background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    return np.asarray(Image.alpha_composite(background, rgba).convert("RGB"))
+
+
+def _array_to_rgb(
+    array: np.ndarray, what: str, channels_first: bool, sixteen_bit: bool = False
+) -> np.ndarray:
+    """2-D grayscale or 3-D [H, W, C] / [C, H, W] (C in 1, 3, 4) of any numeric dtype -> uint8 [H, W, 3]."""
+    shape = tuple(array.shape)
+    if array.ndim == 3:
+        first, last = shape[0] in (1, 3, 4), shape[-1] in (1, 3, 4)
+        if first and (channels_first or not last):
+            array = np.moveaxis(array, 0, -1)
+        elif not last:
+            raise ImageInputError(
+                f"{what}: cannot tell the colour channels of an array of shape {shape}; expected [H, W, C] "
+                "or [C, H, W] with C = 1 (grey), 3 (RGB) or 4 (RGBA)"
+            )
+    elif array.ndim != 2:
+        raise ImageInputError(
+            f"{what}: an image array must be 2-D [H, W] or 3-D [H, W, C] / [C, H, W] (a batch 4-D), got "
+            f"shape {shape}"
+        )
+    if 0 in array.shape:
+        raise ImageInputError(f"{what}: an empty image (shape {shape})")
+    array = _to_uint8(array, what, sixteen_bit or array.dtype == np.uint16)
+    if array.ndim == 2:
+        array = array[..., None]
+    channels = array.shape[-1]
+    if channels == 1:
+        return np.repeat(array, 3, axis=-1)
+    if channels == 4:
+        return _over_white(Image.fromarray(np.ascontiguousarray(array), "RGBA"))
+    return np.ascontiguousarray(array)
+
+
+def _to_uint8(array: np.ndarray, what: str, sixteen_bit: bool) -> np.ndarray:
+    if array.dtype == np.uint8:
+        return array
+    if array.dtype == np.bool_:
+        return array.astype(np.uint8) * 255
+    if np.issubdtype(array.dtype, np.integer):
+        low, high = int(array.min()), int(array.max())
+        top = 65535 if sixteen_bit else 255
+        if low < 0 or high > top:
+            raise ImageInputError(
+                f"{what}: integer pixel values must lie in 0..{top}, got {low}..{high}"
+                + ("" if sixteen_bit else "; pass uint16 for 16-bit images")
+            )
+        return np.rint(array / 257).astype(np.uint8) if sixteen_bit else array.astype(np.uint8)
+    if np.issubdtype(array.dtype, np.floating):
+        if not np.isfinite(array).all():
+            raise ImageInputError(f"{what}: the image contains NaN or infinite values")
+        low, high = float(array.min()), float(array.max())
+        if low < -1 / 510 or high > 1 + 1 / 510:  # half a uint8 level of slack for rounding noise
+            raise ImageInputError(
+                f"{what}: float images must lie in [0, 1], got values in [{low:.4g}, {high:.4g}]; for 0-255 "
+                "values pass uint8 (x.astype(np.uint8)), for [-1, 1] pass (x + 1) / 2"
+            )
+        return np.rint(np.clip(array.astype(np.float32), 0, 1) * 255).astype(np.uint8)
+    raise ImageInputError(
+        f"{what}: images of dtype {array.dtype} are not supported; pass uint8 or floats in [0, 1]"
+    )
