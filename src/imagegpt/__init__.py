@@ -3,6 +3,16 @@
 from .config import PRESETS, ImageGPTConfig
 from .errors import ImageGPTError
 from .model import ImageGPT, ImageGPTClassifier
+from .palette import Palette
+from .processor import ImageProcessor
 
-__all__ = ["PRESETS", "ImageGPT", "ImageGPTClassifier", "ImageGPTConfig", "ImageGPTError"]
+__all__ = [
+    "PRESETS",
+    "ImageGPT",
+    "ImageGPTClassifier",
+    "ImageGPTConfig",
+    "ImageGPTError",
+    "ImageProcessor",
+    "Palette",
+]
 __version__ = "0.1.0"
