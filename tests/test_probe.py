@@ -281,3 +281,21 @@ def test_low_data_mode_reports_mean_and_std_over_seeds(tmp_path):
     paths = write_report(report, tmp_path / "out")
     assert json.loads(paths["json"].read_text())["rows"][0]["layer"] == 0
     assert paths["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_images_are_encoded_with_the_processor():
+    from imagegpt.palette import Palette
+    from imagegpt.processor import ImageProcessor
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (5, 6, 6, 3), dtype=np.uint8)  # resized to the model's 4x4
+    processor = ImageProcessor(Palette.fit(images, clusters=16, seed=0), 4)
+    model = tiny_model(n_layer=2)
+    from_images = extract_features(
+        model, images, layers="all", processor=processor, batch_size=2, dtype="float32"
+    )
+    from_ids = extract_features(model, processor.encode(images), layers="all", dtype="float32")
+    for layer in from_ids:
+        np.testing.assert_array_equal(from_images[layer], from_ids[layer])
+    as_list = extract_features(model, list(images), layers=[1], processor=processor, dtype="float32")
+    np.testing.assert_array_equal(as_list[1], from_ids[1])
