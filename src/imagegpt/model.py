@@ -1,22 +1,23 @@
 """The ImageGPT transformer, readable top to bottom.
 
 A GPT-2-style decoder over colour tokens in raster order, exactly as Chen et al. (2020) and the released
-checkpoints: pre-norm blocks whose norm has no mean-centring and no bias, quick-GELU MLPs, causal attention scaled
-by 1/sqrt(head_dim), learned position embeddings, an output head untied from the embeddings that never predicts
-SOS, and SOS = vocab_size - 1.
+checkpoints: pre-norm blocks whose norm has no mean-centring and no bias, quick-GELU MLPs, causal attention
+scaled by 1/sqrt(head_dim), learned position embeddings, an output head untied from the embeddings that never
+predicts SOS, and SOS = vocab_size - 1.
 
 Two levels of API:
-- `forward(input_ids, labels=...)` keeps transformers' semantics: ids are used as given and the loss is the shifted
-  next-token cross-entropy. This is what parity with transformers is checked on.
-- `loss_per_image(ids)` and friends take image tokens [x0, ..., x_{n-1}] and feed [SOS, x0, ..., x_{n-2}], as the
-  released models were trained, so every token of the image is predicted.
+- `forward(input_ids, labels=...)` keeps transformers' semantics: ids are used as given and the loss is the
+  shifted next-token cross-entropy. This is what parity with transformers is checked on.
+- `loss_per_image(ids)` and friends take image tokens [x0, ..., x_{n-1}] and feed [SOS, x0, ..., x_{n-2}], as
+  the released models were trained, so every token of the image is predicted.
 
-Module and parameter names mirror transformers' (transformer.h.{i}.attn.c_attn, ...) so that checkpoint conversion
-is a transpose of the linear weights and nothing else.
+Module and parameter names mirror transformers' (transformer.h.{i}.attn.c_attn, ...) so that checkpoint
+conversion is a transpose of the linear weights and nothing else.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -29,9 +30,115 @@ from .config import ImageGPTConfig
 
 
 def sos_inputs(ids: torch.Tensor, sos_id: int) -> torch.Tensor:
-    """[x0, ..., x_{n-1}] -> [SOS, x0, ..., x_{n-2}]: the model input whose next-token targets are the image."""
+    """[x0, ..., x_{n-1}] -> [SOS, x0, ..., x_{n-2}]: the input whose next-token targets are the image."""
     sos = torch.full_like(ids[:, :1], sos_id)
     return torch.cat([sos, ids[:, :-1]], dim=1)
+
+
+# bfloat16 on CPUs without bfloat16 units. On such CPUs (AVX2 only, no AVX512-BF16/AMX) PyTorch's bfloat16
+# matrix multiplies run on slow generic kernels, 5-50x slower than float32. Under CPU bfloat16 autocast there,
+# the linear layers and attention round their operands to bfloat16 exactly as autocast does, multiply them
+# with the float32 kernels (a product of two bfloat16 numbers is exact in float32, and bfloat16 kernels
+# accumulate in float32 too) and round the result to bfloat16: autocast's numbers at float32's speed, with
+# bfloat16 activations.
+
+
+@functools.cache
+def _cpu_has_bf16() -> bool:
+    return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def _emulate_bf16(x: torch.Tensor) -> bool:
+    """True under CPU bfloat16 autocast on a CPU without bfloat16 units."""
+    return (
+        x.device.type == "cpu"
+        and torch.is_autocast_enabled("cpu")
+        and torch.get_autocast_dtype("cpu") == torch.bfloat16
+        and not _cpu_has_bf16()
+    )
+
+
+class _BF16Linear(torch.autograd.Function):
+    """beta * bias + alpha * x @ weight.T on bfloat16-rounded operands, with float32 GEMMs (see above).
+
+    Saves the bfloat16 input for backward, as autocast would. Gradients: the input's in bfloat16 (cast to the
+    input's dtype), the weight's and the bias's in float32.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, alpha, beta):
+        with torch.autocast("cpu", enabled=False):
+            x16, w16 = x.to(torch.bfloat16), weight.to(torch.bfloat16)
+            x2 = x16.reshape(-1, x.size(-1)).float()  # (N, in)
+            if bias is None:
+                out = torch.mm(x2, w16.float().t())
+                out = out.mul_(alpha) if alpha != 1.0 else out
+            else:
+                b = bias.to(torch.bfloat16).float()
+                out = torch.addmm(b, x2, w16.float().t(), beta=beta, alpha=alpha)
+        ctx.save_for_backward(x16, w16)
+        ctx.x_dtype, ctx.has_bias, ctx.alpha, ctx.beta = x.dtype, bias is not None, alpha, beta
+        return out.to(torch.bfloat16).view(*x.shape[:-1], -1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x16, w16 = ctx.saved_tensors
+        g = grad.reshape(-1, grad.size(-1)).float()  # (N, out)
+        g_alpha = g * ctx.alpha if ctx.alpha != 1.0 else g
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.mm(g_alpha, w16.float()).to(torch.bfloat16).view(x16.shape).to(ctx.x_dtype)
+        if ctx.needs_input_grad[1]:
+            grad_w = torch.mm(g_alpha.t(), x16.reshape(-1, x16.size(-1)).float())
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = g.sum(0).mul_(ctx.beta)
+        return grad_x, grad_w, grad_b, None, None
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias=None, alpha: float = 1.0, beta: float = 1.0):
+    """beta * bias + alpha * x @ weight.T. The scales are free: BLAS applies them inside the multiply."""
+    if _emulate_bf16(x):
+        return _BF16Linear.apply(x, weight, bias, alpha, beta)
+    if alpha == 1.0 and beta == 1.0:
+        return F.linear(x, weight, bias)
+    if bias is None:
+        return F.linear(x, weight) * alpha
+    out = torch.addmm(bias, x.reshape(-1, x.size(-1)), weight.t(), beta=beta, alpha=alpha)
+    return out.view(*x.shape[:-1], -1)
+
+
+class Linear(nn.Linear):
+    """nn.Linear (same parameters and state dict) through `linear`, for bfloat16 autocast on any CPU."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
+
+
+class _RMSNorm(torch.autograd.Function):
+    """x / sqrt(mean(x^2) + eps) * weight with a hand-written backward: it saves only x and 1/rms, and makes
+    about half the memory passes of autograd through the composite (the CPU has no fused backward kernel)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        with torch.autocast(x.device.type, enabled=False):
+            wide = x.float() if x.element_size() < 4 else x  # statistics in float32 at least
+            rstd = torch.rsqrt(wide.pow(2).mean(-1, keepdim=True) + eps)  # (..., 1)
+            ctx.save_for_backward(x, weight, rstd)
+            return (x * rstd).mul_(weight).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, rstd = ctx.saved_tensors
+        x_hat = x * rstd
+        grad_x = grad_weight = None
+        if ctx.needs_input_grad[1]:
+            grad_weight = (grad * x_hat).flatten(0, -2).sum(0).to(weight.dtype)
+        if ctx.needs_input_grad[0]:
+            g = grad * weight
+            # d/dx (x * rstd) applied to g: rstd * (g - x_hat * mean(g * x_hat))
+            dot = (g * x_hat).mean(-1, keepdim=True)
+            grad_x = torch.addcmul(g, x_hat, dot, value=-1.0).mul_(rstd).to(x.dtype)
+        return grad_x, grad_weight, None
 
 
 class Norm(nn.Module):
@@ -43,7 +150,9 @@ class Norm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
+        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
+            return _RMSNorm.apply(x, self.weight, self.eps)
+        return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)  # a fused kernel without backward
 
 
 def quick_gelu(x: torch.Tensor) -> torch.Tensor:
@@ -53,9 +162,14 @@ def quick_gelu(x: torch.Tensor) -> torch.Tensor:
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float = 0.0) -> torch.Tensor:
     """Attention of T queries over the last T of S keys, each query seeing the keys up to its own position.
 
-    q is (B, nh, T, hs); k and v are (B, nh, S, hs) with S >= T (S > T when a KV cache holds earlier positions).
+    q is (B, nh, T, hs); k and v are (B, nh, S, hs) with S >= T (S > T when a KV cache holds earlier
+    positions).
     SDPA's fused kernels never materialise the T x S matrix and scale by 1/sqrt(hs).
     """
+    if _emulate_bf16(q):  # bfloat16 operands, float32 kernels (see _BF16Linear)
+        with torch.autocast("cpu", enabled=False):
+            q, k, v = (t.to(torch.bfloat16).float() for t in (q, k, v))
+            return causal_attention(q, k, v, dropout).to(torch.bfloat16)
     T, S = q.size(-2), k.size(-2)
     if T == S:
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
@@ -102,8 +216,8 @@ class CausalSelfAttention(nn.Module):
         self.layer_idx = layer_idx
         self.n_head = config.n_head
         self.attn_pdrop = config.attn_pdrop
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.c_attn = Linear(config.n_embd, 3 * config.n_embd)
+        self.c_proj = Linear(config.n_embd, config.n_embd)
         self.resid_dropout = nn.Dropout(config.resid_pdrop)
 
     def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None, start: int = 0) -> torch.Tensor:
@@ -122,12 +236,18 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: ImageGPTConfig):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, config.inner_dim)
-        self.c_proj = nn.Linear(config.inner_dim, config.n_embd)
+        self.c_fc = Linear(config.n_embd, config.inner_dim)
+        self.c_proj = Linear(config.inner_dim, config.n_embd)
         self.dropout = nn.Dropout(config.resid_pdrop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.c_proj(quick_gelu(self.c_fc(x))))
+        # c_proj(quick_gelu(c_fc(x))) with quick_gelu(z) = z * sigmoid(1.702 z) = silu(1.702 z) / 1.702: the
+        # two scales ride on the matrix multiplies (BLAS alpha and beta), so the activation is one fused silu
+        # kernel forward and backward instead of three passes over the widest tensor, and autograd saves one
+        # tensor less.
+        h = linear(x, self.c_fc.weight, self.c_fc.bias, alpha=1.702, beta=1.702)  # (B, T, inner)
+        h = F.silu(h, inplace=not (torch.is_grad_enabled() and h.requires_grad))  # in place when no backward
+        return self.dropout(linear(h, self.c_proj.weight, self.c_proj.bias, alpha=1 / 1.702))
 
 
 class Block(nn.Module):
@@ -164,8 +284,8 @@ class Transformer(nn.Module):
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
         """Returns the final normed hidden state (B, T, C) and, if asked, n_layer + 1 hidden states.
 
-        As in transformers, hidden_states[i] is the input of block i for i < n_layer, and the last entry is the
-        output of the final norm.
+        As in transformers, hidden_states[i] is the input of block i for i < n_layer, and the last entry is
+        the output of the final norm.
         """
         B, T = input_ids.shape
         if start + T > self.wpe.num_embeddings:
@@ -248,7 +368,7 @@ class ImageGPT(_Pretrained):
         self.config = config
         self.transformer = Transformer(config)
         # vocab_size - 1 outputs: SOS is never predicted. Untied from wte.
-        self.lm_head = nn.Linear(config.n_embd, config.n_clusters, bias=False)
+        self.lm_head = Linear(config.n_embd, config.n_clusters, bias=False)
         init_weights(self, config)
 
     def forward(
@@ -289,15 +409,15 @@ class ClassifierOutput:
 class ImageGPTClassifier(_Pretrained):
     """The backbone plus a linear `score` head on the position-averaged final normed hidden state.
 
-    Matches transformers' ImageGPTForImageClassification, whose input ids are used as given: to read images as the
-    released models were trained, feed `sos_inputs(ids, sos_id)` (imagegpt's fine-tuning does).
+    Matches transformers' ImageGPTForImageClassification, whose input ids are used as given: to read images as
+    the released models were trained, feed `sos_inputs(ids, sos_id)` (imagegpt's fine-tuning does).
     """
 
     def __init__(self, config: ImageGPTConfig):
         super().__init__()
         self.config = config
         self.transformer = Transformer(config)
-        self.score = nn.Linear(config.n_embd, config.num_labels, bias=False)
+        self.score = Linear(config.n_embd, config.num_labels, bias=False)
         init_weights(self, config)
 
     def forward(

@@ -1,0 +1,313 @@
+"""The architecture, exactly as the original: presets, norm, activation, SOS, head, initialisation, the
+attention path, KV cache, losses, gradient checkpointing, and the fast paths (fused MLP scales, hand-written
+norm backward, bfloat16 on CPUs without bfloat16 units) checked against their plain definitions."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from imagegpt import ImageGPT, ImageGPTClassifier, ImageGPTConfig
+from imagegpt import model as model_module
+from imagegpt.model import MLP, KVCache, Norm, quick_gelu, sos_inputs
+
+
+def nano(**overrides):
+    return ImageGPTConfig.from_preset("igpt-nano", resolution=(6, 5), clusters=16, **overrides)
+
+
+def randomised(model, seed=0, scale=0.1):
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=generator))
+    return model
+
+
+def ids_for(config, batch=3, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, config.n_clusters, (batch, config.n_positions), generator=generator)
+
+
+# Presets and sizes
+
+
+@pytest.mark.parametrize(
+    ("preset", "millions"), [("igpt-s", 76.7), ("igpt-m", 455), ("igpt-l", 1360), ("igpt-xl", 6800)]
+)
+def test_paper_preset_parameter_counts(preset, millions):
+    config = ImageGPTConfig.from_preset(preset, resolution=32, clusters=512)
+    assert config.num_parameters() / 1e6 == pytest.approx(millions, rel=0.01)
+    if preset in ("igpt-s", "igpt-m"):  # the real module tree, on the meta device: nothing is allocated
+        with torch.device("meta"):
+            model = ImageGPT(config)
+        assert model.num_parameters() == config.num_parameters()
+
+
+@pytest.mark.parametrize("preset", ["igpt-mini", "igpt-micro", "igpt-nano"])
+def test_small_preset_counts_match_the_modules(preset):
+    config = ImageGPTConfig.from_preset(preset, resolution=(4, 7), clusters=9, n_inner=24)
+    assert ImageGPT(config).num_parameters() == config.num_parameters()
+    assert ImageGPTClassifier(config).num_parameters() == config.num_parameters(classifier=True)
+
+
+# The architecture
+
+
+def test_norm_is_rms_without_centring_or_bias():
+    norm = Norm(8, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    x = torch.randn(4, 3, 8) + 3.0  # a non-zero mean that a layer norm would remove
+    expected = x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * norm.weight
+    assert [n for n, _ in norm.named_parameters()] == ["weight"]
+    assert torch.allclose(norm(x), expected, atol=1e-6)
+    assert torch.allclose(norm(x.requires_grad_()), expected, atol=1e-6)  # the training path
+
+
+def test_norm_backward_matches_autograd_of_the_definition():
+    x = torch.randn(3, 5, 8, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(8, dtype=torch.float64, requires_grad=True)
+    torch.autograd.gradcheck(lambda x, w: model_module._RMSNorm.apply(x, w, 1e-5), (x, weight))
+
+
+def test_mlp_is_quick_gelu_with_four_times_width():
+    config = nano()
+    mlp = randomised(MLP(config))
+    assert mlp.c_fc.weight.shape == (4 * config.n_embd, config.n_embd)
+    x = torch.randn(2, 7, config.n_embd, requires_grad=True)
+    hidden = F.linear(x, mlp.c_fc.weight, mlp.c_fc.bias)
+    expected = F.linear(hidden * torch.sigmoid(1.702 * hidden), mlp.c_proj.weight, mlp.c_proj.bias)
+    out = mlp(x)
+    assert torch.allclose(out, expected, atol=1e-5)
+    grads = torch.autograd.grad(out.square().sum(), [x, *mlp.parameters()])
+    reference = torch.autograd.grad(expected.square().sum(), [x, *mlp.parameters()])
+    for a, b in zip(grads, reference):
+        assert torch.allclose(a, b, atol=1e-4)
+    with torch.no_grad():  # the in-place inference path
+        assert torch.allclose(mlp(x), expected, atol=1e-5)
+
+
+def test_quick_gelu():
+    x = torch.linspace(-6, 6, 101)
+    assert torch.allclose(quick_gelu(x), x * torch.sigmoid(1.702 * x))
+    assert not torch.allclose(quick_gelu(x), F.gelu(x), atol=1e-3)
+
+
+def test_non_default_n_inner():
+    config = nano(n_inner=40)
+    model = ImageGPT(config)
+    assert model.transformer.h[0].mlp.c_fc.weight.shape == (40, config.n_embd)
+
+
+def test_sos_id_and_sos_inputs():
+    config = nano()
+    assert config.sos_id == config.vocab_size - 1 == config.n_clusters
+    ids = torch.tensor([[3, 1, 4, 1], [5, 9, 2, 6]])
+    assert sos_inputs(ids, 16).tolist() == [[16, 3, 1, 4], [16, 5, 9, 2]]
+
+
+def test_head_predicts_every_colour_but_not_sos_and_is_untied():
+    config = nano()
+    model = ImageGPT(config)
+    assert model.lm_head.weight.shape == (config.vocab_size - 1, config.n_embd)
+    assert model.lm_head.bias is None
+    assert model.lm_head.weight.data_ptr() != model.transformer.wte.weight.data_ptr()
+    assert model(ids_for(config)).logits.shape == (3, config.n_positions, config.vocab_size - 1)
+
+
+def test_initialisation_follows_the_original_code():
+    torch.manual_seed(0)
+    config = ImageGPTConfig.from_preset("igpt-mini", resolution=16, clusters=512)
+    model = ImageGPT(config)
+    width, depth = config.n_embd, config.n_layer
+    expected = {
+        "transformer.wpe.weight": 0.01,
+        "transformer.wte.weight": 0.02,
+        "attn.c_attn.weight": 1 / math.sqrt(width),
+        "attn.c_proj.weight": 1 / math.sqrt(width * depth),
+        "mlp.c_fc.weight": 0.02,
+        "mlp.c_proj.weight": 0.02,
+    }
+    for suffix, std in expected.items():
+        values = torch.cat([p.flatten() for n, p in model.named_parameters() if n.endswith(suffix)])
+        assert values.std().item() == pytest.approx(std, rel=0.03), suffix
+        assert abs(values.mean().item()) < 3 * std / math.sqrt(values.numel()) + 1e-4, suffix
+    for name, p in model.named_parameters():
+        if name.endswith(".bias") or name == "lm_head.weight":
+            assert torch.count_nonzero(p) == 0, name
+        if "ln_" in name:
+            assert torch.all(p == 1), name
+    assert config.resid_pdrop == config.embd_pdrop == config.attn_pdrop == 0.0
+
+
+def test_classifier_mean_pools_the_final_normed_state():
+    config = nano(num_labels=4)
+    model = randomised(ImageGPTClassifier(config)).eval()
+    ids = ids_for(config)
+    out = model(ids, output_hidden_states=True)
+    assert model.score.bias is None
+    assert torch.allclose(out.logits, out.hidden_states[-1].mean(1) @ model.score.weight.t(), atol=1e-6)
+
+
+# Attention never materialises T x T
+
+
+class ShapeRecorder(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor):
+                self.ops.append((str(func), tuple(t.shape)))
+        return out
+
+
+def test_no_attention_matrix_is_materialised_forward_or_backward():
+    config = ImageGPTConfig(vocab_size=17, n_positions=37, n_embd=24, n_layer=2, n_head=2)
+    model = randomised(ImageGPT(config))
+    T = config.n_positions
+    with ShapeRecorder() as recorder:
+        model(ids_for(config), labels=ids_for(config)).loss.backward()
+    square = [(op, shape) for op, shape in recorder.ops if len(shape) >= 2 and shape[-2:] == (T, T)]
+    assert not square, square
+    assert any("scaled_dot_product" in op for op, _ in recorder.ops)
+
+
+# Outputs
+
+
+def test_hidden_states_follow_transformers_convention():
+    config = nano()
+    model = randomised(ImageGPT(config)).eval()
+    ids = ids_for(config)
+    out = model(ids, output_hidden_states=True)
+    assert len(out.hidden_states) == config.n_layer + 1
+    embeddings = model.transformer.wte(ids) + model.transformer.wpe(torch.arange(config.n_positions))
+    assert torch.allclose(out.hidden_states[0], embeddings)
+    assert torch.allclose(out.hidden_states[1], model.transformer.h[0](embeddings), atol=1e-6)
+    final = model.transformer.ln_f(model.transformer.h[1](out.hidden_states[1]))
+    assert torch.allclose(out.hidden_states[-1], final, atol=1e-6)
+    assert torch.allclose(out.logits, model.lm_head(final), atol=1e-5)
+
+
+def test_forward_loss_is_shifted_cross_entropy_on_ids_as_given():
+    config = nano()
+    model = randomised(ImageGPT(config))
+    ids = ids_for(config)
+    out = model(ids, labels=ids)
+    expected = F.cross_entropy(out.logits[:, :-1].reshape(-1, config.n_clusters), ids[:, 1:].reshape(-1))
+    assert torch.allclose(out.loss, expected, atol=1e-6)
+
+
+def test_loss_per_image_prepends_sos_and_predicts_every_token():
+    config = nano()
+    model = randomised(ImageGPT(config)).eval()
+    ids = ids_for(config)
+    inputs = torch.cat([torch.full((ids.size(0), 1), config.sos_id), ids[:, :-1]], dim=1)
+    log_probs = torch.log_softmax(model(inputs).logits, dim=-1)  # (B, T, K)
+    by_hand = -log_probs.gather(-1, ids.unsqueeze(-1)).squeeze(-1).mean(dim=1)
+    assert torch.allclose(model.loss_per_image(ids), by_hand, atol=1e-5)
+    assert torch.allclose(model.image_loss(ids), by_hand.mean(), atol=1e-5)
+
+
+def test_dropout_is_configurable_and_off_in_eval():
+    config = nano(resid_pdrop=0.5, embd_pdrop=0.5, attn_pdrop=0.5)
+    model = randomised(ImageGPT(config))
+    ids = ids_for(config)
+    torch.manual_seed(1)
+    a = model(ids).logits
+    b = model(ids).logits
+    assert not torch.allclose(a, b)
+    model.eval()
+    assert torch.equal(model(ids).logits, model(ids).logits)
+
+
+# KV cache
+
+
+def test_kv_cache_forward_equals_full_forward():
+    config = nano()
+    model = randomised(ImageGPT(config)).eval()
+    ids = ids_for(config, batch=2)
+    with torch.no_grad():
+        full = model(ids).logits
+        cache = KVCache(config, batch_size=2)
+        prefix = 7
+        steps = [model(ids[:, :prefix], kv_cache=cache, start=0).logits]
+        steps += [model(ids[:, t : t + 1], kv_cache=cache, start=t).logits for t in range(prefix, 12)]
+        steps.append(model(ids[:, 12:], kv_cache=cache, start=12).logits)  # a chunk after a prefix
+    assert torch.allclose(torch.cat(steps, dim=1), full, atol=1e-5)
+
+
+def test_positions_beyond_n_positions_are_an_error():
+    config = nano()
+    model = ImageGPT(config)
+    with pytest.raises(ValueError, match="n_positions"):
+        model(torch.zeros(1, config.n_positions + 1, dtype=torch.long))
+
+
+# Training paths
+
+
+def test_gradient_checkpointing_gives_identical_gradients():
+    config = nano(n_layer=3)
+    model = randomised(ImageGPT(config))
+    ids = ids_for(config)
+
+    def gradients():
+        model.zero_grad()
+        model.image_loss(ids).backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    plain = gradients()
+    model.transformer.gradient_checkpointing = True
+    checkpointed = gradients()
+    for a, b in zip(plain, checkpointed):
+        assert torch.allclose(a, b, atol=1e-7)
+
+
+def test_bfloat16_autocast_without_bfloat16_units_matches_native_kernels(monkeypatch):
+    """The emulated bfloat16 linear layer gives autocast's numbers: the same forward as PyTorch's own bfloat16
+    kernels, gradients within bfloat16 rounding."""
+    monkeypatch.setattr(model_module, "_cpu_has_bf16", lambda: False)
+    torch.manual_seed(0)
+    x = torch.randn(2, 9, 24, requires_grad=True)
+    weight = torch.randn(16, 24, requires_grad=True)
+    bias = torch.randn(16, requires_grad=True)
+    g = torch.randn(2, 9, 16).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert model_module._emulate_bf16(x)
+        ours = model_module.linear(x, weight, bias)
+        native = F.linear(x, weight, bias)
+    assert ours.dtype == native.dtype == torch.bfloat16
+    assert torch.equal(ours, native)
+    for a, b in zip(
+        torch.autograd.grad(ours, (x, weight, bias), g), torch.autograd.grad(native, (x, weight, bias), g)
+    ):
+        assert a.dtype == b.dtype
+        assert torch.allclose(a, b, rtol=2e-2, atol=2e-2 * b.abs().max().item())
+
+
+def test_bfloat16_autocast_model_is_close_to_float32(monkeypatch):
+    config = nano()
+    model = randomised(ImageGPT(config))
+    ids = ids_for(config)
+    reference = model.image_loss(ids)
+    reference.backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    for emulate in (True, False):
+        monkeypatch.setattr(model_module, "_cpu_has_bf16", lambda emulate=emulate: not emulate)
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model.image_loss(ids)
+        loss.backward()
+        assert loss.item() == pytest.approx(reference.item(), rel=1e-2)
+        for p, g in zip(model.parameters(), grads):
+            assert p.grad.dtype == torch.float32
+            assert torch.allclose(p.grad, g, atol=0.05 * g.abs().max().item() + 1e-6)
