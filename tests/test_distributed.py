@@ -1,7 +1,9 @@
-"""`imagegpt train` under torchrun: two CPU processes (gloo) match one process with the same global batch."""
+"""`imagegpt train` under torchrun: two CPU processes (gloo), with DDP or FSDP, match one process with the
+same global batch."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -48,28 +50,43 @@ def losses(run_dir, split="train"):
     return [(r["step"], r["loss"]) for r in read_metrics(run_dir / "metrics.jsonl") if r["split"] == split]
 
 
-@pytest.mark.slow
-def test_two_processes_match_one_with_the_same_global_batch_and_resume(tmp_path):
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    """The reference: one process, the whole global batch."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        single = train(TrainOptions(**ARGS, out=str(tmp_path / "single"), progress=False))
+        return train(TrainOptions(**ARGS, out=str(tmp_path_factory.mktemp("single")), progress=False))
     finally:
         torch.set_num_threads(threads)
 
-    # two ranks, interrupted after 3 steps and resumed: also checks that each rank's state comes back
-    torchrun("--out", str(tmp_path / "ddp"), "--stop-after", "3")
-    state = load_training_state(find_checkpoint(tmp_path / "ddp" / "checkpoints"))
-    assert state["step"] == 3 and len(state["rng"]) == 2  # one RNG state per rank
-    torchrun("--resume", str(tmp_path / "ddp"))
 
-    one, two = losses(tmp_path / "single"), losses(tmp_path / "ddp")
+def assert_same_run(run_dir, single):
+    one, two = losses(single.run_dir), losses(run_dir)
     assert [s for s, _ in two] == [1, 2, 3, 4, 5]  # only rank 0 logs: no duplicates
     np.testing.assert_allclose([v for _, v in two], [v for _, v in one], rtol=TOLERANCE)
-    np.testing.assert_allclose(losses(tmp_path / "ddp", "val")[-1][1], single.val_loss, rtol=TOLERANCE)
-    ddp_model = ImageGPT.from_pretrained(tmp_path / "ddp" / "model")
-    one_model = ImageGPT.from_pretrained(single.model_dir)
+    np.testing.assert_allclose(losses(run_dir, "val")[-1][1], single.val_loss, rtol=TOLERANCE)
     # Weights agree to ~1e-7, except the key bias: its gradient is zero in exact arithmetic (it shifts every
     # score of a query equally), so Adam normalises rounding noise into updates of up to ~1e-5.
-    for (name, a), b in zip(ddp_model.state_dict().items(), one_model.state_dict().values()):
+    ours, reference = ImageGPT.from_pretrained(run_dir / "model"), ImageGPT.from_pretrained(single.model_dir)
+    for (name, a), b in zip(ours.state_dict().items(), reference.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=0, atol=2e-5, msg=name)
+
+
+@pytest.mark.slow
+def test_ddp_on_two_processes_matches_one_process_with_the_same_global_batch(tmp_path, single):
+    torchrun("--out", str(tmp_path / "ddp"))
+    assert_same_run(tmp_path / "ddp", single)
+
+
+@pytest.mark.slow
+def test_fsdp_on_two_processes_matches_one_process_and_resumes(tmp_path, single):
+    """Sharded weights and AdamW state, interrupted after 3 steps and resumed: each rank gets its shard of the
+    saved optimizer state and its own RNG state back."""
+    torchrun("--out", str(tmp_path / "fsdp"), "--fsdp", "--stop-after", "3")
+    state = load_training_state(find_checkpoint(tmp_path / "fsdp" / "checkpoints"))
+    assert state["step"] == 3 and len(state["rng"]) == 2  # one RNG state per rank
+    assert "transformer.h.0.attn.c_attn.weight" in state["optimizer"]["state"]  # gathered whole, by name
+    torchrun("--resume", str(tmp_path / "fsdp"))
+    assert json.loads((tmp_path / "fsdp" / "args.json").read_text())["fsdp"] is True
+    assert_same_run(tmp_path / "fsdp", single)

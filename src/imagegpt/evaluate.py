@@ -50,7 +50,7 @@ def _as_long(ids) -> torch.Tensor:
     return torch.from_numpy(np.asarray(ids).astype(np.int64))
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: an FSDP model's gathered weights must stay usable for training
 def token_nll(
     model: nn.Module,
     ids,

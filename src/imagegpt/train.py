@@ -40,7 +40,9 @@ from .trainer import (
     close_distributed,
     cosine_lr,
     find_checkpoint,
+    full_state_dict,
     init_distributed,
+    is_sharded,
     load_args,
     load_training_state,
     make_optimizer,
@@ -69,6 +71,7 @@ class TrainOptions:
     eval_every / save_every: steps between validations / checkpoints (0: only at the end). eval_images caps
     the validation images of the periodic evaluations (0: all); the final one uses the whole split.
     data_options go to imagegpt.data.load_dataset (n, limit, val_fraction, ...); data_seed fixes the split.
+    fsdp: under torchrun, shard weights, gradients and optimizer state over the ranks (FSDP2) instead of DDP.
     """
 
     data: str = "shapes"
@@ -95,6 +98,7 @@ class TrainOptions:
     device: str = "auto"
     dtype: str = "auto"
     gradient_checkpointing: bool = False
+    fsdp: bool = False
     cache_dir: str | None = None
     progress: bool = True
     stop_after: int | None = None
@@ -228,9 +232,7 @@ def _train(options: TrainOptions, resume: bool, dist: Distributed, on_step) -> T
             f"--batch-size {options.batch_size} must be divisible by the number of processes "
             f"({dist.world_size}) times --accumulate ({options.accumulate})"
         )
-    BatchOrder(
-        len(train_set), options.batch_size
-    )  # checks that the data holds a batch, before writing anything
+    BatchOrder(len(train_set), options.batch_size)  # does the data hold a batch? (before writing anything)
     if options.resolution is None and isinstance(resolution, int):
         options.resolution = resolution
 
@@ -287,11 +289,14 @@ def _train(options: TrainOptions, resume: bool, dist: Distributed, on_step) -> T
             )
     model.to(device)
     model.transformer.gradient_checkpointing = options.gradient_checkpointing
+    parameters = model.num_parameters()
+    # DDP wraps the model; FSDP shards it in place (then `ddp is model`). The optimizer comes after either.
+    ddp = wrap_model(model, dist, fsdp_units=list(model.transformer.h) if options.fsdp else None)
+    sharded = is_sharded(ddp)
     optimizer = make_optimizer(model, options.lr, options.weight_decay)
     if latest is not None:
-        step = restore_state(load_training_state(latest), optimizer, order, dist)
+        step = restore_state(load_training_state(latest), optimizer, order, dist, model=ddp)
     model.train()
-    ddp = wrap_model(model, dist)
     schedule = {"lr": options.lr, "warmup": options.warmup, "total": options.steps}
 
     metrics = MetricsLog(run_dir / METRICS_FILE, enabled=dist.is_main, resume_step=step if resume else None)
@@ -300,31 +305,52 @@ def _train(options: TrainOptions, resume: bool, dist: Distributed, on_step) -> T
 
     def validate(at_step: int, images: int) -> tuple[float, float]:
         ids = val_tokens if images == 0 else val_tokens[:images]
-        total, count = token_nll(
-            model, ids[dist.rank :: dist.world_size], batch_size=per_rank, device=device, dtype=dtype
-        )
-        total = (
-            dist.mean(torch.tensor([total, float(count)], dtype=torch.float64, device=device))
-            * dist.world_size
-        )
-        nats = float(total[0] / total[1])
+        shard = ids[dist.rank :: dist.world_size]  # each rank its share of the images
+        total, count = 0.0, 0
+        for start in range(0, math.ceil(len(ids) / dist.world_size), per_rank):
+            batch = shard[start : start + per_rank]
+            if len(batch) == 0:
+                if sharded:  # sharded weights: every rank must run as many forward passes as the others
+                    token_nll(ddp, ids[:1], device=device, dtype=dtype)
+                continue
+            nats, tokens = token_nll(
+                ddp if sharded else model, batch, batch_size=per_rank, device=device, dtype=dtype
+            )
+            total, count = total + nats, count + tokens
+        if sharded:
+            ddp.reshard()  # the root keeps its gathered weights after a forward; the optimizer needs shards
+        sums = dist.mean(torch.tensor([total, float(count)], dtype=torch.float64, device=device))
+        nats = float(sums[0] / sums[1])
         metrics.write({"step": at_step, "split": "val", "loss": nats, "bits_per_dim": bits_per_dim(nats)})
         return nats, bits_per_dim(nats)
 
+    def whole_model() -> nn.Module | None:
+        """The model with all its weights, on rank 0 (gathered from the shards under FSDP; all ranks call)."""
+        if not sharded:
+            return model
+        weights = full_state_dict(ddp)
+        if not dist.is_main:
+            return None
+        with torch.device("meta"), torch.random.fork_rng(devices=[]):  # no memory, no RNG draws
+            whole = ImageGPT(config)
+        whole.load_state_dict(weights, assign=True)
+        return whole
+
     def save(at_step: int) -> None:
-        state = capture_state(at_step, optimizer, order, dist, schedule=schedule)
+        state = capture_state(at_step, optimizer, order, dist, model=ddp, schedule=schedule)
+        whole = whole_model()
         if dist.is_main:
-            save_checkpoint(checkpoints, model, state, processor=processor)
+            save_checkpoint(checkpoints, whole, state, processor=processor)
             plot_metrics(run_dir / METRICS_FILE, run_dir / CURVE_FILE)
         dist.barrier()
 
     say = print if options.progress and dist.is_main else (lambda *a, **k: None)
     if not resume:
         say(
-            f"imagegpt train: {options.preset} ({model.num_parameters() / 1e6:.2f}M parameters) at "
+            f"imagegpt train: {options.preset} ({parameters / 1e6:.2f}M parameters) at "
             f"{processor.height}x{processor.width}, {len(palette)} colours, {len(train_tokens)} train / "
-            f"{len(val_tokens)} val images, {dist.world_size} process(es) on {device}, "
-            f"{str(dtype).split('.')[-1]}"
+            f"{len(val_tokens)} val images, {dist.world_size} process(es){' with FSDP' * sharded} on "
+            f"{device}, {str(dtype).split('.')[-1]}"
         )
     bar = progress_bar(options.steps, initial=step, enabled=options.progress and dist.is_main)
     train_loss = val_loss = val_bpd = rate = None
@@ -406,8 +432,9 @@ def _train(options: TrainOptions, resume: bool, dist: Distributed, on_step) -> T
     model_dir = checkpoints / "latest"
     if not stopped:
         model_dir = run_dir / MODEL_DIR
+        whole = whole_model()
         if dist.is_main:
-            save_checkpoint(run_dir, model, None, processor=processor, name=MODEL_DIR)
+            save_checkpoint(run_dir, whole, None, processor=processor, name=MODEL_DIR)
         dist.barrier()
     return TrainResult(
         run_dir=run_dir,

@@ -255,7 +255,8 @@ def optimizer_step(
             f"the loss became {loss_value}{where}; the weights were not updated with it. Lower the learning "
             "rate or lengthen the warmup, then resume from the last good checkpoint"
         )
-    grad_norm = float(nn.utils.clip_grad_norm_(model.parameters(), clip if clip > 0 else float("inf")))
+    norm = nn.utils.clip_grad_norm_(model.parameters(), clip if clip > 0 else float("inf"))
+    grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # a DTensor under FSDP
     if not math.isfinite(grad_norm):
         raise NonFiniteLossError(
             f"the gradient norm became {grad_norm}{where}; the weights were not updated with it. Lower the "
@@ -348,13 +349,18 @@ def capture_state(
     optimizer: torch.optim.Optimizer,
     data: BatchOrder | None = None,
     dist: Distributed | None = None,
+    *,
+    model: nn.Module | None = None,
     **extra,
 ) -> dict:
     """The training state to save beside the model: step, optimizer, RNG states of every rank, data position,
-    and anything else the caller passes (the schedule's parameters, the best validation score, ...)."""
+    and anything else the caller passes (the schedule's parameters, the best validation score, ...).
+
+    With an FSDP-sharded `model`, pass it: the optimizer state is gathered whole (all ranks must call).
+    """
     rng = rng_state()
     ranks = dist.all_gather_object(rng) if dist is not None and dist.world_size > 1 else [rng]
-    state = {"step": step, "optimizer": optimizer.state_dict(), "rng": ranks, **extra}
+    state = {"step": step, "optimizer": optimizer_state_dict(optimizer, model), "rng": ranks, **extra}
     if data is not None:
         state["data"] = data.state_dict()
     return state
@@ -365,9 +371,14 @@ def restore_state(
     optimizer: torch.optim.Optimizer,
     data: BatchOrder | None = None,
     dist: Distributed | None = None,
+    *,
+    model: nn.Module | None = None,
 ) -> int:
-    """Load optimizer, data position and this rank's RNG states from a saved state; returns the next step."""
-    optimizer.load_state_dict(state["optimizer"])
+    """Load optimizer, data position and this rank's RNG states from a saved state; returns the next step.
+
+    With an FSDP-sharded `model`, pass it: each rank takes its shard of the whole optimizer state.
+    """
+    load_optimizer_state_dict(optimizer, state["optimizer"], model)
     if data is not None and "data" in state:
         data.load_state_dict(state["data"])
     ranks = state["rng"]
@@ -574,9 +585,22 @@ def close_distributed(dist: Distributed) -> None:
         torch_dist.destroy_process_group()
 
 
-def wrap_model(model: nn.Module, dist: Distributed) -> nn.Module:
-    """DistributedDataParallel around the model when running under torchrun; the model itself is unchanged."""
+def wrap_model(
+    model: nn.Module, dist: Distributed, fsdp_units: Sequence[nn.Module] | None = None
+) -> nn.Module:
+    """Distribute a model under torchrun, from outside it: DistributedDataParallel by default (a full copy of
+    the weights and optimizer state on every rank), or, given fsdp_units (e.g. the transformer blocks),
+    FSDP2: each unit and then the root sharded over the ranks with fully_shard, so that each holds
+    1/world_size of the weights, gradients and AdamW moments. Create the optimizer after this call.
+    """
     if not dist.enabled:
+        return model
+    if fsdp_units is not None:
+        from torch.distributed.fsdp import fully_shard
+
+        for unit in fsdp_units:
+            fully_shard(unit)
+        fully_shard(model)
         return model
     from torch.nn.parallel import DistributedDataParallel
 
@@ -593,3 +617,40 @@ def unwrap(model: nn.Module) -> nn.Module:
             model = model._orig_mod
         else:
             return model
+
+
+def is_sharded(model: nn.Module | None) -> bool:
+    """True for a model sharded by wrap_model(..., fsdp_units=...)."""
+    if model is None or not torch_dist.is_available():
+        return False
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def full_state_dict(model: nn.Module) -> dict:
+    """The whole model's weights on the CPU. For a sharded model this is a collective (every rank calls) and
+    only rank 0 receives the weights (the others get {})."""
+    if not is_sharded(model):
+        return unwrap(model).state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def optimizer_state_dict(optimizer: torch.optim.Optimizer, model: nn.Module | None = None) -> dict:
+    if not is_sharded(model):
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_optimizer_state_dict(model, optimizer, options=options)
+
+
+def load_optimizer_state_dict(optimizer: torch.optim.Optimizer, state: dict, model: nn.Module | None = None):
+    if not is_sharded(model):
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))

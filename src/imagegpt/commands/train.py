@@ -104,6 +104,12 @@ def register(subparsers) -> None:
     model.add_argument("--dropout", type=float, help="dropout rate (default 0, as the paper)")
     model.add_argument("--seed", type=int, help="seed of the initialisation (default 0)")
     model.add_argument(
+        "--fsdp",
+        action="store_true",
+        default=None,
+        help="under torchrun: shard weights, gradients and AdamW state over the processes (FSDP2), not DDP",
+    )
+    model.add_argument(
         "--gradient-checkpointing",
         action="store_true",
         default=None,
@@ -144,8 +150,9 @@ def options_from_args(args):
         for name, field in TRAIN_ARGUMENTS.items()
         if getattr(args, name) is not None
     }
-    if args.gradient_checkpointing:
-        given["gradient_checkpointing"] = True
+    for flag in ("gradient_checkpointing", "fsdp"):
+        if getattr(args, flag):
+            given[flag] = True
     data_options = parse_data_options(args.data_option)
     if args.limit is not None:
         data_options["limit"] = args.limit
