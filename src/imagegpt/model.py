@@ -209,6 +209,14 @@ class KVCache:
         self.v[layer, :, :, start:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
+    def write(self, layer: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        """Static-shape update for CUDA graphs: write k, v (B, nh, T, hs) at `positions` (a (T,) tensor on the
+        cache's device) and return the layer's whole cache, (B, nh, max_length, hs); the caller masks the
+        positions not yet written."""
+        self.k[layer].index_copy_(2, positions, k.to(self.k.dtype))
+        self.v[layer].index_copy_(2, positions, v.to(self.v.dtype))
+        return self.k[layer], self.v[layer]
+
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: ImageGPTConfig, layer_idx: int):

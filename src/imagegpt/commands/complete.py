@@ -1,0 +1,92 @@
+"""`imagegpt complete`: complete the bottom of images from their top rows, written as a PNG grid."""
+
+from __future__ import annotations
+
+import time
+
+from ._options import add_device_options
+from .sample import add_model_argument, add_sampling_options, choose_seed, report, sampling_kwargs, save_npz
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "complete",
+        help="complete images from their top rows",
+        description=(
+            "Keep the top rows of each image and sample the rest, N times: the paper's completion figure. "
+            "Each row of the PNG grid is the occluded input (the kept rows, the rest grey), "
+            "the N completions, "
+            "then the original (as the model sees it: resized and quantised to the palette)."
+        ),
+    )
+    add_model_argument(parser)
+    parser.add_argument("images", nargs="+", help="image files (PNG, JPEG, ...), resized to the model's size")
+    parser.add_argument(
+        "--keep",
+        default="0.5",
+        help="how much to keep: a fraction of the height with a decimal point (0.5 = the top half, "
+        "1.0 = all) "
+        "or a whole number of rows (16); default 0.5",
+    )
+    parser.add_argument(
+        "-n", "--num", dest="n", type=int, default=4, help="completions per image (default 4)"
+    )
+    parser.add_argument("--out", default="completions.png", help="the PNG grid to write")
+    add_sampling_options(parser)
+    add_device_options(parser)
+    parser.set_defaults(func=run)
+
+
+def parse_keep(text: str) -> int | float:
+    """'16' -> 16 rows; '0.5' or '1e-1' -> a fraction of the height."""
+    from ..errors import ArgumentError
+
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        return float(text)
+    except ValueError:
+        raise ArgumentError(
+            f"--keep {text!r} is neither a number of rows (16) nor a fraction of the height (0.5)"
+        ) from None
+
+
+def run(args) -> int:
+    from ..grid import completion_grid, save_png
+    from ..sampling import complete, keep_rows, load_for_sampling
+
+    keep = parse_keep(args.keep)
+    model, processor = load_for_sampling(args.model)
+    rows = keep_rows(keep, processor.height)
+    originals = processor.encode(args.images)
+    seed = choose_seed(args)
+    start = time.perf_counter()
+    ids = complete(
+        model,
+        originals,
+        keep,
+        n=args.n,
+        processor=processor,
+        **sampling_kwargs(args, seed),
+        progress=False if args.no_progress else "completing",
+    )
+    seconds = time.perf_counter() - start
+    images, original_images = processor.decode(ids), processor.decode(originals)
+    out = save_png(completion_grid(original_images, images, rows), args.out)
+    npz = None
+    if args.save_npz:
+        npz = save_npz(
+            args.save_npz,
+            args,
+            seed,
+            tokens=ids.numpy(),
+            images=images,
+            original_tokens=originals.numpy(),
+            originals=original_images,
+            keep_rows=rows,
+        )
+    generated = len(ids) * (processor.height - rows) * processor.width
+    report("completions", out, len(ids), generated, seconds, seed, npz)
+    return 0

@@ -1,0 +1,451 @@
+"""KV-cached sampling and completion, in the style of gpt-fast.
+
+The engine: a static KV cache preallocated once per batch (keys and values of n_layer x B x n_positions x
+n_embd each: nothing quadratic in the sequence length), one prefill of [SOS] + prefix, then one-token decode
+steps whose attention is SDPA over the cached keys. The next token is drawn on the device from a
+torch.Generator (the exponential-race form of sampling, argmax(p / q) with q ~ Exp(1), as gpt-fast does), so a
+step never waits for the host and the same seed and settings give the same tokens on the same machine.
+
+Sequence layout: the model reads [SOS, x0, ..., x_{n-2}] and the logits at position i give x_i, as the
+released models were trained. A prefix of P tokens is one prefill of P + 1 inputs (SOS and the prefix) whose
+last logits give x_P; decode step i then feeds x_{i-1} at position i and gives x_i. Completing from an empty
+prefix is therefore exactly unconditional sampling.
+
+`compile=True` compiles the decode step with torch.compile. On CUDA it is a static-shape step (the position is
+a tensor, the new keys are written with index_copy_, attention covers the whole cache under a mask), compiled
+with mode="reduce-overhead" so each step replays a CUDA graph. On CPU the step keeps the eager path's dynamic
+length (attending only over the filled positions reads half the keys of a full-cache step on average, and
+decoding on a CPU is bound by reading the cache and the weights), compiled with dynamic shapes.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .device import autocast, resolve_device, resolve_dtype
+from .errors import ArgumentError, CheckpointError, ConfigError
+from .model import ImageGPT, KVCache
+
+# The default batch holds at most this many bytes of KV cache (igpt-s in float32: 20 images of 32x32).
+CACHE_BUDGET_BYTES = 2 * 1024**3
+
+
+# ---- choosing the next token ----
+
+
+def check_sampling(temperature: float, top_k: int, top_p: float) -> None:
+    """ArgumentError unless temperature >= 0, top_k >= 0 (0 = off) and 0 < top_p <= 1."""
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not temperature >= 0:
+        raise ArgumentError(f"temperature must be a number >= 0 (0 = greedy), got {temperature!r}")
+    if not math.isfinite(temperature):
+        raise ArgumentError(f"temperature must be finite, got {temperature!r}")
+    if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 0:
+        raise ArgumentError(f"top_k must be an integer >= 0 (0 = off), got {top_k!r}")
+    if isinstance(top_p, bool) or not isinstance(top_p, numbers.Real) or not 0 < top_p <= 1:
+        raise ArgumentError(f"top_p must be in (0, 1] (1 = off), got {top_p!r}")
+
+
+def filter_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0):
+    """float32 logits / temperature with every token outside the top-k and the top-p nucleus set to -inf.
+
+    The order is transformers': temperature, then top-k (ties with the k-th value are kept), then top-p over
+    the remaining distribution (the smallest set of most likely tokens whose mass reaches top_p; at least
+    one).
+    """
+    logits = logits.float()
+    if temperature > 0:
+        logits = logits / temperature
+    if 0 < top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1:
+        sorted_logits, order = torch.sort(logits, dim=-1)  # ascending
+        mass_below = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        drop = mass_below <= 1 - top_p  # the tail whose mass stays within 1 - top_p
+        drop[..., -1] = False  # keep the most likely token
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return logits
+
+
+def sample_next(
+    logits: torch.Tensor,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """The next token of each row (B,) from its logits (B, V): argmax at temperature 0, else a draw."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    probs = filter_logits(logits, temperature, top_k, top_p).softmax(dim=-1)
+    # argmax(p / q) with q ~ Exp(1) draws from p without a host sync. q is kept above 0 so that a masked token
+    # (p == 0) scores exactly 0 and is never chosen; the most likely token always scores > 0.
+    q = torch.empty_like(probs).exponential_(generator=generator).clamp_min_(torch.finfo(probs.dtype).tiny)
+    return (probs / q).argmax(dim=-1)
+
+
+# ---- the engine: prefill and one-token decode steps ----
+
+
+def prefill(model: ImageGPT, inputs: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    """Run [SOS] + prefix (B, P + 1) from position 0, filling the cache; the last position's logits (B, V)."""
+    x, _ = model.transformer(inputs, cache, 0)
+    return model.lm_head(x[:, -1])
+
+
+def decode_one_token(model: ImageGPT, token: torch.Tensor, position: int, cache: KVCache) -> torch.Tensor:
+    """Feed token (B, 1) at `position`, attending over the cached positions; its logits (B, V)."""
+    x, _ = model.transformer(token, cache, position)
+    return model.lm_head(x[:, -1])
+
+
+def decode_one_token_static(
+    model: ImageGPT, token: torch.Tensor, position: torch.Tensor, cache: KVCache
+) -> torch.Tensor:
+    """decode_one_token with static shapes, for CUDA graphs: position is a (1,) tensor and attention covers
+    the whole cache with the positions after `position` masked out.
+
+    It runs the model's own modules (norms, projections, MLPs, head); only the glue of the attention differs.
+    The cache must be zero or finite beyond `position` (KVCache starts zeroed and only ever holds finite
+    keys).
+    """
+    transformer = model.transformer
+    B = token.size(0)
+    C = model.config.n_embd
+    nh = model.config.n_head
+    visible = (torch.arange(cache.max_length, device=token.device) <= position).view(1, 1, 1, -1)
+    x = transformer.wte(token) + transformer.wpe(position)  # (B, 1, C)
+    for i, block in enumerate(transformer.h):
+        attn = block.attn
+        q, k, v = attn.c_attn(block.ln_1(x)).split(C, dim=2)
+        q = q.view(B, 1, nh, C // nh).transpose(1, 2)  # (B, nh, 1, hs)
+        k = k.view(B, 1, nh, C // nh).transpose(1, 2)
+        v = v.view(B, 1, nh, C // nh).transpose(1, 2)
+        keys, values = cache.write(i, position, k, v)  # the whole cache of layer i, (B, nh, max_length, hs)
+        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=visible)  # (B, nh, 1, hs)
+        x = x + attn.c_proj(y.transpose(1, 2).reshape(B, 1, C))
+        x = x + block.mlp(block.ln_2(x))
+    return model.lm_head(transformer.ln_f(x)[:, -1])
+
+
+_COMPILED: dict[str, Callable] = {}
+
+
+def _compiled_step(device: torch.device) -> Callable:
+    """The decode step compiled for this device type (compiled once per process and reused)."""
+    key = device.type
+    if key not in _COMPILED:
+        if device.type == "cuda":
+            _COMPILED[key] = torch.compile(decode_one_token_static, mode="reduce-overhead", fullgraph=True)
+        else:
+            _COMPILED[key] = torch.compile(decode_one_token, dynamic=True)
+    return _COMPILED[key]
+
+
+# ---- generation: batches of prefixes -> full images ----
+
+
+def _check_count(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ArgumentError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def _model_device(model: ImageGPT, device) -> torch.device:
+    """The device to sample on: `device` (moving the model there) or, when None, the model's own."""
+    current = next(model.parameters()).device
+    if device is None:
+        return current
+    device = resolve_device(device)
+    if device != current:
+        model.to(device)
+    return device
+
+
+def default_batch_size(model: ImageGPT, rows: int, cache_dtype: torch.dtype) -> int:
+    """The most rows (at most `rows`) whose KV cache fits in CACHE_BUDGET_BYTES."""
+    c = model.config
+    per_row = 2 * c.n_layer * c.n_positions * c.n_embd * torch.empty((), dtype=cache_dtype).element_size()
+    return max(1, min(rows, CACHE_BUDGET_BYTES // per_row))
+
+
+@torch.inference_mode()
+def generate(
+    model: ImageGPT,
+    prefixes: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+    batch_size: int | None = None,
+    device=None,
+    dtype=None,
+    compile: bool = False,
+    progress: bool | str = False,
+) -> torch.LongTensor:
+    """Complete each row of `prefixes` (R, P), image tokens without SOS, to n_positions tokens; (R,
+    n_positions).
+
+    The engine under sample() and complete(); the prefix tokens are copied to the output unchanged. Rows are
+    generated batch_size at a time (default: as many as fit CACHE_BUDGET_BYTES of KV cache), all drawing from
+    one torch.Generator seeded with `seed` (None: a fresh random seed), so the same seed, settings and batch
+    size give the same tokens on the same machine. dtype: the autocast compute dtype; None or "auto" =
+    bfloat16 where the device supports it (imagegpt.device), else float32. progress: show a tqdm bar (a string
+    sets its label).
+    """
+    check_sampling(temperature, top_k, top_p)
+    config = model.config
+    n_positions = config.n_positions
+    R, P = prefixes.shape
+    if n_positions < P:
+        raise ArgumentError(
+            f"a prefix of {P} tokens is longer than the model's images of {n_positions} tokens"
+        )
+    device = _model_device(model, device)
+    dtype = resolve_dtype(dtype, device)
+    cache_dtype = dtype if dtype != torch.float32 else next(model.parameters()).dtype
+    batch_size = default_batch_size(model, R, cache_dtype) if batch_size is None else batch_size
+    batch_size = _check_count(batch_size, "batch_size")
+    generator = torch.Generator(device=device)
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(int(seed))
+    step = _compiled_step(device) if compile else decode_one_token
+    static = compile and device.type == "cuda"
+
+    out = torch.empty(R, n_positions, dtype=torch.long)
+    out[:, :P] = prefixes
+    if n_positions == P or R == 0:
+        return out
+    bar = _progress_bar(progress, total=R * (n_positions - P))
+    was_training = model.training
+    model.eval()
+    cache = None
+    try:
+        for lo in range(0, R, batch_size):
+            prefix = prefixes[lo : lo + batch_size].to(device)
+            B = prefix.size(0)
+            if cache is None or cache.k.size(1) != B:  # one cache reused by every batch of the same size
+                cache = KVCache(config, B, n_positions, device=device, dtype=cache_dtype)
+            tokens = torch.empty(B, n_positions - P, dtype=torch.long, device=device)
+            inputs = torch.cat([torch.full((B, 1), config.sos_id, device=device), prefix], dim=1)
+            with autocast(device, dtype):
+                logits = prefill(model, inputs, cache)
+            token = sample_next(logits, temperature, top_k, top_p, generator)
+            tokens[:, 0] = token
+            bar.update(B)
+            positions = torch.arange(n_positions, device=device) if static else None
+            for position in range(P + 1, n_positions):
+                # x_{position-1} goes in at `position`; its logits give x_position
+                with autocast(device, dtype):
+                    if static:
+                        logits = step(model, token[:, None], positions[position : position + 1], cache)
+                    else:
+                        logits = step(model, token[:, None], position, cache)
+                token = sample_next(logits, temperature, top_k, top_p, generator)
+                tokens[:, position - P] = token
+                bar.update(B)
+            out[lo : lo + B, P:] = tokens.cpu()
+    finally:
+        bar.close()
+        model.train(was_training)
+    return out
+
+
+def _progress_bar(progress: bool | str, total: int):
+    from tqdm.auto import tqdm
+
+    label = progress if isinstance(progress, str) else "sampling"
+    return tqdm(
+        total=total, desc=label, unit="tok", unit_scale=True, disable=not progress, dynamic_ncols=True
+    )
+
+
+def sample(
+    model: ImageGPT,
+    n: int,
+    *,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+    batch_size: int | None = None,
+    device=None,
+    dtype=None,
+    compile: bool = False,
+    progress: bool | str = False,
+) -> torch.LongTensor:
+    """n images sampled from [SOS]: token ids (n, n_positions) on the CPU; processor.decode(ids) gives pixels.
+
+    temperature: 0 is greedy; top_k: keep the k most likely tokens (0 = off; transformers' docs use 40);
+    top_p: keep the smallest set of tokens whose mass reaches top_p (1 = off); seed: the same seed and
+    settings give the same images on the same machine. See generate() for batch_size, device, dtype, compile,
+    progress.
+    """
+    n = _check_count(n, "n")
+    prefixes = torch.empty(n, 0, dtype=torch.long)
+    return generate(
+        model, prefixes, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, batch_size=batch_size,
+        device=device, dtype=dtype, compile=compile, progress=progress,
+    )  # fmt: skip
+
+
+def image_shape(config, processor=None) -> tuple[int, int]:
+    """(height, width) of the model's images: the processor's when given, else the square of n_positions."""
+    if processor is None:
+        side = config.square_side()
+        return side, side
+    height, width = processor.height, processor.width
+    if height * width != config.n_positions:
+        raise ConfigError(
+            f"the processor's {height}x{width} images have {height * width} tokens but the model reads "
+            f"{config.n_positions}; use the processor saved with the model"
+        )
+    return height, width
+
+
+def keep_rows(keep, height: int) -> int:
+    """Rows of the image to keep: an int is a number of rows (0..height); a float a fraction of the height in
+    [0, 1], rounded to the nearest row."""
+    if isinstance(keep, bool) or not isinstance(keep, numbers.Real):
+        raise ArgumentError(
+            f"keep must be a number of rows (int) or a fraction of the height (float), got {keep!r}"
+        )
+    if isinstance(keep, numbers.Integral):
+        if not 0 <= keep <= height:
+            raise ArgumentError(
+                f"keep={keep} rows is outside 0..{height}, the rows of the model's images; pass a number of "
+                "rows "
+                "up to the height, or a fraction such as 0.5"
+            )
+        return int(keep)
+    if not 0 <= keep <= 1:  # also refuses nan
+        raise ArgumentError(f"keep fraction {keep} is outside [0, 1]; 0.5 keeps the top half of each image")
+    return math.floor(keep * height + 0.5)
+
+
+def _as_ids(ids, n_clusters: int) -> torch.Tensor:
+    try:
+        ids = torch.as_tensor(ids)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise ArgumentError(f"ids must be token ids [B, H*W], got {type(ids).__name__}: {e}") from e
+    if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+        raise ArgumentError(
+            f"ids must be integer token ids, got dtype {ids.dtype}; encode images with a processor"
+        )
+    if ids.dim() == 1:
+        ids = ids[None]
+    if ids.dim() != 2 or ids.size(0) == 0:
+        raise ArgumentError(f"ids must be token ids of shape [B, H*W] with B >= 1, got {tuple(ids.shape)}")
+    ids = ids.long().cpu()
+    if ids.numel() and (ids.min() < 0 or ids.max() >= n_clusters):
+        raise ArgumentError(
+            f"token ids must lie in [0, {n_clusters}) (the palette; SOS = {n_clusters} is added for you), "
+            "got "
+            f"values in [{int(ids.min())}, {int(ids.max())}]"
+        )
+    return ids
+
+
+def complete(
+    model: ImageGPT,
+    ids,
+    keep: int | float,
+    *,
+    n: int = 1,
+    processor=None,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+    batch_size: int | None = None,
+    device=None,
+    dtype=None,
+    compile: bool = False,
+    progress: bool | str = False,
+) -> torch.LongTensor:
+    """n completions of each image of `ids` (B, L) from its top rows: token ids (B * n, n_positions) on the
+    CPU.
+
+    Rows i * n ... i * n + n - 1 complete image i. keep: rows to keep, an int number of rows or a float
+    fraction of the height in [0, 1] (0.5 = the top half); those keep * width tokens are copied unchanged and
+    the rest is sampled. ids may hold just the prefix (L < n_positions) as long as it covers the rows kept.
+    The image height and width come from `processor` when given, else the square of n_positions. keep=0 is
+    exactly sample() with the same seed and settings. The sampling options are sample()'s.
+    """
+    n = _check_count(n, "n")
+    config = model.config
+    height, width = image_shape(config, processor)
+    rows = keep_rows(keep, height)
+    ids = _as_ids(ids, config.n_clusters)
+    if ids.size(1) > config.n_positions:
+        raise ArgumentError(
+            f"the prefix of {ids.size(1)} tokens is longer than the model's images of {config.n_positions} "
+            f"tokens ({height}x{width}); encode the images with the model's processor"
+        )
+    keep_tokens = rows * width
+    if keep_tokens > ids.size(1):
+        raise ArgumentError(
+            f"keeping {rows} rows needs {keep_tokens} tokens per image, but the ids have only {ids.size(1)}"
+        )
+    prefixes = ids[:, :keep_tokens].repeat_interleave(n, dim=0)
+    return generate(
+        model, prefixes, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, batch_size=batch_size,
+        device=device, dtype=dtype, compile=compile, progress=progress,
+    )  # fmt: skip
+
+
+# ---- with a processor: images in, images out ----
+
+
+def load_for_sampling(path, **kwargs):
+    """(ImageGPT, ImageProcessor) from a model directory, an imagegpt train run directory, or a Hub id.
+
+    Sampling needs the palette to turn tokens into pixels, so a directory without preprocessor_config.json is
+    a CheckpointError.
+    """
+    from pathlib import Path
+
+    from .processor import PROCESSOR_NAME, ImageProcessor
+    from .trainer import latest_model_dir
+
+    local = Path(path).expanduser()
+    directory = latest_model_dir(local) if local.exists() else path
+    if local.exists() and not (Path(directory) / PROCESSOR_NAME).is_file():
+        raise CheckpointError(
+            f"{directory} has no {PROCESSOR_NAME} (the palette), so sampled tokens cannot be turned into "
+            "images; use a checkpoint saved with its processor (imagegpt train writes one), or save one "
+            "there "
+            "with ImageProcessor(palette, size).save_pretrained(directory)"
+        )
+    processor = ImageProcessor.from_pretrained(directory)
+    model = ImageGPT.from_pretrained(directory, **kwargs)
+    image_shape(model.config, processor)
+    return model, processor
+
+
+def sample_images(model: ImageGPT, processor, n: int, **options) -> tuple[torch.LongTensor, np.ndarray]:
+    """sample() and the decoded images: (ids (n, H*W), uint8 images (n, H, W, 3)). options: sample()'s."""
+    image_shape(model.config, processor)
+    ids = sample(model, n, **options)
+    return ids, processor.decode(ids)
+
+
+def complete_images(
+    model: ImageGPT, processor, images, keep: int | float, *, n: int = 1, **options
+) -> tuple[torch.LongTensor, np.ndarray]:
+    """complete() on images in any form the processor reads: (ids (B * n, H*W), uint8 images (B * n, H, W,
+    3)).
+
+    options: complete()'s sampling options.
+    """
+    ids = complete(model, processor.encode(images), keep, n=n, processor=processor, **options)
+    return ids, processor.decode(ids)

@@ -1,0 +1,373 @@
+"""The KV-cached sampler: cached logits equal the full forward, greedy equals transformers' generate, the
+filters only emit allowed tokens, prefixes are kept, seeds reproduce, and bad arguments are refused."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from imagegpt import ImageGPT, ImageGPTConfig
+from imagegpt.errors import ArgumentError, CheckpointError, ConfigError
+from imagegpt.model import KVCache, sos_inputs
+from imagegpt.palette import Palette
+from imagegpt.processor import ImageProcessor
+from imagegpt.sampling import (
+    complete,
+    complete_images,
+    decode_one_token,
+    decode_one_token_static,
+    default_batch_size,
+    filter_logits,
+    generate,
+    keep_rows,
+    load_for_sampling,
+    prefill,
+    sample,
+    sample_images,
+    sample_next,
+)
+
+CLUSTERS = 16
+SIDE = 8
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_model(seed: int, std: float = 0.3, **overrides) -> ImageGPT:
+    """A tiny model with every weight random (the zero-initialised head would make all logits equal)."""
+    torch.manual_seed(seed)
+    config = ImageGPTConfig.from_preset("igpt-nano", resolution=SIDE, clusters=CLUSTERS, **overrides)
+    model = ImageGPT(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if not name.endswith("ln_1.weight") and not name.endswith("ln_2.weight"):
+                p.normal_(0.0, std)
+    return model
+
+
+def random_ids(rows: int, seed: int, length: int = SIDE * SIDE) -> torch.Tensor:
+    return torch.randint(0, CLUSTERS, (rows, length), generator=torch.Generator().manual_seed(seed))
+
+
+# ---- the engine against the full forward ----
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_cached_decode_matches_full_forward_at_every_position(static):
+    model = tiny_model(1)
+    ids = random_ids(3, 2)
+    inputs = sos_inputs(ids, model.config.sos_id)
+    with torch.no_grad():
+        full = model(inputs).logits  # (B, n, V)
+        for split in (1, 7):  # prefill the first `split` inputs, then decode one token at a time
+            cache = KVCache(model.config, 3)
+            logits = [prefill(model, inputs[:, :split], cache)]
+            for position in range(split, inputs.size(1)):
+                token = inputs[:, position : position + 1]
+                if static:
+                    logits.append(decode_one_token_static(model, token, torch.tensor([position]), cache))
+                else:
+                    logits.append(decode_one_token(model, token, position, cache))
+            cached = torch.stack(logits, dim=1)
+            torch.testing.assert_close(cached, full[:, split - 1 :], atol=1e-5, rtol=0)
+
+
+def test_kv_cache_holds_layers_by_batch_by_positions_by_width():
+    config = tiny_model(0).config
+    cache = KVCache(config, 5)
+    per_tensor = config.n_layer * 5 * config.n_positions * config.n_embd
+    assert cache.k.numel() == cache.v.numel() == per_tensor
+    assert default_batch_size(tiny_model(0), 10**9, torch.float32) * 2 * per_tensor // 5 * 4 <= 2 * 1024**3
+
+
+# ---- greedy decoding against transformers' generate ----
+
+
+@pytest.fixture(scope="module")
+def transformers_pair(tmp_path_factory):
+    """transformers' ImageGPTForCausalImageModeling with random weights, and the same weights in ours."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(3)
+    hf_config = transformers.ImageGPTConfig(
+        vocab_size=CLUSTERS + 1, n_positions=SIDE * SIDE, n_embd=64, n_layer=2, n_head=2
+    )
+    hf = transformers.ImageGPTForCausalImageModeling(hf_config).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if "ln_" not in name:
+                p.normal_(0.0, 0.2)
+    directory = tmp_path_factory.mktemp("hf")
+    hf.save_pretrained(directory)
+    return hf, ImageGPT.from_pretrained(directory).eval()
+
+
+def hf_greedy(hf, prefix: torch.Tensor) -> torch.Tensor:
+    sos = torch.full((prefix.size(0), 1), hf.config.vocab_size - 1)
+    with torch.no_grad():
+        out = hf.generate(
+            input_ids=torch.cat([sos, prefix], dim=1),
+            attention_mask=torch.ones(prefix.size(0), prefix.size(1) + 1, dtype=torch.long),
+            max_length=hf.config.n_positions + 1,
+            do_sample=False,
+            pad_token_id=hf.config.vocab_size - 1,
+        )
+    return out[:, 1:]
+
+
+def test_greedy_sampling_equals_transformers_generate(transformers_pair):
+    hf, ours = transformers_pair
+    expected = hf_greedy(hf, torch.empty(4, 0, dtype=torch.long))
+    assert torch.equal(sample(ours, 4, temperature=0, dtype="float32"), expected)
+    # top-k 1 at any temperature is greedy too
+    assert torch.equal(sample(ours, 4, temperature=1.5, top_k=1, seed=5, dtype="float32"), expected)
+
+
+def test_greedy_completion_equals_transformers_generate(transformers_pair):
+    hf, ours = transformers_pair
+    ids = random_ids(3, 4)
+    for keep in (3, 0.5):
+        keep_tokens = keep_rows(keep, SIDE) * SIDE
+        expected = hf_greedy(hf, ids[:, :keep_tokens])
+        got = complete(ours, ids, keep, n=2, temperature=0, dtype="float32")
+        assert torch.equal(got, expected.repeat_interleave(2, dim=0))
+
+
+# ---- the token filters ----
+
+
+def allowed_by_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
+    kth = torch.sort(logits, dim=-1, descending=True).values[..., k - 1 : k]
+    return logits >= kth
+
+
+def allowed_by_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """A token is in the nucleus if the tokens strictly more likely than it hold less than p of the mass."""
+    probs = logits.float().softmax(-1)
+    more_likely = (probs[:, None, :] > probs[:, :, None]).float() @ probs[:, :, None]  # (B, V, 1)
+    return more_likely[..., 0] < p - 1e-6
+
+
+def test_filters_keep_exactly_the_allowed_tokens():
+    logits = torch.randn(64, 50, generator=torch.Generator().manual_seed(0)) * 3
+    for k in (1, 5, 49):
+        kept = filter_logits(logits, top_k=k).isfinite()
+        assert torch.equal(kept, allowed_by_top_k(logits, k))
+        assert (kept.sum(-1) == k).all()
+    for p in (0.05, 0.5, 0.9):
+        kept = filter_logits(logits, top_p=p).isfinite()
+        assert torch.equal(kept, allowed_by_top_p(logits, p))
+    assert filter_logits(logits, top_k=0, top_p=1.0).isfinite().all()
+    # temperature scales before top-p: at a high temperature the nucleus grows
+    hot = filter_logits(logits, temperature=4.0, top_p=0.5).isfinite().sum()
+    assert hot > filter_logits(logits, temperature=1.0, top_p=0.5).isfinite().sum()
+
+
+@pytest.mark.parametrize("top_k, top_p", [(4, 1.0), (0, 0.6), (6, 0.7)])
+def test_draws_only_emit_allowed_tokens_with_the_renormalised_frequencies(top_k, top_p):
+    logits = torch.randn(1, 30, generator=torch.Generator().manual_seed(1)).repeat(20000, 1)
+    draws = sample_next(logits, 1.0, top_k, top_p, torch.Generator().manual_seed(2))
+    allowed = filter_logits(logits[:1], 1.0, top_k, top_p)
+    assert allowed.isfinite()[0, draws].all()
+    expected = allowed.softmax(-1)[0]
+    frequencies = torch.bincount(draws, minlength=30).float() / len(draws)
+    assert (frequencies - expected).abs().max() < 0.015
+
+
+def test_sampling_draws_from_the_whole_distribution_when_unfiltered():
+    logits = torch.zeros(4000, 8)
+    draws = sample_next(logits, 1.0, 0, 1.0, torch.Generator().manual_seed(0))
+    assert set(draws.tolist()) == set(range(8))
+
+
+def test_sampled_images_respect_top_k_and_top_p_of_the_full_forward():
+    model = tiny_model(5, std=0.5)
+    for top_k, top_p in ((3, 1.0), (0, 0.5)):
+        ids = sample(model, 4, top_k=top_k, top_p=top_p, seed=0, dtype="float32")
+        with torch.no_grad():
+            logits = model(sos_inputs(ids, model.config.sos_id)).logits  # logits[:, i] gave ids[:, i]
+        flat, tokens = logits.flatten(0, 1), ids.flatten()
+        # top-p with a small tolerance: a token at the nucleus boundary may sit within rounding of top_p
+        allowed = allowed_by_top_k(flat, top_k) if top_k else allowed_by_top_p(flat, top_p + 1e-4)
+        assert allowed[torch.arange(len(tokens)), tokens].all()
+
+
+def test_sos_is_never_emitted_and_tokens_are_image_tokens():
+    model = tiny_model(6)
+    ids = sample(model, 6, temperature=3.0, seed=1)
+    assert ids.shape == (6, SIDE * SIDE) and ids.dtype == torch.long
+    assert ids.min() >= 0 and ids.max() < model.config.n_clusters
+
+
+# ---- seeds, prefixes, batches ----
+
+
+def test_same_seed_same_images_and_different_seeds_differ():
+    model = tiny_model(7)
+    a = sample(model, 5, top_k=8, seed=11, batch_size=2)
+    assert torch.equal(a, sample(model, 5, top_k=8, seed=11, batch_size=2))
+    assert not torch.equal(a, sample(model, 5, top_k=8, seed=12, batch_size=2))
+    assert not torch.equal(sample(model, 5), sample(model, 5))  # no seed: a fresh one each time
+
+
+def test_completion_keeps_the_prefix_exactly_and_orders_rows_by_image():
+    model = tiny_model(8)
+    ids = random_ids(3, 9)
+    for keep, rows in ((0.5, 4), (0.3, 2), (5, 5), (0.99, 8)):
+        assert keep_rows(keep, SIDE) == rows
+        out = complete(model, ids, keep, n=4, seed=0, batch_size=5)
+        assert out.shape == (12, SIDE * SIDE)
+        assert torch.equal(out[:, : rows * SIDE], ids.repeat_interleave(4, dim=0)[:, : rows * SIDE])
+    # the 4 completions of one image differ after the prefix
+    assert len({tuple(row[4 * SIDE :].tolist()) for row in complete(model, ids[:1], 0.5, n=4, seed=3)}) > 1
+
+
+def test_completion_from_a_prefix_only_and_of_the_whole_image():
+    model = tiny_model(10)
+    ids = random_ids(2, 11)
+    top_half = ids[:, : SIDE * SIDE // 2]
+    assert torch.equal(complete(model, top_half, 0.5, seed=4), complete(model, ids, 0.5, seed=4))
+    assert torch.equal(complete(model, ids, 1.0, n=2), ids.repeat_interleave(2, dim=0))
+    assert torch.equal(complete(model, ids[0].numpy(), SIDE), ids[:1])  # one image, numpy, all rows
+
+
+def test_keeping_nothing_is_unconditional_sampling_with_the_same_seed():
+    model = tiny_model(12)
+    ids = random_ids(2, 13)
+    for keep in (0, 0.0):
+        assert torch.equal(
+            complete(model, ids, keep, n=3, seed=21, top_k=5), sample(model, 6, seed=21, top_k=5)
+        )
+
+
+def test_sampling_restores_the_training_mode_and_runs_without_gradients():
+    model = tiny_model(14).train()
+    sample(model, 1, seed=0)
+    assert model.training
+    assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.slow
+def test_compiled_decode_step_gives_the_eager_tokens():
+    model = tiny_model(15)
+    eager = sample(model, 3, top_k=5, seed=2, dtype="float32")
+    assert torch.equal(sample(model, 3, top_k=5, seed=2, dtype="float32", compile=True), eager)
+    ids = random_ids(2, 16)
+    eager = complete(model, ids, 0.5, n=2, temperature=0, dtype="float32")
+    assert torch.equal(complete(model, ids, 0.5, n=2, temperature=0, dtype="float32", compile=True), eager)
+
+
+# ---- with a processor ----
+
+
+def tiny_processor(seed: int = 0, size=SIDE) -> ImageProcessor:
+    centres = np.random.default_rng(seed).uniform(-1, 1, (CLUSTERS, 3))
+    return ImageProcessor(Palette(centres), size)
+
+
+def test_images_in_images_out():
+    model, processor = tiny_model(17), tiny_processor()
+    ids, images = sample_images(model, processor, 3, seed=0)
+    assert images.shape == (3, SIDE, SIDE, 3) and images.dtype == np.uint8
+    assert np.array_equal(images, processor.decode(ids))
+    photos = np.random.default_rng(1).integers(0, 256, (2, 20, 30, 3), dtype=np.uint8)
+    ids, images = complete_images(model, processor, list(photos), 0.25, n=2, seed=0)
+    assert ids.shape == (4, SIDE * SIDE) and images.shape == (4, SIDE, SIDE, 3)
+    prefix = processor.encode(list(photos))[:, : 2 * SIDE].repeat_interleave(2, dim=0)
+    assert torch.equal(ids[:, : 2 * SIDE], prefix)
+
+
+def test_non_square_images_take_their_shape_from_the_processor():
+    model = tiny_model(18, n_positions=4 * 6)
+    processor = ImageProcessor(tiny_processor().palette, (4, 6))
+    ids = random_ids(1, 19, length=24)
+    out = complete(model, ids, 0.5, processor=processor, seed=0)
+    assert torch.equal(out[:, :12], ids[:, :12]) and out.shape == (1, 24)
+    with pytest.raises(ConfigError, match="not a square"):
+        complete(model, ids, 0.5)
+    with pytest.raises(ConfigError, match="4x4 images have 16 tokens"):
+        complete(model, ids, 0.5, processor=ImageProcessor(processor.palette, 4))
+
+
+def test_a_checkpoint_without_palette_is_refused_for_sampling(tmp_path):
+    model = tiny_model(20)
+    model.save_pretrained(tmp_path / "bare")
+    with pytest.raises(CheckpointError, match="preprocessor_config.json"):
+        load_for_sampling(tmp_path / "bare")
+    model.save_pretrained(tmp_path / "full", processor=tiny_processor())
+    loaded, processor = load_for_sampling(tmp_path / "full")
+    assert torch.equal(sample(loaded, 2, seed=3), sample(model, 2, seed=3))
+    assert processor.size == (SIDE, SIDE)
+
+
+# ---- bad arguments ----
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"temperature": -0.1}, "temperature"),
+        ({"temperature": math.inf}, "temperature"),
+        ({"top_k": -1}, "top_k"),
+        ({"top_k": 2.5}, "top_k"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"batch_size": 0}, "batch_size"),
+    ],
+)
+def test_bad_sampling_settings_are_refused(options, message):
+    model = tiny_model(21)
+    with pytest.raises(ArgumentError, match=message):
+        sample(model, 2, **options)
+    with pytest.raises(ArgumentError, match=message):
+        complete(model, random_ids(1, 0), 0.5, **options)
+
+
+@pytest.mark.parametrize("n", [0, -3, 1.5, True])
+def test_n_below_one_is_refused(n):
+    model = tiny_model(22)
+    with pytest.raises(ArgumentError, match="n must be a positive integer"):
+        sample(model, n)
+    with pytest.raises(ArgumentError, match="n must be a positive integer"):
+        complete(model, random_ids(1, 0), 0.5, n=n)
+
+
+@pytest.mark.parametrize(
+    "keep, message",
+    [
+        (1.5, r"outside \[0, 1\]"),
+        (-0.1, r"outside \[0, 1\]"),
+        (math.nan, r"outside \[0, 1\]"),
+        (SIDE + 1, "outside 0..8"),
+        (-1, "outside 0..8"),
+        (True, "number of rows"),
+        ("half", "number of rows"),
+    ],
+)
+def test_bad_keep_is_refused(keep, message):
+    with pytest.raises(ArgumentError, match=message):
+        complete(tiny_model(23), random_ids(1, 0), keep)
+
+
+def test_bad_ids_are_refused():
+    model = tiny_model(24)
+    with pytest.raises(ArgumentError, match="longer than the model's images"):
+        complete(model, random_ids(1, 0, length=SIDE * SIDE + 1), 0.5)
+    with pytest.raises(ArgumentError, match="needs 48 tokens"):
+        complete(model, random_ids(1, 0, length=40), 6)
+    with pytest.raises(ArgumentError, match=r"lie in \[0, 16\)"):
+        complete(model, torch.full((1, SIDE * SIDE), CLUSTERS), 0.5)  # SOS is not an image token
+    with pytest.raises(ArgumentError, match="integer token ids"):
+        complete(model, torch.rand(1, SIDE * SIDE), 0.5)
+    with pytest.raises(ArgumentError, match=r"shape \[B, H\*W\]"):
+        complete(model, torch.zeros(1, 2, SIDE * SIDE, dtype=torch.long), 0.5)
+    with pytest.raises(ArgumentError, match="longer than the model's images"):
+        generate(model, random_ids(1, 0, length=SIDE * SIDE + 3))
