@@ -176,6 +176,19 @@ def test_encode_decides_near_ties_exactly(rng):
     assert np.array_equal(ours, brute_force_nearest(pixels, np.array(palette.to_list())))
 
 
+def test_large_uint8_batches_go_through_the_colour_memo_exactly(rng):
+    palette = Palette(rng.uniform(-1, 1, (64, 3)))
+    reference = np.array(palette.to_list())
+    colours = rng.integers(0, 256, (40000, 3), dtype=np.uint8)
+    first = colours[rng.integers(0, len(colours), 70000)]  # repeated colours, over the memo threshold
+    assert np.array_equal(palette.encode(first), brute_force_nearest(UINT8_TO_UNIT[first], reference))
+    assert palette._memo is not None and (palette._memo >= 0).sum() == len(np.unique(first, axis=0))
+    # a second batch: some colours memoised, some new
+    second = np.concatenate([first[:35000], rng.integers(0, 256, (35000, 3), dtype=np.uint8)])
+    assert np.array_equal(palette.encode(second), brute_force_nearest(UINT8_TO_UNIT[second], reference))
+    assert np.array_equal(palette.encode(second[:100]), palette.encode(second)[:100])  # small: direct search
+
+
 def test_encode_breaks_exact_ties_towards_the_lower_index(rng):
     centres = rng.uniform(-1, 1, (5, 3))
     palette = Palette(np.concatenate([centres, centres]))  # ids 5..9 duplicate 0..4

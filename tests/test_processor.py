@@ -110,6 +110,10 @@ def test_from_pretrained_reads_the_released_config_format(tmp_path, rng):
     (tmp_path / "preprocessor_config.json").write_text(json.dumps(config))
     processor = ImageProcessor.from_pretrained(tmp_path)
     assert processor.size == (32, 32) and len(processor.palette) == 16
+    # a null field means transformers' default
+    config.update({"do_rescale": None, "image_mean": None, "resample": None, "do_color_quantize": None})
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(config))
+    assert ImageProcessor.from_pretrained(tmp_path).to_dict() == processor.to_dict()
 
 
 @pytest.mark.parametrize(
@@ -217,6 +221,9 @@ def test_batches_of_mixed_sizes_and_forms(tmp_path, rng):
     chw = torch.from_numpy(batch).permute(0, 3, 1, 2)
     assert torch.equal(processor.encode(chw), processor.encode(batch))
     assert processor.encode([batch, images[0]]).shape == (4, 16)  # a list may hold a batch
+    at_size = np.stack([random_image(rng, 4, 4) for _ in range(3)])  # nothing to resize
+    assert np.array_equal(processor.to_rgb(at_size), at_size)
+    assert torch.equal(processor.encode(at_size), torch.cat([processor.encode(im) for im in at_size]))
 
 
 def test_grayscale_is_replicated_to_rgb(rng):

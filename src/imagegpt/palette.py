@@ -28,6 +28,7 @@ import torch
 from .errors import ArgumentError, CheckpointError
 
 _BUFFER_ENTRIES = 1 << 19  # float32 distances per chunk: 2 MiB, small enough to stay in cache
+_MEMO_PIXELS = 1 << 16  # uint8 batches this large use the colour memo
 
 # uint8 -> [-1, 1] (x / 127.5 - 1) exactly as transformers computes it: x * (1/255) in float64, to float32,
 # then (x - 0.5) / 0.5 in float32; our pixel values, and so our tokens, are bit-identical to its processor's.
@@ -176,6 +177,7 @@ class Palette:
         self._torch64 = torch.from_numpy(self._centers64.copy())
         lut = np.rint(127.5 * (self._centers64 + 1))
         self._colours = np.clip(lut, 0, 255).astype(np.uint8)  # (K, 3)
+        self._memo: np.ndarray | None = None  # id of every uint8 colour met so far, -1 if not yet
 
     @property
     def centers(self) -> np.ndarray:
@@ -253,15 +255,38 @@ class Palette:
 
     def encode(self, pixels) -> np.ndarray:
         """Nearest centre of each pixel: (..., 3) floats in [-1, 1] (or uint8 colours; numpy or torch) ->
-        (...) int64 ids. Exact: equal to a float64 search, ties going to the lower index."""
+        (...) int64 ids. Exact: equal to a float64 search, ties going to the lower index.
+
+        uint8 colours in batches of at least 65536 pixels go through a memo of every colour met so far (a
+        32 MiB table over the 2^24 colours, made on first use): each distinct colour is searched once, so
+        tokenising a dataset costs about one search per distinct colour rather than per pixel.
+        """
         array = _as_numpy(pixels)
         shape = array.shape[:-1]
+        if array.dtype == np.uint8 and array.ndim and array.shape[-1] == 3 and array.size >= 3 * _MEMO_PIXELS:
+            return self._encode_colours(array.reshape(-1, 3)).reshape(shape)
         x = torch.from_numpy(np.ascontiguousarray(_unit_pixels(array, "pixels")))
         if len(x) == 0:
             return np.zeros(shape, dtype=np.int64)
         with _chunk_parallel() as workers:
             ids, _, _ = _nearest(x, self._torch32, self._torch64, workers)
         return ids.reshape(shape)
+
+    def _encode_colours(self, colours: np.ndarray) -> np.ndarray:
+        """(N, 3) uint8 -> (N,) int64 ids through the colour memo."""
+        if self._memo is None:
+            self._memo = np.full(1 << 24, -1, dtype=np.int16 if len(self) < 2**15 else np.int32)
+        packed = _pack(colours)
+        ids = self._memo[packed]
+        missing = ids < 0
+        if missing.any():
+            new, _ = _unique_counts(packed[missing])
+            x = torch.from_numpy(np.ascontiguousarray(UINT8_TO_UNIT[_unpack(new)]))
+            with _chunk_parallel() as workers:
+                found, _, _ = _nearest(x, self._torch32, self._torch64, workers)
+            self._memo[new] = found
+            ids[missing] = self._memo[packed[missing]]
+        return ids.astype(np.int64)
 
     def decode(self, ids) -> np.ndarray:
         """(...) palette ids (numpy or torch) -> (..., 3) uint8 colours, rint(127.5 * (c + 1))."""
@@ -362,10 +387,27 @@ def _sample_pixels(pixels, max_pixels: int, rng: np.random.Generator) -> tuple[n
     if array.dtype != np.uint8:
         array = np.ascontiguousarray(_unit_pixels(array, "pixels"))
         return array, np.ones(len(array))
-    packed = (array[:, 0].astype(np.int32) << 16) | (array[:, 1].astype(np.int32) << 8) | array[:, 2]
-    colours, counts = np.unique(packed, return_counts=True)
-    unpacked = np.stack([colours >> 16, (colours >> 8) & 255, colours & 255], 1).astype(np.uint8)
-    return unpacked, counts.astype(np.float64)
+    colours, counts = _unique_counts(_pack(array))
+    return _unpack(colours), counts.astype(np.float64)
+
+
+def _pack(colours: np.ndarray) -> np.ndarray:
+    """(N, 3) uint8 -> (N,) int32 r << 16 | g << 8 | b."""
+    packed = (colours[:, 0].astype(np.int32) << 16) | (colours[:, 1].astype(np.int32) << 8)
+    packed |= colours[:, 2]
+    return packed
+
+
+def _unpack(packed: np.ndarray) -> np.ndarray:
+    return np.stack([packed >> 16, (packed >> 8) & 255, packed & 255], 1).astype(np.uint8)
+
+
+def _unique_counts(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted distinct values and their counts. Sorting does it in 30 ms for 1M int32s, where numpy 2.4's
+    hash-based np.unique took 3 s."""
+    ordered = np.sort(values)
+    starts = np.flatnonzero(np.concatenate(([True], ordered[1:] != ordered[:-1])))
+    return ordered[starts], np.diff(np.append(starts, len(ordered)))
 
 
 def _lloyd(
@@ -385,7 +427,7 @@ def _lloyd(
     if init is not None:
         centres = init.astype(np.float32)
     elif n > init_n:  # seed from a subsample drawn in proportion to the weights
-        drawn, counts = np.unique(rng.choice(n, size=init_n, p=weights / weights.sum()), return_counts=True)
+        drawn, counts = _unique_counts(rng.choice(n, size=init_n, p=weights / weights.sum()))
         centres = _kmeans_plus_plus(x[drawn], counts.astype(np.float64), clusters, rng)
         if centres is None:  # the subsample ran out of distinct colours: seed from them all
             centres = _kmeans_plus_plus(x, weights, clusters, rng)

@@ -84,6 +84,14 @@ class ImageProcessor:
 
     def to_rgb(self, images) -> np.ndarray:
         """Images in any accepted form -> uint8 [B, H, W, 3], cropped (if center_crop) and resized."""
+        if (  # already a uint8 [B, H, W, 3] batch at the target size: nothing to do
+            isinstance(images, np.ndarray)
+            and images.dtype == np.uint8
+            and images.ndim == 4
+            and images.shape[1:] == (self.height, self.width, 3)
+            and len(images)
+        ):
+            return np.ascontiguousarray(images)
         items = _as_list(images)
         out = np.empty((len(items), self.height, self.width, 3), dtype=np.uint8)
         for i, item in enumerate(items):
@@ -189,30 +197,32 @@ class ImageProcessor:
         def refuse(reason: str) -> ConfigError:
             return ConfigError(f"{source}: {reason}; imagegpt's processor cannot honour it")
 
+        def get(key: str, default):  # transformers reads a null field as its default
+            value = config.get(key)
+            return default if value is None else value
+
         if config.get("clusters") is None:
             raise refuse("no 'clusters' (the palette), so this is not an ImageGPT processor config")
         try:
             palette = Palette(np.asarray(config["clusters"], dtype=np.float64))
         except (TypeError, ValueError) as e:
             raise refuse(f"bad 'clusters': {e}") from e
-        if not config.get("do_color_quantize", True):
+        if not get("do_color_quantize", True):
             raise refuse("do_color_quantize is false (it asks for pixel values, not tokens)")
-        if not config.get("do_resize", True):
+        if not get("do_resize", True):
             raise refuse("do_resize is false (images would keep their own sizes and token counts)")
         if config.get("do_center_crop"):
             raise refuse("do_center_crop is true (transformers' ImageGPT backends disagree on it)")
         # The normalisation must be the released models': u8 * (1/255), then (x - 0.5) / 0.5, i.e. [-1, 1].
-        rescale = config.get("do_rescale", True)
-        factor = config.get("rescale_factor", 1 / 255)
-        normalize = config.get("do_normalize", True)
-        mean, std = config.get("image_mean", 0.5), config.get("image_std", 0.5)
+        rescale, factor = get("do_rescale", True), get("rescale_factor", 1 / 255)
+        normalize, mean, std = get("do_normalize", True), get("image_mean", 0.5), get("image_std", 0.5)
         if not (rescale and _close(factor, 1 / 255) and normalize and _close(mean, 0.5) and _close(std, 0.5)):
             raise refuse(
                 f"its normalisation (do_rescale={rescale}, rescale_factor={factor}, "
                 f"do_normalize={normalize}, image_mean={mean}, image_std={std}) does not map pixels to "
                 "[-1, 1] as the palette expects"
             )
-        size = config.get("size", {"height": 256, "width": 256})  # transformers' default
+        size = get("size", {"height": 256, "width": 256})  # transformers' default
         if isinstance(size, int) and config.get("default_to_square") is False:
             raise refuse(f"size {size} with default_to_square false resizes the shortest edge only")
         if isinstance(size, dict):
@@ -222,7 +232,7 @@ class ImageProcessor:
             size = (given["height"], given["width"])
         try:
             size = _size(size)
-            resample = _resample(config.get("resample", 2))
+            resample = _resample(get("resample", 2))
         except ConfigError as e:
             raise refuse(str(e)) from e
         for key, value in config.items():
