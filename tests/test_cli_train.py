@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -86,3 +91,35 @@ def test_resume_refuses_changed_arguments(tmp_path, capsys):
     )
     assert main(["train", "--resume", str(run), "--preset", "igpt-micro"]) == 2
     assert "--preset ('igpt-nano' in the run)" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+    """The real thing: a training process gets Ctrl-C mid-run, finishes its step, saves and exits 0 (SIGTERM
+    takes the same path: tests/test_train.py sends it in-process)."""
+    run = tmp_path / "run"
+    command = [
+        sys.executable,
+        "-m",
+        "imagegpt",
+        *TRAIN,
+        "--steps",
+        "100000",
+        "--save-every",
+        "0",
+        "--out",
+        str(run),
+    ]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=os.environ | {"OMP_NUM_THREADS": "1"})  # fmt: skip
+    metrics = run / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (metrics.exists() and len(read_metrics(metrics)) >= 3):
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+        time.sleep(0.2)
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 0, err
+    assert "stopped at step" in out and "--resume" in out
+    state = load_training_state(find_checkpoint(run / "checkpoints"))
+    assert state["step"] == len(read_metrics(metrics)) >= 3  # the checkpoint is the last logged step
