@@ -173,6 +173,8 @@ def test_resume_keeps_the_run_arguments(tmp_path):
         resume_options(tmp_path / "run", preset="igpt-micro")
     resumed = resume_options(tmp_path / "run", preset="igpt-nano", device="cpu", stop_after=1)
     assert resumed.stop_after == 1 and resumed.steps == 2
+    with pytest.raises(ArgumentError, match="is finished"):
+        train(resumed, resume=True)
 
 
 @pytest.mark.parametrize(

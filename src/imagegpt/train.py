@@ -296,6 +296,11 @@ def _train(options: TrainOptions, resume: bool, dist: Distributed, on_step) -> T
     optimizer = make_optimizer(model, options.lr, options.weight_decay)
     if latest is not None:
         step = restore_state(load_training_state(latest), optimizer, order, dist, model=ddp)
+        if step >= options.steps:
+            raise ArgumentError(
+                f"the run in {run_dir} is finished (step {step} of {options.steps}); its model is in "
+                f"{run_dir / MODEL_DIR}. To train longer, start a new run"
+            )
     model.train()
     schedule = {"lr": options.lr, "warmup": options.warmup, "total": options.steps}
 
