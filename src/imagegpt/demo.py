@@ -160,37 +160,35 @@ def _load(ctx: DemoContext):
 
 def complete_step(ctx: DemoContext) -> None:
     from .data import load_dataset
-    from .grid import completion_grid
-    from .sampling import complete
+    from .grid import completion_grid, save_png
+    from .sampling import complete, image_shape, keep_rows
 
     o = ctx.options
     model, processor = _load(ctx)
     test = load_dataset(o.data, split="test", seed=o.seed, **ctx.data_options)
-    pick = np.random.default_rng(o.seed).choice(
-        len(test), size=min(o.completion_images, len(test)), replace=False
-    )
-    originals = processor.encode(test.batch(0, len(test))[np.sort(pick)])
+    count = min(o.completion_images, len(test))
+    pick = np.sort(np.random.default_rng(o.seed).choice(len(test), size=count, replace=False))
+    originals = processor.encode(test.batch(0, len(test))[pick])
     ids = complete(
-        model, originals, o.keep, n=o.completions, top_k=o.top_k, seed=o.seed, device=o.device, dtype=o.dtype
-    )
-    path = completion_grid(processor, originals, ids, o.keep, ctx.out / "completions.png")
+        model, originals, o.keep, n=o.completions, processor=processor, top_k=o.top_k, seed=o.seed,
+        device=o.device, dtype=o.dtype,
+    )  # fmt: skip
+    rows = keep_rows(o.keep, image_shape(model.config, processor)[0])
+    grid = completion_grid(processor.decode(originals), processor.decode(ids), rows)
+    path = save_png(grid, ctx.out / "completions.png")
     ctx.files["completions"] = path
-    ctx.results["complete"] = {
-        "images": len(originals),
-        "completions_per_image": o.completions,
-        "keep": o.keep,
-    }
-    ctx.say(f"completions: {len(originals)} held-out images x {o.completions} -> {path}")
+    ctx.results["complete"] = {"images": count, "completions_per_image": o.completions, "keep_rows": rows}
+    ctx.say(f"completions: {count} held-out images x {o.completions}, top {rows} rows kept -> {path}")
 
 
 def sample_step(ctx: DemoContext) -> None:
-    from .grid import save_grid
+    from .grid import sample_grid, save_png
     from .sampling import sample
 
     o = ctx.options
     model, processor = _load(ctx)
     ids = sample(model, o.samples, top_k=o.top_k, seed=o.seed, device=o.device, dtype=o.dtype)
-    path = save_grid(processor.decode(ids), ctx.out / "samples.png")
+    path = save_png(sample_grid(processor.decode(ids)), ctx.out / "samples.png")
     ctx.files["samples"] = path
     ctx.results["sample"] = {"images": o.samples}
     ctx.say(f"samples: {o.samples} unconditional samples -> {path}")
