@@ -57,6 +57,19 @@ def test_fit_is_deterministic_for_a_seed(rng):
     assert not np.array_equal(first.centers, other.centers)
 
 
+def test_fit_does_not_depend_on_the_thread_count(rng):
+    pixels = rng.uniform(-1, 1, (100_000, 3)).astype(np.float32)  # 4 chunks of 16 clusters' distances
+    threads = torch.get_num_threads()
+    try:
+        fits = []
+        for count in (1, 2, 3):
+            torch.set_num_threads(count)
+            fits.append(Palette.fit(pixels, clusters=16, iterations=4))
+    finally:
+        torch.set_num_threads(threads)
+    assert fits[0] == fits[1] == fits[2]
+
+
 def test_fit_leaves_no_cluster_empty_even_from_a_bad_start(rng):
     _, pixels = blobs(rng, 6, 200, spread=0.05)
     pixels = np.clip(pixels, -1, 1)
@@ -263,6 +276,20 @@ def test_decode_rejects_ids_outside_the_palette():
 def test_palette_rejects_bad_centres(centres, match):
     with pytest.raises(ArgumentError, match=match):
         Palette(centres)
+
+
+def test_palette_pickles_without_its_memo(rng):
+    import pickle
+
+    palette = Palette(rng.uniform(-1, 1, (8, 3)))
+    colours = rng.integers(0, 256, (70000, 3), dtype=np.uint8)
+    ids = palette.encode(colours)
+    data = pickle.dumps(palette)
+    assert len(data) < 10_000  # not the 32 MiB memo
+    copy = pickle.loads(data)
+    assert copy == palette and copy._memo is None and np.array_equal(copy.encode(colours), ids)
+    with pytest.raises(ValueError):
+        copy.centers[0, 0] = 1.0
 
 
 def test_centres_are_read_only():

@@ -9,7 +9,8 @@ Nearest-centre search is chunked over pixels: per chunk, one matmul writes ||c||
 float32 buffer of 2 MiB (cache-sized) and numpy's SIMD argmin (about 10x torch's on CPU) picks the centre, so
 memory beyond inputs and outputs stays at 2 MiB per thread whatever the number of pixels. `encode` is exact:
 pixels whose best and second-best float32 distances are too close to call are re-decided in float64, so the
-tokens equal a float64 nearest-centre search, which is what transformers' PIL processor does.
+tokens equal a float64 nearest-centre search, which is what transformers' PIL processor does. Large uint8
+batches also go through a memo of every colour seen, so a dataset costs one search per distinct colour.
 """
 
 from __future__ import annotations
@@ -170,18 +171,21 @@ class Palette:
                 f"{centers64.max():.3g}]; a palette in 0-255 units maps with c / 127.5 - 1"
             )
         self._centers64 = np.ascontiguousarray(centers64)
-        self._centers64.flags.writeable = False
         self._centers32 = self._centers64.astype(np.float32)
-        self._centers32.flags.writeable = False
         self._torch32 = torch.from_numpy(self._centers32.copy())
         self._torch64 = torch.from_numpy(self._centers64.copy())
         lut = np.rint(127.5 * (self._centers64 + 1))
         self._colours = np.clip(lut, 0, 255).astype(np.uint8)  # (K, 3)
         self._memo: np.ndarray | None = None  # id of every uint8 colour met so far, -1 if not yet
 
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_memo": None}  # the 32 MiB memo is a cache: do not pickle it
+
     @property
     def centers(self) -> np.ndarray:
-        return self._centers32
+        view = self._centers32.view()
+        view.flags.writeable = False
+        return view
 
     def __len__(self) -> int:
         return len(self._centers32)
@@ -222,9 +226,10 @@ class Palette:
         (tokens that could never occur).
 
         Speed and memory: 1M pixels x 512 clusters, 20 passes, on the 2-core dev CPU shared with other jobs
-        (load average ~9): 4.8 s for pixels of photographs (~200k distinct colours), 21 s for uniformly random
-        colours (all distinct); see benchmarks/bench_palette.py. Memory is about 40 bytes per distinct colour
-        (1M: 40 MB) plus a 2 MiB distance buffer per thread.
+        (load average 7-8): 3.9-4.6 s for pixels of photographs (~200k distinct colours), 20-24 s for
+        uniformly random colours (all distinct); see benchmarks/bench_palette.py. Memory is about 40 bytes
+        per distinct colour (1M: 40 MB) plus a 2 MiB distance buffer per thread. The result does not depend
+        on the number of threads.
         """
         if not isinstance(clusters, int | np.integer) or isinstance(clusters, bool) or clusters < 1:
             raise ArgumentError(f"clusters must be a positive integer, got {clusters!r}")
