@@ -173,8 +173,12 @@ def test_resume_keeps_the_run_arguments(tmp_path):
         resume_options(tmp_path / "run", preset="igpt-micro")
     resumed = resume_options(tmp_path / "run", preset="igpt-nano", device="cpu", stop_after=1)
     assert resumed.stop_after == 1 and resumed.steps == 2
-    with pytest.raises(ArgumentError, match="is finished"):
-        train(resumed, resume=True)
+    with pytest.raises(ArgumentError, match=r"preset \('igpt-micro', the run has 'igpt-nano'\)"):
+        train(options(tmp_path / "run", steps=2, eval_every=0, preset="igpt-micro"), resume=True)
+    before = (tmp_path / "run" / "metrics.jsonl").read_text()
+    again = train(resumed, resume=True)  # a finished run: nothing to do
+    assert again.step == 2 and not again.stopped and again.val_loss is not None
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == before
 
 
 @pytest.mark.parametrize(

@@ -50,6 +50,7 @@ from .trainer import (
     plot_metrics,
     prepare_run_dir,
     progress_bar,
+    read_metrics,
     restore_state,
     save_checkpoint,
     set_lr,
@@ -194,6 +195,36 @@ def _resolution(options: TrainOptions, dataset) -> int | tuple[int, int]:
     return height if height == width else (height, width)
 
 
+def _finished(run_dir: Path, step: int) -> TrainResult:
+    records = read_metrics(run_dir / METRICS_FILE)
+    last = {r["split"]: r["loss"] for r in records}  # the last record of each split
+    return TrainResult(
+        run_dir=run_dir,
+        model_dir=run_dir / MODEL_DIR,
+        step=step,
+        stopped=False,
+        train_loss=last.get("train"),
+        val_loss=last.get("val"),
+        val_bits_per_dim=None if "val" not in last else bits_per_dim(last["val"]),
+        tokens_per_second=None,
+    )
+
+
+def _check_resume(options: TrainOptions, run_dir: Path) -> None:
+    """Refuse to resume a run with arguments that change what it computes (see resume_options)."""
+    saved = load_args(run_dir)
+    skip = set(RESUME_OVERRIDABLE) | {"out", "progress", "stop_after"}
+    if options.palette is not None:
+        skip.add("clusters")  # the run records the palette's size
+    if options.resolution is None:
+        skip.add("resolution")  # the run records the dataset's size
+    differ = [f.name for f in fields(TrainOptions) if f.name not in skip and f.name in saved]
+    differ = [k for k in differ if getattr(options, k) != saved[k]]
+    if differ:
+        detail = ", ".join(f"{k} ({getattr(options, k)!r}, the run has {saved[k]!r})" for k in differ)
+        raise ArgumentError(f"cannot resume {run_dir} with other arguments: {detail}")
+
+
 def train(options: TrainOptions, *, resume: bool = False, on_step=None) -> TrainResult:
     """Pretrain an ImageGPT per `options` into the run directory options.out (resume: continue the run there).
 
@@ -222,6 +253,8 @@ def _train(options: TrainOptions, resume: bool, dist: Distributed, on_step) -> T
     data_options = _data_options(options)
 
     prepare_run_dir(run_dir, {}, resume=resume, write=False)  # every rank checks before rank 0 writes
+    if resume:
+        _check_resume(options, run_dir)
     dist.barrier()
     train_set = load_dataset(options.data, split="train", seed=options.data_seed, **data_options)
     val_set = load_dataset(options.data, split="val", seed=options.data_seed, **data_options)
@@ -296,11 +329,8 @@ def _train(options: TrainOptions, resume: bool, dist: Distributed, on_step) -> T
     optimizer = make_optimizer(model, options.lr, options.weight_decay)
     if latest is not None:
         step = restore_state(load_training_state(latest), optimizer, order, dist, model=ddp)
-        if step >= options.steps:
-            raise ArgumentError(
-                f"the run in {run_dir} is finished (step {step} of {options.steps}); its model is in "
-                f"{run_dir / MODEL_DIR}. To train longer, start a new run"
-            )
+        if step >= options.steps and (run_dir / MODEL_DIR / "config.json").is_file():
+            return _finished(run_dir, step)  # resuming a finished run changes nothing
     model.train()
     schedule = {"lr": options.lr, "warmup": options.warmup, "total": options.steps}
 
