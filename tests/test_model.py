@@ -311,3 +311,34 @@ def test_bfloat16_autocast_model_is_close_to_float32(monkeypatch):
         for p, g in zip(model.parameters(), grads):
             assert p.grad.dtype == torch.float32
             assert torch.allclose(p.grad, g, atol=0.05 * g.abs().max().item() + 1e-6)
+
+
+def test_linear_with_recomputed_silu_matches_autograd_of_the_definition():
+    x = torch.randn(2, 3, 6, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(4, dtype=torch.float64, requires_grad=True)
+
+    def fused(x, weight, bias):
+        return model_module._Linear.apply(x, weight, bias, 0.7, 1.3, True, False)
+
+    expected = 1.3 * bias + 0.7 * F.silu(x) @ weight.t()
+    assert torch.allclose(fused(x, weight, bias), expected)
+    torch.autograd.gradcheck(fused, (x, weight, bias))
+
+
+def test_bfloat16_emulation_with_silu_matches_native_kernels(monkeypatch):
+    monkeypatch.setattr(model_module, "_cpu_has_bf16", lambda: False)
+    torch.manual_seed(1)
+    h = torch.randn(5, 32).bfloat16().requires_grad_()  # the bfloat16 output of c_fc under autocast
+    weight = torch.randn(8, 32, requires_grad=True)
+    bias = torch.randn(8, requires_grad=True)
+    g = torch.randn(5, 8).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = model_module.linear(h, weight, bias, silu=True)
+        native = F.linear(F.silu(h), weight, bias)
+    assert torch.equal(ours, native)
+    for a, b in zip(
+        torch.autograd.grad(ours, (h, weight, bias), g), torch.autograd.grad(native, (h, weight, bias), g)
+    ):
+        assert a.dtype == b.dtype
+        assert torch.allclose(a.float(), b.float(), rtol=2e-2, atol=2e-2 * b.float().abs().max().item())

@@ -58,52 +58,77 @@ def _emulate_bf16(x: torch.Tensor) -> bool:
     )
 
 
-class _BF16Linear(torch.autograd.Function):
-    """beta * bias + alpha * x @ weight.T on bfloat16-rounded operands, with float32 GEMMs (see above).
+def _addmm(bias, a, b, alpha: float, beta: float, emulate: bool) -> torch.Tensor:
+    """beta * bias + alpha * a @ b for 2-D a and b; emulated: bfloat16-rounded operands, float32 kernel."""
+    if emulate:
+        with torch.autocast("cpu", enabled=False):
+            a, b = a.to(torch.bfloat16).float(), b.to(torch.bfloat16).float()
+            bias = None if bias is None else bias.to(torch.bfloat16).float()
+            return _addmm(bias, a, b, alpha, beta, False)
+    if bias is None:
+        out = torch.mm(a, b)
+        return out.mul_(alpha) if alpha != 1.0 else out
+    return torch.addmm(bias, a, b, beta=beta, alpha=alpha)
 
-    Saves the bfloat16 input for backward, as autocast would. Gradients: the input's in bfloat16 (cast to the
-    input's dtype), the weight's and the bias's in float32.
+
+class _Linear(torch.autograd.Function):
+    """beta * bias + alpha * act(x) @ weight.T, act = silu or identity, with a hand-written backward for the
+    two cases that autograd serves poorly:
+
+    - silu: x is saved instead of silu(x), and silu is recomputed in backward (one fused pass), which keeps
+      the widest activation of every block out of memory during training;
+    - emulate: bfloat16 autocast on a CPU without bfloat16 units (see above). The input is saved in bfloat16,
+      as autocast would; gradients: the input's rounded to bfloat16, the weight's and bias's in float32.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, alpha, beta):
-        with torch.autocast("cpu", enabled=False):
-            x16, w16 = x.to(torch.bfloat16), weight.to(torch.bfloat16)
-            x2 = x16.reshape(-1, x.size(-1)).float()  # (N, in)
-            if bias is None:
-                out = torch.mm(x2, w16.float().t())
-                out = out.mul_(alpha) if alpha != 1.0 else out
-            else:
-                b = bias.to(torch.bfloat16).float()
-                out = torch.addmm(b, x2, w16.float().t(), beta=beta, alpha=alpha)
-        ctx.save_for_backward(x16, w16)
-        ctx.x_dtype, ctx.has_bias, ctx.alpha, ctx.beta = x.dtype, bias is not None, alpha, beta
-        return out.to(torch.bfloat16).view(*x.shape[:-1], -1)
+    def forward(ctx, x, weight, bias, alpha, beta, silu, emulate):
+        device = x.device.type
+        ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+        ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
+        ctx.options = (alpha, beta, silu, emulate)
+        if emulate:
+            x, weight = x.to(torch.bfloat16), weight.to(torch.bfloat16)
+        ctx.save_for_backward(x, weight)
+        a = F.silu(x) if silu else x
+        out = _addmm(bias, a.reshape(-1, a.size(-1)), weight.t(), alpha, beta, emulate)  # (N, out)
+        return (out.to(torch.bfloat16) if emulate else out).view(*x.shape[:-1], -1)
 
     @staticmethod
     def backward(ctx, grad):
-        x16, w16 = ctx.saved_tensors
-        g = grad.reshape(-1, grad.size(-1)).float()  # (N, out)
-        g_alpha = g * ctx.alpha if ctx.alpha != 1.0 else g
-        grad_x = grad_w = grad_b = None
-        if ctx.needs_input_grad[0]:
-            grad_x = torch.mm(g_alpha, w16.float()).to(torch.bfloat16).view(x16.shape).to(ctx.x_dtype)
-        if ctx.needs_input_grad[1]:
-            grad_w = torch.mm(g_alpha.t(), x16.reshape(-1, x16.size(-1)).float())
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_b = g.sum(0).mul_(ctx.beta)
-        return grad_x, grad_w, grad_b, None, None
+        x, weight = ctx.saved_tensors
+        alpha, beta, silu, emulate = ctx.options
+        x_dtype, weight_dtype, bias_dtype = ctx.dtypes
+        device, enabled, dtype = ctx.autocast
+        grad_x = grad_weight = grad_bias = None
+        with torch.autocast(device, dtype=dtype, enabled=enabled):
+            a = F.silu(x) if silu else x
+            g = grad.reshape(-1, grad.size(-1))  # (N, out)
+            g_alpha = g * alpha if alpha != 1.0 else g
+            if ctx.needs_input_grad[0]:
+                grad_a = _addmm(None, g_alpha, weight, 1.0, 1.0, emulate).to(a.dtype).view(a.shape)
+                grad_x = (torch.ops.aten.silu_backward(grad_a, x) if silu else grad_a).to(x_dtype)
+            if ctx.needs_input_grad[1]:
+                grad_weight = _addmm(None, g_alpha.t(), a.reshape(-1, a.size(-1)), 1.0, 1.0, emulate)
+                grad_weight = grad_weight.to(weight_dtype)
+            if bias_dtype is not None and ctx.needs_input_grad[2]:
+                grad_bias = g.sum(0, dtype=torch.float32).mul_(beta).to(bias_dtype)
+        return grad_x, grad_weight, grad_bias, None, None, None, None
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias=None, alpha: float = 1.0, beta: float = 1.0):
-    """beta * bias + alpha * x @ weight.T. The scales are free: BLAS applies them inside the multiply."""
-    if _emulate_bf16(x):
-        return _BF16Linear.apply(x, weight, bias, alpha, beta)
+def linear(x: torch.Tensor, weight: torch.Tensor, bias=None, alpha=1.0, beta=1.0, silu=False) -> torch.Tensor:
+    """beta * bias + alpha * act(x) @ weight.T, act = silu if asked, else identity.
+
+    The scales are free: BLAS applies them inside the multiply.
+    """
+    emulate = _emulate_bf16(x)
+    if emulate or (silu and torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
+        return _Linear.apply(x, weight, bias, alpha, beta, silu, emulate)
+    if silu:
+        x = F.silu(x)
     if alpha == 1.0 and beta == 1.0:
         return F.linear(x, weight, bias)
-    if bias is None:
-        return F.linear(x, weight) * alpha
-    out = torch.addmm(bias, x.reshape(-1, x.size(-1)), weight.t(), beta=beta, alpha=alpha)
+    out = _addmm(bias, x.reshape(-1, x.size(-1)), weight.t(), alpha, beta, False)
     return out.view(*x.shape[:-1], -1)
 
 
@@ -166,7 +191,7 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout:
     positions).
     SDPA's fused kernels never materialise the T x S matrix and scale by 1/sqrt(hs).
     """
-    if _emulate_bf16(q):  # bfloat16 operands, float32 kernels (see _BF16Linear)
+    if _emulate_bf16(q):  # bfloat16 operands, float32 kernels (see _Linear)
         with torch.autocast("cpu", enabled=False):
             q, k, v = (t.to(torch.bfloat16).float() for t in (q, k, v))
             return causal_attention(q, k, v, dropout).to(torch.bfloat16)
@@ -251,11 +276,13 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # c_proj(quick_gelu(c_fc(x))) with quick_gelu(z) = z * sigmoid(1.702 z) = silu(1.702 z) / 1.702: the
         # two scales ride on the matrix multiplies (BLAS alpha and beta), so the activation is one fused silu
-        # kernel forward and backward instead of three passes over the widest tensor, and autograd saves one
-        # tensor less.
+        # kernel forward and backward instead of three passes over the widest tensor.
         h = linear(x, self.c_fc.weight, self.c_fc.bias, alpha=1.702, beta=1.702)  # (B, T, inner)
-        h = F.silu(h, inplace=not (torch.is_grad_enabled() and h.requires_grad))  # in place when no backward
-        return self.dropout(linear(h, self.c_proj.weight, self.c_proj.bias, alpha=1 / 1.702))
+        if torch.is_grad_enabled() and h.requires_grad:  # silu(h) recomputed in backward, not kept
+            out = linear(h, self.c_proj.weight, self.c_proj.bias, alpha=1 / 1.702, silu=True)
+        else:
+            out = linear(F.silu(h, inplace=True), self.c_proj.weight, self.c_proj.bias, alpha=1 / 1.702)
+        return self.dropout(out)
 
 
 class Block(nn.Module):
