@@ -171,7 +171,7 @@ def plot_metrics(metrics_path: str | os.PathLike, png_path: str | os.PathLike, k
         style = {"linewidth": 1} if split == "train" else {"marker": "o", "linestyle": "--"}
         ax.plot(steps, values, label=split, **style)
     ax.set_xlabel("step")
-    ax.set_ylabel(key.replace("_", " "))
+    ax.set_ylabel(key.replace("_", " ") + (" (nats)" if key == "loss" else ""))
     ax.grid(alpha=0.3)
     if by_split:
         ax.legend()

@@ -19,30 +19,30 @@ EXAMPLE = """examples:
 """
 
 # TrainOptions fields given as options. Their parser defaults are None, so that --resume sees what was given.
-TRAIN_ARGUMENTS = {
-    "data": "data",
-    "out": "out",
-    "preset": "preset",
-    "resolution": "resolution",
-    "clusters": "clusters",
-    "palette": "palette",
-    "palette_pixels": "palette_pixels",
-    "steps": "steps",
-    "batch_size": "batch_size",
-    "accumulate": "accumulate",
-    "lr": "lr",
-    "warmup": "warmup",
-    "weight_decay": "weight_decay",
-    "clip": "clip",
-    "dropout": "dropout",
-    "eval_every": "eval_every",
-    "eval_images": "eval_images",
-    "save_every": "save_every",
-    "seed": "seed",
-    "data_seed": "data_seed",
-    "cache_dir": "cache_dir",
-    "stop_after": "stop_after",
-}
+TRAIN_ARGUMENTS = (
+    "data",
+    "out",
+    "preset",
+    "resolution",
+    "clusters",
+    "palette",
+    "palette_pixels",
+    "steps",
+    "batch_size",
+    "accumulate",
+    "lr",
+    "warmup",
+    "weight_decay",
+    "clip",
+    "dropout",
+    "eval_every",
+    "eval_images",
+    "save_every",
+    "seed",
+    "data_seed",
+    "cache_dir",
+    "stop_after",
+)
 
 
 def register(subparsers) -> None:
@@ -145,11 +145,7 @@ def options_from_args(args):
     """(TrainOptions, resume) from parsed arguments; with --resume, the run's saved arguments + overrides."""
     from ..train import TrainOptions, resume_options
 
-    given = {
-        field: getattr(args, name)
-        for name, field in TRAIN_ARGUMENTS.items()
-        if getattr(args, name) is not None
-    }
+    given = {name: getattr(args, name) for name in TRAIN_ARGUMENTS if getattr(args, name) is not None}
     for flag in ("gradient_checkpointing", "fsdp"):
         if getattr(args, flag):
             given[flag] = True
