@@ -235,6 +235,7 @@ def test_pickled_objects_are_never_loaded(saved):
         ImageGPT.from_pretrained(directory)
 
 
+@pytest.mark.slow
 def test_hub_id_offline_is_a_clear_error(tmp_path):
     """Not a directory and the Hub unreachable: run in a fresh process so HF_HUB_OFFLINE takes effect."""
     pytest.importorskip("huggingface_hub")

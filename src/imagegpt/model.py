@@ -303,8 +303,14 @@ class Transformer(nn.Module):
 
     def __init__(self, config: ImageGPTConfig):
         super().__init__()
-        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
-        self.wpe = nn.Embedding(config.n_positions, config.n_embd)
+        # Left uninitialised here (init_weights draws them): nn.Embedding's own normal_ init costs seconds of
+        # one-time imports on the meta device, where checkpoint loading builds the model.
+        self.wte = nn.Embedding(
+            config.vocab_size, config.n_embd, _weight=torch.empty(config.vocab_size, config.n_embd)
+        )
+        self.wpe = nn.Embedding(
+            config.n_positions, config.n_embd, _weight=torch.empty(config.n_positions, config.n_embd)
+        )
         self.drop = nn.Dropout(config.embd_pdrop)
         self.h = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.ln_f = Norm(config.n_embd, config.layer_norm_epsilon)
@@ -353,6 +359,8 @@ class ImageGPTOutput:
 
 def init_weights(model: nn.Module, config: ImageGPTConfig) -> None:
     """The original code's initialisation, which the paper reports matters for stable training."""
+    if any(p.is_meta for p in model.parameters()):
+        return  # built on the meta device to receive a checkpoint's weights: nothing to draw
     width_std = 1.0 / math.sqrt(config.n_embd)
     for name, p in model.named_parameters():
         if name.endswith("ln_1.weight") or name.endswith("ln_2.weight") or name.endswith("ln_f.weight"):
