@@ -89,24 +89,31 @@ def ids_fingerprint(ids: torch.Tensor) -> str:
     return digest.hexdigest()[:20]
 
 
+def _is_ids(x) -> bool:
+    return isinstance(x, torch.Tensor | np.ndarray) and x.ndim == 2
+
+
+def _image_batches(images, batch_size: int):
+    """Batches of an ImageDataset (via .batch, which decodes image files lazily) or of an image sequence."""
+    for start in range(0, len(images), batch_size):
+        stop = min(start + batch_size, len(images))
+        yield images.batch(start, stop) if hasattr(images, "batch") else images[start:stop]
+
+
 def _as_ids(images_or_ids, config, processor, batch_size: int) -> torch.Tensor:
-    """Token ids [N, n_positions] from ids (2-D integers), or from images via the processor."""
-    is_array = isinstance(images_or_ids, np.ndarray) and images_or_ids.ndim == 2
-    is_tensor = isinstance(images_or_ids, torch.Tensor) and images_or_ids.ndim == 2
-    if is_array or is_tensor:
-        floating = (
+    """Token ids [N, n_positions] from ids (2-D integers), or from a batch of images via the processor."""
+    if _is_ids(images_or_ids):
+        tensor = isinstance(images_or_ids, torch.Tensor)
+        if (
             images_or_ids.is_floating_point()
-            if is_tensor
+            if tensor
             else not np.issubdtype(images_or_ids.dtype, np.integer)
-        )
-        if floating:
+        ):
             raise ImageInputError(
                 "a 2-D input is read as token ids [N, H*W] and must hold integers; pass images as "
                 "[N, H, W, 3] arrays or as a list"
             )
-        ids = (
-            images_or_ids.long() if is_tensor else torch.from_numpy(np.asarray(images_or_ids, dtype=np.int64))
-        )
+        ids = images_or_ids.long() if tensor else torch.from_numpy(np.asarray(images_or_ids, dtype=np.int64))
     else:
         if processor is None:
             raise ArgumentError(
@@ -115,12 +122,7 @@ def _as_ids(images_or_ids, config, processor, batch_size: int) -> torch.Tensor:
             )
         if len(images_or_ids) == 0:
             raise ImageInputError("no images given: pass at least one image")
-        ids = torch.cat(
-            [
-                processor.encode(images_or_ids[i : i + batch_size])
-                for i in range(0, len(images_or_ids), batch_size)
-            ]
-        )
+        ids = torch.cat([processor.encode(batch) for batch in _image_batches(images_or_ids, batch_size)])
     if ids.size(0) == 0:
         raise ImageInputError("no images given: pass at least one image")
     if ids.size(1) != config.n_positions:
@@ -355,17 +357,6 @@ def _probe_row(name, train, val, test, labels_per_class, seeds, Cs) -> dict:
 
 def _str_keys(values: dict[float, float]) -> dict[str, float]:
     return {f"{k:g}": v for k, v in values.items()}
-
-
-def _is_ids(x) -> bool:
-    return isinstance(x, torch.Tensor | np.ndarray) and x.ndim == 2
-
-
-def _image_batches(images, batch_size: int):
-    """Batches of an ImageDataset (via .batch, which decodes image files lazily) or of an image sequence."""
-    for start in range(0, len(images), batch_size):
-        stop = min(start + batch_size, len(images))
-        yield images.batch(start, stop) if hasattr(images, "batch") else images[start:stop]
 
 
 def dataset_ids(dataset, processor, cache_dir=None, batch_size: int = 256) -> np.ndarray | torch.Tensor:
