@@ -60,7 +60,10 @@ def test_probe_command_writes_a_table_json_and_plot(model_dir, tmp_path, capsys)
     assert report["sizes"] == {"train": 1437, "val": 180, "test": 180}
     assert all(row["C"] in (0.01, 1.0) for row in report["rows"])
     assert (out / "probe.png").read_bytes()[:4] == b"\x89PNG"
-    assert "raw-pixel" in stdout and "<- best on val" in stdout
+    assert "raw pixels" in stdout and "palette-quantised" in stdout and "<- best on val" in stdout
+    assert (
+        report["palette_baseline"]["layer"] == "palette" and report["palette_baseline"]["test_accuracy"] > 0.5
+    )
     for layer in (0, 1, 2):
         assert f"\n{layer:>8}  " in stdout
     # Token ids and features were cached: a second run reads them instead of recomputing.

@@ -32,7 +32,7 @@ from .device import autocast, resolve_device, resolve_dtype
 from .errors import ArgumentError, DataError, ImageInputError
 from .model import sos_inputs
 
-DEFAULT_CS: tuple[float, ...] = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
+DEFAULT_CS: tuple[float, ...] = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
 
 
 # -------------------------------------------------------------------------------------------------- layers
@@ -399,7 +399,10 @@ def run_probe(
     cache_dir: str | os.PathLike | None = None,
     progress: bool = False,
 ) -> dict:
-    """Per-layer linear probes and a raw-pixel baseline on three labelled splits; returns a JSON-able report.
+    """Per-layer linear probes and pixel baselines on three labelled splits; returns a JSON-able report.
+
+    The baselines are logistic regressions on the raw pixels (resized to the model's resolution) and on the
+    palette-quantised pixels the model actually reads; the gap between them is what the palette loses.
 
     train / val / test: imagegpt.data ImageDatasets, or (images, labels) or (token ids, labels) pairs.
     cache_dir: token ids (imagegpt.data.token_cache) and features are cached in its tokens/ and features/.
@@ -420,12 +423,12 @@ def run_probe(
         if unseen:
             raise DataError(f"the {split} split has classes {sorted(unseen)} that the training split lacks")
 
-    features = {}
+    features, ids = {}, {}
     for split, (images, _) in data.items():
-        ids = images if _is_ids(images) else dataset_ids(images, processor, cache_dir)
+        ids[split] = images if _is_ids(images) else dataset_ids(images, processor, cache_dir)
         features[split] = extract_features(
             model,
-            ids,
+            ids[split],
             layers,
             batch_size=batch_size,
             device=device,
@@ -446,10 +449,16 @@ def run_probe(
             "+".join(map(str, layers)),
             lambda split: np.concatenate([features[split][layer] for layer in layers], axis=1),
         )
-    baseline_row = None
+    baseline_row = palette_row = None
     if baseline:
         pixels = {split: raw_pixel_features(images, processor) for split, (images, _) in data.items()}
         baseline_row = row("pixels", lambda split: pixels[split])
+        # The same images as the model reads them: every pixel replaced by its palette colour.
+        centers = processor.palette.centers
+        palette_row = row(
+            "palette",
+            lambda split: centers[np.asarray(ids[split], dtype=np.int64)].reshape(len(ids[split]), -1),
+        )
     best = max(rows, key=lambda r: r["val_accuracy"])
     n_classes = len(train_classes)
     return {
@@ -467,6 +476,7 @@ def run_probe(
         "rows": rows,
         "concat": concat_row,
         "baseline": baseline_row,
+        "palette_baseline": palette_row,
         "best_layer": best["layer"],
     }
 
@@ -503,12 +513,16 @@ def format_report(report: dict) -> str:
     if report["concat"]:
         lines.append(line(report["concat"]))
     if report["baseline"]:
-        lines.append(line(report["baseline"], "  (raw-pixel logistic regression)"))
+        lines.append(line(report["baseline"], "  (logistic regression on raw pixels)"))
+    if report.get("palette_baseline"):
+        lines.append(
+            line(report["palette_baseline"], "  (... on the palette-quantised pixels the model reads)")
+        )
     return "\n".join(lines)
 
 
 def plot_report(report: dict, path: str | os.PathLike) -> None:
-    """Test accuracy by layer, with the raw-pixel baseline and chance as horizontal lines."""
+    """Test accuracy by layer, with the pixel baselines and chance as horizontal lines."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -522,6 +536,9 @@ def plot_report(report: dict, path: str | os.PathLike) -> None:
     ax.errorbar(x, y, yerr=err if any(err) else None, marker="o", capsize=3, label="linear probe (test)")
     if report["baseline"]:
         ax.axhline(100 * report["baseline"]["test_accuracy"], color="tab:red", ls="--", label="raw pixels")
+    if report.get("palette_baseline"):
+        accuracy = 100 * report["palette_baseline"]["test_accuracy"]
+        ax.axhline(accuracy, color="tab:orange", ls="--", label="palette-quantised pixels")
     if report["concat"]:
         ax.axhline(
             100 * report["concat"]["test_accuracy"],

@@ -70,8 +70,8 @@ def register(subparsers) -> None:
         description=(
             "Average-pooled, layer-normed features of [SOS, x0, ..., x_{n-2}] at each chosen layer, an "
             "L-BFGS logistic regression on the standardised features with C chosen on the validation split, "
-            "and test accuracy for that choice; a raw-pixel logistic regression on the same splits as a "
-            "baseline. "
+            "and test accuracy for that choice; logistic regressions on the raw and on the palette-quantised "
+            "pixels of the same splits as baselines. "
             "Writes probe.json and probe.png under --out."
         ),
         epilog=EXAMPLE,
@@ -101,7 +101,7 @@ def register(subparsers) -> None:
         default="0.001,0.01,0.1,1,10",
         help="regularisation strengths tried on the validation split",
     )
-    parser.add_argument("--no-baseline", action="store_true", help="skip the raw-pixel baseline")
+    parser.add_argument("--no-baseline", action="store_true", help="skip the pixel baselines")
     parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
     parser.add_argument("--cache-dir", default=None, help="token and feature cache (default: OUT/cache)")
     add_device_options(parser)
