@@ -85,7 +85,7 @@ def test_kv_cache_holds_layers_by_batch_by_positions_by_width():
     config = tiny_model(0).config
     cache = KVCache(config, 5)
     per_tensor = config.n_layer * 5 * config.n_positions * config.n_embd
-    assert cache.k.numel() == cache.v.numel() == per_tensor
+    assert sum(k.numel() for k in cache.k) == sum(v.numel() for v in cache.v) == per_tensor
     assert default_batch_size(tiny_model(0), 10**9, torch.float32) * 2 * per_tensor // 5 * 4 <= 2 * 1024**3
 
 
@@ -248,6 +248,14 @@ def test_keeping_nothing_is_unconditional_sampling_with_the_same_seed():
         )
 
 
+def test_generation_can_stop_early_at_the_same_tokens():
+    model = tiny_model(25)
+    first = generate(model, torch.empty(3, 0, dtype=torch.long), length=10, seed=5, top_k=4)
+    assert torch.equal(first, sample(model, 3, seed=5, top_k=4)[:, :10])
+    with pytest.raises(ArgumentError, match="length must lie in"):
+        generate(model, random_ids(1, 0, length=12), length=10)
+
+
 def test_sampling_restores_the_training_mode_and_runs_without_gradients():
     model = tiny_model(14).train()
     sample(model, 1, seed=0)
@@ -256,13 +264,19 @@ def test_sampling_restores_the_training_mode_and_runs_without_gradients():
 
 
 @pytest.mark.slow
-def test_compiled_decode_step_gives_the_eager_tokens():
+@pytest.mark.parametrize("compile", [True, "static"])
+def test_compiled_decode_step_gives_the_eager_tokens(compile):
     model = tiny_model(15)
-    eager = sample(model, 3, top_k=5, seed=2, dtype="float32")
-    assert torch.equal(sample(model, 3, top_k=5, seed=2, dtype="float32", compile=True), eager)
-    ids = random_ids(2, 16)
-    eager = complete(model, ids, 0.5, n=2, temperature=0, dtype="float32")
-    assert torch.equal(complete(model, ids, 0.5, n=2, temperature=0, dtype="float32", compile=True), eager)
+    ids = random_ids(1, 16)
+    options = {"top_k": 5, "seed": 2, "dtype": "float32"}  # two rows each time: one batch shape to compile
+    eager = complete(model, ids, 0.5, n=2, **options), sample(model, 2, **options)
+    assert torch.equal(complete(model, ids, 0.5, n=2, **options, compile=compile), eager[0])
+    assert torch.equal(sample(model, 2, **options, compile=compile), eager[1])
+
+
+def test_unknown_compile_setting_is_refused():
+    with pytest.raises(ArgumentError, match="compile must be"):
+        sample(tiny_model(0), 1, compile="fast")
 
 
 # ---- with a processor ----

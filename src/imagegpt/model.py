@@ -205,10 +205,12 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout:
 
 
 class KVCache:
-    """Preallocated keys and values for every layer, (n_layer, B, nh, max_length, hs) each.
+    """Preallocated keys and values, one (B, nh, max_length, hs) tensor of each per layer.
 
     Memory is 2 x n_layer x B x max_length x n_embd elements, allocated once; `update` writes new positions in
-    place and returns views over the positions filled so far.
+    place and returns views over the positions filled so far. One tensor per layer (not one for all layers)
+    lets torch.compile update a layer's cache in place: a write into a view of a larger graph input would be
+    compiled into a copy of the whole cache at every step.
     """
 
     def __init__(
@@ -220,26 +222,30 @@ class KVCache:
         dtype: torch.dtype = torch.float32,
     ):
         max_length = config.n_positions if max_length is None else max_length
-        shape = (config.n_layer, batch_size, config.n_head, max_length, config.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        shape = (batch_size, config.n_head, max_length, config.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+
+    @property
+    def batch_size(self) -> int:
+        return self.k[0].size(0)
 
     @property
     def max_length(self) -> int:
-        return self.k.size(3)
+        return self.k[0].size(2)
 
     def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor):
         end = start + k.size(2)
-        self.k[layer, :, :, start:end] = k
-        self.v[layer, :, :, start:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        self.k[layer][:, :, start:end] = k
+        self.v[layer][:, :, start:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
     def write(self, layer: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         """Static-shape update for CUDA graphs: write k, v (B, nh, T, hs) at `positions` (a (T,) tensor on the
         cache's device) and return the layer's whole cache, (B, nh, max_length, hs); the caller masks the
         positions not yet written."""
-        self.k[layer].index_copy_(2, positions, k.to(self.k.dtype))
-        self.v[layer].index_copy_(2, positions, v.to(self.v.dtype))
+        self.k[layer][:, :, positions] = k.to(self.k[layer].dtype)
+        self.v[layer][:, :, positions] = v.to(self.v[layer].dtype)
         return self.k[layer], self.v[layer]
 
 

@@ -137,15 +137,24 @@ def decode_one_token_static(
 _COMPILED: dict[str, Callable] = {}
 
 
-def _compiled_step(device: torch.device) -> Callable:
-    """The decode step compiled for this device type (compiled once per process and reused)."""
-    key = device.type
+def decode_step(device: torch.device, compile: bool | str) -> tuple[Callable, bool]:
+    """(the decode step, whether it is the static one) for `compile`: False, True (static on CUDA, dynamic
+    elsewhere), "static" or "dynamic". Compiled steps are compiled once per process and reused."""
+    if compile is False:
+        return decode_one_token, False
+    if compile is True:
+        compile = "static" if device.type == "cuda" else "dynamic"
+    if compile not in ("static", "dynamic"):
+        raise ArgumentError(f"compile must be True, False, 'static' or 'dynamic', got {compile!r}")
+    key = (device.type, compile)
     if key not in _COMPILED:
-        if device.type == "cuda":
+        if compile == "dynamic":
+            _COMPILED[key] = torch.compile(decode_one_token, dynamic=True)
+        elif device.type == "cuda":  # each step replays a CUDA graph
             _COMPILED[key] = torch.compile(decode_one_token_static, mode="reduce-overhead", fullgraph=True)
         else:
-            _COMPILED[key] = torch.compile(decode_one_token, dynamic=True)
-    return _COMPILED[key]
+            _COMPILED[key] = torch.compile(decode_one_token_static, fullgraph=True)
+    return _COMPILED[key], compile == "static"
 
 
 # ---- generation: batches of prefixes -> full images ----
@@ -187,8 +196,9 @@ def generate(
     batch_size: int | None = None,
     device=None,
     dtype=None,
-    compile: bool = False,
+    compile: bool | str = False,
     progress: bool | str = False,
+    length: int | None = None,
 ) -> torch.LongTensor:
     """Complete each row of `prefixes` (R, P), image tokens without SOS, to n_positions tokens; (R,
     n_positions).
@@ -198,15 +208,20 @@ def generate(
     one torch.Generator seeded with `seed` (None: a fresh random seed), so the same seed, settings and batch
     size give the same tokens on the same machine. dtype: the autocast compute dtype; None or "auto" =
     bfloat16 where the device supports it (imagegpt.device), else float32. progress: show a tqdm bar (a string
-    sets its label).
+    sets its label). length: stop after this many tokens per row (P <= length <= n_positions), e.g. to time
+    the first rows.
     """
     check_sampling(temperature, top_k, top_p)
     config = model.config
-    n_positions = config.n_positions
     R, P = prefixes.shape
-    if n_positions < P:
+    if config.n_positions < P:
         raise ArgumentError(
-            f"a prefix of {P} tokens is longer than the model's images of {n_positions} tokens"
+            f"a prefix of {P} tokens is longer than the model's images of {config.n_positions} tokens"
+        )
+    n_positions = config.n_positions if length is None else length
+    if not P <= n_positions <= config.n_positions:
+        raise ArgumentError(
+            f"length must lie in [{P}, {config.n_positions}] (the prefix to the image), got {length}"
         )
     device = _model_device(model, device)
     dtype = resolve_dtype(dtype, device)
@@ -218,8 +233,7 @@ def generate(
         generator.seed()
     else:
         generator.manual_seed(int(seed))
-    step = _compiled_step(device) if compile else decode_one_token
-    static = compile and device.type == "cuda"
+    step, static = decode_step(device, compile)
 
     out = torch.empty(R, n_positions, dtype=torch.long)
     out[:, :P] = prefixes
@@ -233,8 +247,14 @@ def generate(
         for lo in range(0, R, batch_size):
             prefix = prefixes[lo : lo + batch_size].to(device)
             B = prefix.size(0)
-            if cache is None or cache.k.size(1) != B:  # one cache reused by every batch of the same size
-                cache = KVCache(config, B, n_positions, device=device, dtype=cache_dtype)
+            if cache is None or cache.batch_size != B:  # one cache reused by every batch of the same size
+                # A compiled dynamic step gets one spare position, so that its view of the cache never spans
+                # the whole tensor: the last step would otherwise be compiled anew for being contiguous.
+                spare = int(bool(compile) and not static)
+                cache = KVCache(config, B, n_positions + spare, device=device, dtype=cache_dtype)
+                if static and device.type == "cuda":  # CUDA graphs replay on the cache's memory
+                    for tensor in cache.k + cache.v:
+                        torch._dynamo.mark_static_address(tensor)
             tokens = torch.empty(B, n_positions - P, dtype=torch.long, device=device)
             inputs = torch.cat([torch.full((B, 1), config.sos_id, device=device), prefix], dim=1)
             with autocast(device, dtype):
@@ -280,7 +300,7 @@ def sample(
     batch_size: int | None = None,
     device=None,
     dtype=None,
-    compile: bool = False,
+    compile: bool | str = False,
     progress: bool | str = False,
 ) -> torch.LongTensor:
     """n images sampled from [SOS]: token ids (n, n_positions) on the CPU; processor.decode(ids) gives pixels.
@@ -369,7 +389,7 @@ def complete(
     batch_size: int | None = None,
     device=None,
     dtype=None,
-    compile: bool = False,
+    compile: bool | str = False,
     progress: bool | str = False,
 ) -> torch.LongTensor:
     """n completions of each image of `ids` (B, L) from its top rows: token ids (B * n, n_positions) on the
