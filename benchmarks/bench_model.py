@@ -213,6 +213,7 @@ def main(argv=None) -> int:
     parser.add_argument("--budget", type=float, default=600, help="seconds of steps per case before stopping")
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--precisions", default=",".join(PRECISIONS))
+    parser.add_argument("--implementations", default=",".join(IMPLEMENTATIONS))
     parser.add_argument("--threads", type=int, help="torch threads in each case (default: torch's default)")
     parser.add_argument("--quick", action="store_true", help="igpt-micro, 2 x 256 tokens, 1 timed step")
     parser.add_argument("--json", help="also write the results to this file")
@@ -241,7 +242,7 @@ def main(argv=None) -> int:
     results = {}
     for mode in args.modes.split(","):
         for precision in args.precisions.split(","):
-            for implementation in IMPLEMENTATIONS:
+            for implementation in args.implementations.split(","):
                 spec = dict(
                     implementation=implementation,
                     mode=mode,
@@ -303,11 +304,11 @@ def table(results: dict, tokens: int) -> str:
             b, bound_b = tokens_per_second(theirs, tokens)
             ratio = f"{'>' if bound_b else ''}{a / b:.2f}x" if not bound_a else "?"
             target = TARGETS.get((mode, precision))
-            memory = memory_mib(ours) / memory_mib(theirs)
+            memory = f"{'<' if bound_b else ''}{memory_mib(ours) / memory_mib(theirs):.2f}x"
             rows.append(
                 f"{mode + ' ' + precision:18s} {bound_a + f'{a:.1f}':>15s} {bound_b + f'{b:.1f}':>19s} "
                 f"{ratio:>9s} {f'{target:.1f}x' if target else '':>7s} {memory_mib(ours):>13.0f} "
-                f"{('>' if bound_b else '') + f'{memory_mib(theirs):.0f}':>17s} {memory:>6.2f}x"
+                f"{('>' if bound_b else '') + f'{memory_mib(theirs):.0f}':>17s} {memory:>7s}"
             )
     # Each model in its faster precision: what a user of each would pick on this machine.
     for mode in MODES:

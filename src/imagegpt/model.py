@@ -78,7 +78,8 @@ class _Linear(torch.autograd.Function):
     - silu: x is saved instead of silu(x), and silu is recomputed in backward (one fused pass), which keeps
       the widest activation of every block out of memory during training;
     - emulate: bfloat16 autocast on a CPU without bfloat16 units (see above). The input is saved in bfloat16,
-      as autocast would; gradients: the input's rounded to bfloat16, the weight's and bias's in float32.
+      as autocast would, the weight as the float32 parameter; gradients: the input's rounded to bfloat16, the
+      weight's and bias's in float32.
     """
 
     @staticmethod
@@ -87,8 +88,8 @@ class _Linear(torch.autograd.Function):
         ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
         ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
         ctx.options = (alpha, beta, silu, emulate)
-        if emulate:
-            x, weight = x.to(torch.bfloat16), weight.to(torch.bfloat16)
+        if emulate:  # the weight stays float32 (the parameter itself, no copy); _addmm rounds it
+            x = x.to(torch.bfloat16)
         ctx.save_for_backward(x, weight)
         a = F.silu(x) if silu else x
         out = _addmm(bias, a.reshape(-1, a.size(-1)), weight.t(), alpha, beta, emulate)  # (N, out)
@@ -188,8 +189,7 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout:
     """Attention of T queries over the last T of S keys, each query seeing the keys up to its own position.
 
     q is (B, nh, T, hs); k and v are (B, nh, S, hs) with S >= T (S > T when a KV cache holds earlier
-    positions).
-    SDPA's fused kernels never materialise the T x S matrix and scale by 1/sqrt(hs).
+    positions). SDPA's fused kernels never materialise the T x S matrix and scale by 1/sqrt(hs).
     """
     if _emulate_bf16(q):  # bfloat16 operands, float32 kernels (see _Linear)
         with torch.autocast("cpu", enabled=False):
