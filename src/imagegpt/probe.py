@@ -260,6 +260,9 @@ def _check_labels(labels, what: str) -> np.ndarray:
     return np.asarray(labels, dtype=np.int64)
 
 
+SMALL_PROBLEM = 4_000_000  # feature values (samples x features) below which the probe uses one BLAS thread
+
+
 def fit_probe(
     train_features: np.ndarray,
     train_labels,
@@ -279,6 +282,7 @@ def fit_probe(
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
+    from threadpoolctl import threadpool_limits
 
     train_labels = _check_labels(train_labels, "training")
     val_labels = _check_labels(val_labels, "validation")
@@ -289,10 +293,13 @@ def fit_probe(
     scaler = StandardScaler().fit(train_features)
     train_x, val_x = scaler.transform(train_features), scaler.transform(val_features)
     classifier = LogisticRegression(solver="lbfgs", max_iter=max_iter, warm_start=True)
+    # L-BFGS makes thousands of small matrix products; below a few million feature values a second BLAS
+    # thread only adds synchronisation (digits, 1437 x 192: 45x slower with 2 threads on a busy 2-core CPU).
+    blas_threads = 1 if train_x.size < SMALL_PROBLEM else None
     best, val_accuracies = None, {}
     for C in sorted(float(c) for c in Cs):
         classifier.set_params(C=C)
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), threadpool_limits(blas_threads, user_api="blas"):
             warnings.simplefilter("ignore", ConvergenceWarning)
             classifier.fit(train_x, train_labels)
         val_accuracies[C] = float(classifier.score(val_x, val_labels))
