@@ -220,11 +220,15 @@ class KVCache:
         max_length: int | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
+        zeroed: bool = True,
     ):
+        # zeroed=False leaves the memory uninitialised: fine for `update`, which only ever returns positions
+        # written, and it spares touching gigabytes up front (`write` needs finite values everywhere).
         max_length = config.n_positions if max_length is None else max_length
         shape = (batch_size, config.n_head, max_length, config.head_dim)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        new = torch.zeros if zeroed else torch.empty
+        self.k = [new(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.v = [new(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
 
     @property
     def batch_size(self) -> int:
@@ -243,7 +247,7 @@ class KVCache:
     def write(self, layer: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         """Static-shape update for CUDA graphs: write k, v (B, nh, T, hs) at `positions` (a (T,) tensor on the
         cache's device) and return the layer's whole cache, (B, nh, max_length, hs); the caller masks the
-        positions not yet written."""
+        positions not yet written, which must hold finite values (a zeroed cache)."""
         self.k[layer][:, :, positions] = k.to(self.k[layer].dtype)
         self.v[layer][:, :, positions] = v.to(self.v[layer].dtype)
         return self.k[layer], self.v[layer]

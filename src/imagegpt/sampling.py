@@ -251,7 +251,9 @@ def generate(
                 # A compiled dynamic step gets one spare position, so that its view of the cache never spans
                 # the whole tensor: the last step would otherwise be compiled anew for being contiguous.
                 spare = int(bool(compile) and not static)
-                cache = KVCache(config, B, n_positions + spare, device=device, dtype=cache_dtype)
+                cache = KVCache(
+                    config, B, n_positions + spare, device=device, dtype=cache_dtype, zeroed=static
+                )
                 if static and device.type == "cuda":  # CUDA graphs replay on the cache's memory
                     for tensor in cache.k + cache.v:
                         torch._dynamo.mark_static_address(tensor)
