@@ -268,7 +268,7 @@ def finetune(
     augment: bool | None = None,
     steps: int | None = None,
     epochs: float | None = None,
-    lr: float = 3e-4,
+    lr: float = 1e-3,
     warmup: int | None = None,
     weight_decay: float = 0.0,
     batch_size: int = 32,

@@ -56,7 +56,10 @@ def register(subparsers) -> None:
         "--epochs", type=float, default=None, help="passes over the training split (default 10)"
     )
     parser.add_argument(
-        "--lr", type=float, default=3e-4, help="peak learning rate (warmup, then cosine to 0)"
+        "--lr",
+        type=float,
+        default=1e-3,
+        help="peak learning rate (warmup, then cosine to 0); small models like more (3e-3 for igpt-micro)",
     )
     parser.add_argument(
         "--warmup", type=int, default=None, help="warmup steps (default: 5%% of the run, <= 100)"
