@@ -545,7 +545,7 @@ def plot_report(report: dict, path: str | os.PathLike) -> None:
         ax.axhline(100 * report["baseline"]["test_accuracy"], color="tab:red", ls="--", label="raw pixels")
     if report.get("palette_baseline"):
         accuracy = 100 * report["palette_baseline"]["test_accuracy"]
-        ax.axhline(accuracy, color="tab:orange", ls="--", label="palette-quantised pixels")
+        ax.axhline(accuracy, color="tab:orange", ls=":", lw=2, label="palette-quantised pixels")
     if report["concat"]:
         ax.axhline(
             100 * report["concat"]["test_accuracy"],
