@@ -599,6 +599,7 @@ def classify(
     report["json"] = str(out / f"classify-{split}.json")
     report["plot"] = str(out / f"confusion-{split}.png")
     Path(report["json"]).write_text(json.dumps(report, indent=2) + "\n")
-    title = f"{Path(model_dir).name} on {data} ({split}): accuracy {100 * report['accuracy']:.2f}%"
+    name = "/".join(Path(model_dir).resolve().parts[-2:])  # e.g. ft-digits/model
+    title = f"{name} on {data} ({split}): accuracy {100 * report['accuracy']:.2f}%"
     plot_confusion(matrix, class_names, report["plot"], title=title)
     return report
