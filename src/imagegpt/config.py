@@ -124,7 +124,9 @@ class ImageGPTConfig:
         if clusters < 1:
             raise ConfigError(f"clusters must be at least 1, got {clusters}")
         height, width = _resolution(resolution)
-        return cls(**{**PRESETS[name], "vocab_size": clusters + 1, "n_positions": height * width, **overrides})
+        return cls(
+            **{**PRESETS[name], "vocab_size": clusters + 1, "n_positions": height * width, **overrides}
+        )
 
     def to_dict(self) -> dict:
         return asdict(self)

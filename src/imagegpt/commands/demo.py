@@ -23,7 +23,18 @@ def register(subparsers) -> None:
     )
     parser.add_argument("--out", default=defaults["out"], help=f"output folder (default {defaults['out']})")
     parser.add_argument("--data", default=defaults["data"], help="built-in dataset: shapes, digits or photos")
-    for name in ("resolution", "images", "clusters", "steps", "batch_size", "seed", "samples", "completions"):
+    names = (
+        "resolution",
+        "images",
+        "clusters",
+        "steps",
+        "batch_size",
+        "seed",
+        "samples",
+        "completions",
+        "threads",
+    )
+    for name in names:
         flag = "--" + name.replace("_", "-")
         parser.add_argument(flag, type=int, default=defaults[name], help=f"(default {defaults[name]})")
     parser.add_argument("--preset", default=defaults["preset"], help=f"(default {defaults['preset']})")
@@ -56,6 +67,7 @@ def run(args) -> int:
         probe=not args.no_probe,
         device=args.device,
         dtype=args.dtype,
+        threads=args.threads,
         overwrite=args.overwrite,
         progress=not args.quiet,
     )
