@@ -20,6 +20,15 @@ from imagegpt.model import sos_inputs
 from imagegpt.probe import extract_features
 
 
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Tiny models run fastest on one thread: on a busy 2-core machine a second one spin-waits (~10x)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def pretrained_model(n_layer=3, seed=0, resolution=4, clusters=16):
     torch.manual_seed(seed)
     config = ImageGPTConfig.from_preset(
@@ -226,8 +235,8 @@ def test_finetuning_improves_accuracy_and_keeps_the_best_classifier(pretrained_d
     val = [r for r in read_metrics(out / "metrics.jsonl") if r["split"] == "val"]
     assert [r["step"] for r in val] == [20, 40, 60]
     assert summary["best_val_accuracy"] == max(r["accuracy"] for r in val)
-    # Chance is 0.1, where the zero-initialised head starts (every logit equal); 60 steps of a nano model reach
-    # about 0.29 here, so twice chance is a margin that still fails when fine-tuning learns nothing.
+    # Chance is 0.1, where the zero-initialised head starts (every logit equal); 60 steps of a nano model
+    # reach about 0.29 here, so twice chance is a margin that still fails when fine-tuning learns nothing.
     assert summary["best_val_accuracy"] > 0.2
     train = [r for r in read_metrics(out / "metrics.jsonl") if r["split"] == "train"]
     assert all("gen_loss" in r and "clf_loss" in r for r in train)

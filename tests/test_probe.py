@@ -20,6 +20,15 @@ from imagegpt.probe import (
 )
 
 
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Tiny models run fastest on one thread: on a busy 2-core machine a second one spin-waits (~10x)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny_model(n_layer=3, seed=0, cls=ImageGPT):
     torch.manual_seed(seed)
     config = ImageGPTConfig.from_preset("igpt-nano", resolution=4, clusters=16, n_layer=n_layer)
