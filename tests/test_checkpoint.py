@@ -277,3 +277,22 @@ def test_processor_is_saved_beside_the_weights(tmp_path):
     values = json.loads((tmp_path / "preprocessor_config.json").read_text())
     assert np.allclose(np.asarray(values["clusters"]), centers)
     assert processor_module.ImageProcessor.from_pretrained(tmp_path).palette.centers.shape == (16, 3)
+
+
+def test_sharded_pytorch_bin(saved):
+    model, directory = saved
+    weights = load_file(directory / "model.safetensors")
+    (directory / "model.safetensors").unlink()
+    names = sorted(weights)
+    halves = {"pytorch_model-00001-of-00002.bin": names[::2], "pytorch_model-00002-of-00002.bin": names[1::2]}
+    weight_map = {}
+    for file, keys in halves.items():
+        torch.save({k: weights[k] for k in keys}, directory / file)
+        weight_map.update(dict.fromkeys(keys, file))
+    (directory / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    loaded = ImageGPT.from_pretrained(directory)
+    for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), name
+    (directory / "pytorch_model-00002-of-00002.bin").unlink()
+    with pytest.raises(CheckpointError, match="which is missing"):
+        ImageGPT.from_pretrained(directory)
