@@ -112,8 +112,7 @@ def decode_one_token_static(
     the whole cache with the positions after `position` masked out.
 
     It runs the model's own modules (norms, projections, MLPs, head); only the glue of the attention differs.
-    The cache must be zero or finite beyond `position` (KVCache starts zeroed and only ever holds finite
-    keys).
+    The cache must hold finite values beyond `position` (a KVCache made with zeroed=True, the default).
     """
     transformer = model.transformer
     B = token.size(0)
@@ -134,7 +133,7 @@ def decode_one_token_static(
     return model.lm_head(transformer.ln_f(x)[:, -1])
 
 
-_COMPILED: dict[str, Callable] = {}
+_COMPILED: dict[tuple[str, str], Callable] = {}
 
 
 def decode_step(device: torch.device, compile: bool | str) -> tuple[Callable, bool]:
@@ -184,7 +183,7 @@ def default_batch_size(model: ImageGPT, rows: int, cache_dtype: torch.dtype) -> 
     return max(1, min(rows, CACHE_BUDGET_BYTES // per_row))
 
 
-@torch.inference_mode()
+@torch.no_grad()  # as gpt-fast: inference_mode tensors and CUDA-graph trees are a less trodden path
 def generate(
     model: ImageGPT,
     prefixes: torch.Tensor,
@@ -213,6 +212,7 @@ def generate(
     """
     check_sampling(temperature, top_k, top_p)
     config = model.config
+    prefixes = _as_ids(prefixes, config.n_clusters)
     R, P = prefixes.shape
     if config.n_positions < P:
         raise ArgumentError(
@@ -237,7 +237,7 @@ def generate(
 
     out = torch.empty(R, n_positions, dtype=torch.long)
     out[:, :P] = prefixes
-    if n_positions == P or R == 0:
+    if n_positions == P:
         return out
     bar = _progress_bar(progress, total=R * (n_positions - P))
     was_training = model.training
