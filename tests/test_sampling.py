@@ -15,6 +15,7 @@ from imagegpt.model import KVCache, sos_inputs
 from imagegpt.palette import Palette
 from imagegpt.processor import ImageProcessor
 from imagegpt.sampling import (
+    CACHE_BUDGET_BYTES,
     complete,
     complete_images,
     decode_one_token,
@@ -69,7 +70,10 @@ def test_cached_decode_matches_full_forward_at_every_position(static):
     with torch.no_grad():
         full = model(inputs).logits  # (B, n, V)
         for split in (1, 7):  # prefill the first `split` inputs, then decode one token at a time
-            cache = KVCache(model.config, 3)
+            cache = KVCache(model.config, 3, zeroed=static)
+            if not static:  # the dynamic step never reads a position before writing it
+                for tensor in cache.k + cache.v:
+                    tensor.fill_(math.nan)
             logits = [prefill(model, inputs[:, :split], cache)]
             for position in range(split, inputs.size(1)):
                 token = inputs[:, position : position + 1]
@@ -82,11 +86,15 @@ def test_cached_decode_matches_full_forward_at_every_position(static):
 
 
 def test_kv_cache_holds_layers_by_batch_by_positions_by_width():
-    config = tiny_model(0).config
+    model = tiny_model(0)
+    config = model.config
     cache = KVCache(config, 5)
     per_tensor = config.n_layer * 5 * config.n_positions * config.n_embd
     assert sum(k.numel() for k in cache.k) == sum(v.numel() for v in cache.v) == per_tensor
-    assert default_batch_size(tiny_model(0), 10**9, torch.float32) * 2 * per_tensor // 5 * 4 <= 2 * 1024**3
+    row_bytes = 2 * per_tensor // 5 * 4
+    rows = default_batch_size(model, 10**9, torch.float32)
+    assert rows * row_bytes <= CACHE_BUDGET_BYTES < (rows + 1) * row_bytes
+    assert default_batch_size(model, 3, torch.float32) == 3
 
 
 # ---- greedy decoding against transformers' generate ----
