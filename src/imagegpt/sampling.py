@@ -12,10 +12,13 @@ last logits give x_P; decode step i then feeds x_{i-1} at position i and gives x
 prefix is therefore exactly unconditional sampling.
 
 `compile=True` compiles the decode step with torch.compile. On CUDA it is a static-shape step (the position is
-a tensor, the new keys are written with index_copy_, attention covers the whole cache under a mask), compiled
-with mode="reduce-overhead" so each step replays a CUDA graph. On CPU the step keeps the eager path's dynamic
-length (attending only over the filled positions reads half the keys of a full-cache step on average, and
-decoding on a CPU is bound by reading the cache and the weights), compiled with dynamic shapes.
+a tensor, the new keys are written in place, attention covers the whole cache under a mask), compiled with
+mode="reduce-overhead" so each step replays a CUDA graph. On CPU the step keeps the eager path's dynamic
+length (attending only over the filled positions reads half the keys of a full-cache step on average, and a
+CPU decode step is bound by reading the weights and the cache), compiled with dynamic shapes. Measured on a
+loaded 2-core AMD EPYC (igpt-s, batch 16, one thread) it buys nothing worth its ~8 minutes of compiling:
+325 / 531 / 704 ms per step at positions 64 / 512 / 960, against 312 / 567 / 797 eager; the step's time goes
+to the weight matmuls and SDPA, which compile leaves to the same kernels.
 """
 
 from __future__ import annotations
