@@ -1,7 +1,7 @@
-"""The `imagegpt` command. Each subcommand lives in imagegpt/commands/NAME.py as a thin shell over a library call.
+"""The `imagegpt` command. Each subcommand is imagegpt/commands/NAME.py, a thin shell over a library call.
 
-A subcommand module defines `register(subparsers)`, which adds its parser and sets `func` to a function taking the
-parsed arguments. Modules are discovered, so adding a subcommand means adding one file.
+A subcommand module defines `register(subparsers)`, which adds its parser and sets `func` to a function taking
+the parsed arguments. Modules are discovered, so adding a subcommand means adding one file.
 """
 
 from __future__ import annotations

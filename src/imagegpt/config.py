@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from .errors import ConfigError
 
 # Widths, depths and head counts. S, M and L are the released models (Chen et al. 2020, table/appendix and
-# openai/image-gpt). The paper gives no head count for XL: we use 24 heads of width 128, the head width of iGPT-M.
+# openai/image-gpt). The paper gives no head count for XL: we use 24 heads of width 128, iGPT-M's head width.
 # The small presets are ours: they train in minutes on a 2-core CPU at 8x8 to 16x16.
 PRESETS: dict[str, dict[str, int]] = {
     "igpt-xl": {"n_embd": 3072, "n_layer": 60, "n_head": 24},

@@ -37,7 +37,7 @@ def bf16_supported(device: torch.device) -> bool:
 
 
 def resolve_dtype(name: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    """The compute dtype for autocast: 'auto' or None -> bfloat16 where the device supports it, else float32."""
+    """The autocast compute dtype: 'auto' or None -> bfloat16 where the device supports it, else float32."""
     if isinstance(name, torch.dtype):
         return name
     if name is None or name == "auto":
