@@ -193,15 +193,15 @@ def format_confusion(matrix: np.ndarray, class_names: list[str]) -> str:
 
 def plot_confusion(matrix: np.ndarray, class_names: list[str], path, title: str = "") -> None:
     """Row-normalised confusion matrix as a PNG, counts written in the cells."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # no display and no pyplot global state
+    from matplotlib.figure import Figure
 
     k = len(matrix)
     rates = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
     size = min(12, 2.5 + 0.5 * k)
-    fig, ax = plt.subplots(figsize=(size, size * 0.9), dpi=120)
+    fig = Figure(figsize=(size, size * 0.9), dpi=120)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
     image = ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="fraction of the true class")
     if k <= 30:
@@ -223,7 +223,6 @@ def plot_confusion(matrix: np.ndarray, class_names: list[str], path, title: str 
     ax.set_title(title)
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)
 
 
 # ------------------------------------------------------------------------------------------------ training

@@ -530,16 +530,16 @@ def format_report(report: dict) -> str:
 
 def plot_report(report: dict, path: str | os.PathLike) -> None:
     """Test accuracy by layer, with the pixel baselines and chance as horizontal lines."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # no display and no pyplot global state
+    from matplotlib.figure import Figure
 
     rows = report["rows"]
     x = [row["layer"] for row in rows]
     y = [100 * row["test_accuracy"] for row in rows]
     err = [100 * row.get("test_accuracy_std", 0.0) for row in rows]
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    fig = Figure(figsize=(6, 4), dpi=120)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
     ax.errorbar(x, y, yerr=err if any(err) else None, marker="o", capsize=3, label="linear probe (test)")
     if report["baseline"]:
         ax.axhline(100 * report["baseline"]["test_accuracy"], color="tab:red", ls="--", label="raw pixels")
@@ -565,7 +565,6 @@ def plot_report(report: dict, path: str | os.PathLike) -> None:
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)
 
 
 def write_report(report: dict, out: str | os.PathLike) -> dict[str, Path]:
