@@ -342,3 +342,28 @@ def test_bfloat16_emulation_with_silu_matches_native_kernels(monkeypatch):
     ):
         assert a.dtype == b.dtype
         assert torch.allclose(a.float(), b.float(), rtol=2e-2, atol=2e-2 * b.float().abs().max().item())
+
+
+def test_inference_path_chunks_the_mlp_and_adds_in_place_with_the_same_numbers(monkeypatch):
+    """Without autograd the MLP runs over chunks of rows and the residuals are added in place; the logits,
+    the hidden states and the bfloat16 autocast dtype are those of the autograd path."""
+    monkeypatch.setattr(model_module, "MLP_CHUNK_ELEMENTS", 1)  # chunks of 256 rows, the least
+    config = nano()
+    model = randomised(ImageGPT(config)).eval()
+    ids = ids_for(config, batch=19)  # 19 x 30 = 570 rows: two whole chunks and a partial one
+    reference = model(ids, output_hidden_states=True)  # grad enabled: whole tensors, new residual buffers
+    assert reference.logits.requires_grad
+    with torch.no_grad():
+        chunked = model(ids).logits
+        with_states = model(ids, output_hidden_states=True)
+    torch.testing.assert_close(chunked, reference.logits, rtol=0, atol=1e-5)
+    for ours, expected in zip(with_states.hidden_states, reference.hidden_states, strict=True):
+        torch.testing.assert_close(ours, expected, rtol=0, atol=1e-5)  # not overwritten by later blocks
+    mlp = model.transformer.h[0].mlp
+    x = torch.randn(2, 300, config.n_embd)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = mlp(x)
+        with torch.no_grad():
+            got = mlp(x)
+    assert got.dtype == expected.dtype == torch.bfloat16
+    torch.testing.assert_close(got, expected.detach(), rtol=1e-2, atol=1e-2)

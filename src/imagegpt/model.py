@@ -181,6 +181,11 @@ class Norm(nn.Module):
         return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)  # a fused kernel without backward
 
 
+# Without autograd, the MLP runs over chunks of rows whose 4x-wide intermediate holds at most this many
+# elements (8 MiB in float32): inference memory stays near the model's size, and pieces stay in the caches.
+MLP_CHUNK_ELEMENTS = 2**21
+
+
 def quick_gelu(x: torch.Tensor) -> torch.Tensor:
     return x * torch.sigmoid(1.702 * x)
 
@@ -287,12 +292,25 @@ class MLP(nn.Module):
         # c_proj(quick_gelu(c_fc(x))) with quick_gelu(z) = z * sigmoid(1.702 z) = silu(1.702 z) / 1.702: the
         # two scales ride on the matrix multiplies (BLAS alpha and beta), so the activation is one fused silu
         # kernel forward and backward instead of three passes over the widest tensor.
-        h = linear(x, self.c_fc.weight, self.c_fc.bias, alpha=1.702, beta=1.702)  # (B, T, inner)
-        if torch.is_grad_enabled() and h.requires_grad:  # silu(h) recomputed in backward, not kept
-            out = linear(h, self.c_proj.weight, self.c_proj.bias, alpha=1 / 1.702, silu=True)
-        else:
-            out = linear(F.silu(h, inplace=True), self.c_proj.weight, self.c_proj.bias, alpha=1 / 1.702)
-        return self.dropout(out)
+        if torch.is_grad_enabled():
+            h = linear(x, self.c_fc.weight, self.c_fc.bias, alpha=1.702, beta=1.702)  # (B, T, inner)
+            # silu(h) is recomputed in backward, not kept
+            return self.dropout(linear(h, self.c_proj.weight, self.c_proj.bias, alpha=1 / 1.702, silu=True))
+        # Without autograd, rows go through in chunks, so the 4x-wide intermediate never exists whole.
+        rows = x.reshape(-1, x.size(-1))
+        chunk = max(256, MLP_CHUNK_ELEMENTS // self.c_fc.weight.size(0))
+        if rows.size(0) <= chunk:
+            return self.dropout(self._inference(rows).view(*x.shape[:-1], -1))
+        first = self._inference(rows[:chunk])  # its dtype is autocast's
+        out = first.new_empty(rows.size(0), first.size(-1))
+        out[:chunk] = first
+        for i in range(chunk, rows.size(0), chunk):
+            out[i : i + chunk] = self._inference(rows[i : i + chunk])
+        return self.dropout(out.view(*x.shape[:-1], -1))
+
+    def _inference(self, x: torch.Tensor) -> torch.Tensor:
+        h = linear(x, self.c_fc.weight, self.c_fc.bias, alpha=1.702, beta=1.702)
+        return linear(F.silu(h, inplace=True), self.c_proj.weight, self.c_proj.bias, alpha=1 / 1.702)
 
 
 class Block(nn.Module):
@@ -303,7 +321,14 @@ class Block(nn.Module):
         self.ln_2 = Norm(config.n_embd, config.layer_norm_epsilon)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None, start: int = 0) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, kv_cache: KVCache | None = None, start: int = 0, inplace: bool = False
+    ) -> torch.Tensor:
+        """inplace=True adds the residuals into x itself (inference, when nobody else holds x)."""
+        if inplace:
+            x += self.attn(self.ln_1(x), kv_cache, start)
+            x += self.mlp(self.ln_2(x))
+            return x
         x = x + self.attn(self.ln_1(x), kv_cache, start)
         return x + self.mlp(self.ln_2(x))
 
@@ -346,13 +371,16 @@ class Transformer(nn.Module):
         positions = torch.arange(start, start + T, device=input_ids.device)
         x = self.drop(self.wte(input_ids) + self.wpe(positions))  # (B, T, C)
         hidden_states = [] if output_hidden_states else None
+        # Without autograd and with no hidden state handed out, the blocks update x in place: one fewer
+        # (B, T, C) buffer alive and allocated per block.
+        inplace = hidden_states is None and not torch.is_grad_enabled()
         for block in self.h:
             if hidden_states is not None:
                 hidden_states.append(x)
             if self.gradient_checkpointing and self.training and kv_cache is None:
                 x = checkpoint(block, x, use_reentrant=False)
             else:
-                x = block(x, kv_cache, start)
+                x = block(x, kv_cache, start, inplace)
         x = self.ln_f(x)
         if hidden_states is not None:
             hidden_states.append(x)
