@@ -367,3 +367,18 @@ def test_inference_path_chunks_the_mlp_and_adds_in_place_with_the_same_numbers(m
             got = mlp(x)
     assert got.dtype == expected.dtype == torch.bfloat16
     torch.testing.assert_close(got, expected.detach(), rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("rows", [1, 5, model_module.FEW_ROWS, model_module.FEW_ROWS + 1])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_linear_without_autograd_matches_the_definition_for_any_number_of_rows(rows, with_bias):
+    """Few rows go as weight @ x.T (decode steps), many as x @ weight.T; both give alpha x W^T + beta b."""
+    generator = torch.Generator().manual_seed(rows)
+    x = torch.randn(1, rows, 24, generator=generator)
+    weight = torch.randn(40, 24, generator=generator)
+    bias = torch.randn(40, generator=generator) if with_bias else None
+    expected = 1.5 * (F.silu(x) @ weight.T) + (0 if bias is None else 0.25 * bias)
+    with torch.no_grad():
+        got = model_module.linear(x, weight, bias, alpha=1.5, beta=0.25, silu=True)
+    assert got.shape == (1, rows, 40) and got.is_contiguous()
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
