@@ -9,14 +9,7 @@ import torch
 from imagegpt import ImageGPT, ImageGPTConfig
 from imagegpt.cli import main
 
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny models run fastest on one thread: on a busy 2-core machine a second one spin-waits (~10x)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

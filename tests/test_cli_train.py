@@ -10,7 +10,6 @@ import sys
 import time
 
 import pytest
-import torch
 
 from imagegpt.cli import main
 from imagegpt.trainer import find_checkpoint, load_training_state, read_metrics
@@ -20,12 +19,7 @@ TRAIN = ["train", "--data", "digits", "--resolution", "4", "--steps", "4", "--ba
          "--no-progress"]  # fmt: skip
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.mark.slow

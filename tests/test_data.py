@@ -462,7 +462,7 @@ def test_npy_layouts_become_uint8_rgb(tmp_path, layout):
         "nchw": base.transpose(0, 3, 1, 2),
         "float": base / 255.0,
         "nhw1": base[..., :1],
-        "nhwc4": np.concatenate([base, np.zeros_like(base[..., :1])], axis=-1),
+        "nhwc4": np.concatenate([base, np.full_like(base[..., :1], 255)], axis=-1),  # opaque alpha
         "int64": base.astype(np.int64),
     }[layout]
     np.save(tmp_path / "x.npy", array)
@@ -580,3 +580,20 @@ def test_unknown_formats_and_empty_folders_say_what_is_supported(tmp_path):
     save_image(tmp_path / "one.png", 3)
     with pytest.raises(DataError, match="single image"):
         load_dataset(tmp_path / "one.png")
+
+
+def test_alpha_is_composited_onto_white_as_the_processor_does(tmp_path):
+    """An RGBA array gives the same pixels through the data readers as through the processor (and PIL)."""
+    from imagegpt.data.dataset import over_white, to_rgb_uint8
+    from imagegpt.processor import _load_rgb
+
+    colour, alpha = np.meshgrid(np.arange(256), np.arange(256), indexing="ij")  # every (value, alpha) pair
+    rgba = np.stack([colour, colour[::-1], colour, alpha], axis=-1).astype(np.uint8)
+    white = Image.new("RGBA", (256, 256), "white")
+    pil = np.asarray(Image.alpha_composite(white, Image.fromarray(rgba, "RGBA")).convert("RGB"))
+    np.testing.assert_array_equal(over_white(rgba), pil)
+    np.testing.assert_array_equal(to_rgb_uint8(rgba[None], "test")[0], pil)
+    np.testing.assert_array_equal(_load_rgb(rgba, "test"), pil)
+    np.save(tmp_path / "rgba.npy", np.stack([rgba[:8, :8]] * 3))
+    data = load_dataset(tmp_path / "rgba.npy", split="all")
+    np.testing.assert_array_equal(data.images[0], pil[:8, :8])

@@ -19,14 +19,7 @@ from imagegpt.finetune import (
 from imagegpt.model import sos_inputs
 from imagegpt.probe import extract_features
 
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny models run fastest on one thread: on a busy 2-core machine a second one spin-waits (~10x)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def pretrained_model(n_layer=3, seed=0, resolution=4, clusters=16):

@@ -35,12 +35,7 @@ CLUSTERS = 16
 SIDE = 8
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_model(seed: int, std: float = 0.3, **overrides) -> ImageGPT:

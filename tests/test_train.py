@@ -17,14 +17,7 @@ from imagegpt.evaluate import bits_per_dim
 from imagegpt.train import TrainOptions, resume_options, train
 from imagegpt.trainer import NonFiniteLossError, find_checkpoint, load_training_state, read_metrics
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models train fastest on one thread, and much faster when other test processes share the CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def options(out, **changes) -> TrainOptions:

@@ -1,7 +1,7 @@
 """Images stored as numpy arrays: `.npy` (images only) or `.npz` (images, labels, optionally splits).
 
 Images may be (N, H, W, 3), (N, H, W) grey, or (N, 3, H, W); uint8 (or any integers in 0..255), booleans, or
-floats in [0, 1]. A fourth (alpha) channel is dropped.
+floats in [0, 1]. A fourth (alpha) channel is composited onto white, as the image processor does.
 
 `.npz` keys:
 - `images` or `x` (also `X`, `data`), with optional `labels` or `y` (also `Y`, `targets`) and `class_names`:

@@ -146,7 +146,8 @@ class ImageDataset:
 def to_rgb_uint8(array: np.ndarray, what: str) -> np.ndarray:
     """Images as [N, H, W], [N, H, W, C] or [N, C, H, W] with C in 1, 3, 4 -> uint8 [N, H, W, 3].
 
-    Integers must lie in 0..255 and floats in [0, 1] (scaled by 255); booleans become 0/255; alpha is dropped.
+    Integers must lie in 0..255 and floats in [0, 1] (scaled by 255); booleans become 0/255; an alpha channel
+    is composited onto white, as image files and the processor do.
     """
     array = np.asarray(array)
     if array.dtype == object or not (np.issubdtype(array.dtype, np.number) or array.dtype == bool):
@@ -164,7 +165,6 @@ def to_rgb_uint8(array: np.ndarray, what: str) -> np.ndarray:
         )
     if array.shape[0] == 0:
         raise DataError(f"{what}: contains no images (shape {array.shape})")
-    array = array[..., :3]
     if array.dtype == bool:
         array = array.astype(np.uint8) * 255
     elif np.issubdtype(array.dtype, np.floating):
@@ -182,7 +182,15 @@ def to_rgb_uint8(array: np.ndarray, what: str) -> np.ndarray:
         array = array.astype(np.uint8)
     if array.shape[-1] == 1:
         array = np.repeat(array, 3, axis=-1)
+    if array.shape[-1] == 4:
+        array = over_white(array)
     return np.ascontiguousarray(array)
+
+
+def over_white(rgba: np.ndarray) -> np.ndarray:
+    """uint8 [..., 4] RGBA composited onto white -> uint8 [..., 3]; exactly PIL's alpha_composite."""
+    rgb, alpha = rgba[..., :3].astype(np.uint32), rgba[..., 3:].astype(np.uint32)
+    return ((rgb * alpha + 255 * (255 - alpha) + 127) // 255).astype(np.uint8)
 
 
 def split_sizes(n: int, val_fraction: float, test_fraction: float = 0.0) -> tuple[int, int, int]:
