@@ -583,8 +583,10 @@ def test_unknown_formats_and_empty_folders_say_what_is_supported(tmp_path):
 
 
 def test_alpha_is_composited_onto_white_as_the_processor_does(tmp_path):
-    """An RGBA array gives the same pixels through the data readers as through the processor (and PIL)."""
-    from imagegpt.data.dataset import over_white, to_rgb_uint8
+    """An RGBA array or file gives the same pixels through the data readers as through the processor (and
+    PIL)."""
+    from imagegpt.data.dataset import read_image, to_rgb_uint8
+    from imagegpt.pixels import over_white
     from imagegpt.processor import _load_rgb
 
     colour, alpha = np.meshgrid(np.arange(256), np.arange(256), indexing="ij")  # every (value, alpha) pair
@@ -594,6 +596,9 @@ def test_alpha_is_composited_onto_white_as_the_processor_does(tmp_path):
     np.testing.assert_array_equal(over_white(rgba), pil)
     np.testing.assert_array_equal(to_rgb_uint8(rgba[None], "test")[0], pil)
     np.testing.assert_array_equal(_load_rgb(rgba, "test"), pil)
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "rgba.png")
+    np.testing.assert_array_equal(read_image(tmp_path / "rgba.png"), pil)  # image folders
+    np.testing.assert_array_equal(_load_rgb(str(tmp_path / "rgba.png"), "test"), pil)
     np.save(tmp_path / "rgba.npy", np.stack([rgba[:8, :8]] * 3))
     data = load_dataset(tmp_path / "rgba.npy", split="all")
     np.testing.assert_array_equal(data.images[0], pil[:8, :8])

@@ -139,7 +139,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias=None, alpha=1.0, beta=1.0
         and not torch.is_autocast_enabled("cpu")  # measured for float32 BLAS only
     ):
         # Decode steps: weight @ x.T parallelises over the weight's rows, where x @ weight.T (a few rows)
-        # leaves BLAS little to split: 20-40% faster for 4-256 rows on a 2-core CPU.
+        # leaves BLAS little to split. Per igpt-s block, 2 threads: 30% less time at 16 rows, 8% at 256.
         out = _addmm(None if bias is None else bias[:, None], weight, rows.t(), alpha, beta, False)
         return out.t().contiguous().view(*x.shape[:-1], -1)
     if alpha == 1.0 and beta == 1.0:

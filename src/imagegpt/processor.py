@@ -32,6 +32,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import ArgumentError, CheckpointError, ConfigError, ImageInputError
 from .palette import UINT8_TO_UNIT, Palette
+from .pixels import over_white
 
 PROCESSOR_NAME = "preprocessor_config.json"
 RESAMPLE = {"nearest": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3, "box": 4, "hamming": 5}
@@ -386,14 +387,8 @@ def _pil_to_rgb(image: Image.Image, what: str) -> np.ndarray:
     if mode == "F":
         return _array_to_rgb(np.asarray(image), what, channels_first=False)
     if "A" in image.getbands() or image.info.get("transparency") is not None:
-        return _over_white(image.convert("RGBA"))
+        return over_white(np.asarray(image.convert("RGBA")))
     return np.asarray(image if mode == "RGB" else image.convert("RGB"))
-
-
-def _over_white(rgba: Image.Image) -> np.ndarray:
-    """Composite onto white, as transformers' convert_to_rgb does."""
-    background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-    return np.asarray(Image.alpha_composite(background, rgba).convert("RGB"))
 
 
 def _array_to_rgb(
@@ -424,7 +419,7 @@ def _array_to_rgb(
     if channels == 1:
         return np.repeat(array, 3, axis=-1)
     if channels == 4:
-        return _over_white(Image.fromarray(np.ascontiguousarray(array), "RGBA"))
+        return over_white(array)
     return np.ascontiguousarray(array)
 
 

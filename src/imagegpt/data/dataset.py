@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ArgumentError, DataError, ImageInputError
+from ..pixels import over_white
 
 SPLITS = ("train", "val", "test", "all")
 # Separate random streams for generating data and for splitting it, so that one never shifts the other.
@@ -51,9 +52,8 @@ def read_image(path: Path, resolution: int | None = None) -> np.ndarray:
             if resolution is not None and image.format == "JPEG":
                 image.draft("RGB", (resolution, resolution))  # decode at a reduced DCT scale: much faster
             image = ImageOps.exif_transpose(image)
-            if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-                rgba = image.convert("RGBA")
-                image = Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba)
+            if "A" in image.getbands() or "transparency" in image.info:
+                image = Image.fromarray(over_white(np.asarray(image.convert("RGBA"))))
             image = image.convert("RGB")
             if resolution is not None:
                 image = ImageOps.fit(image, (resolution, resolution), Image.Resampling.BICUBIC)
@@ -185,12 +185,6 @@ def to_rgb_uint8(array: np.ndarray, what: str) -> np.ndarray:
     if array.shape[-1] == 4:
         array = over_white(array)
     return np.ascontiguousarray(array)
-
-
-def over_white(rgba: np.ndarray) -> np.ndarray:
-    """uint8 [..., 4] RGBA composited onto white -> uint8 [..., 3]; exactly PIL's alpha_composite."""
-    rgb, alpha = rgba[..., :3].astype(np.uint32), rgba[..., 3:].astype(np.uint32)
-    return ((rgb * alpha + 255 * (255 - alpha) + 127) // 255).astype(np.uint8)
 
 
 def split_sizes(n: int, val_fraction: float, test_fraction: float = 0.0) -> tuple[int, int, int]:
