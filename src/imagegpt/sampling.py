@@ -99,16 +99,15 @@ def sample_next(
 # ---- the engine: prefill and one-token decode steps ----
 
 
-def prefill(model: ImageGPT, inputs: torch.Tensor, cache: KVCache) -> torch.Tensor:
-    """Run [SOS] + prefix (B, P + 1) from position 0, filling the cache; the last position's logits (B, V)."""
-    x, _ = model.transformer(inputs, cache, 0)
-    return model.lm_head(x[:, -1])
-
-
 def decode_one_token(model: ImageGPT, token: torch.Tensor, position: int, cache: KVCache) -> torch.Tensor:
     """Feed token (B, 1) at `position`, attending over the cached positions; its logits (B, V)."""
     x, _ = model.transformer(token, cache, position)
-    return model.lm_head(x[:, -1])
+    return model.lm_head(x[:, -1])  # only the last position's logits: the head's work is one row per image
+
+
+def prefill(model: ImageGPT, inputs: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    """Run [SOS] + prefix (B, P + 1) from position 0, filling the cache; the last position's logits (B, V)."""
+    return decode_one_token(model, inputs, 0, cache)  # the same computation, over P + 1 tokens at once
 
 
 def decode_one_token_static(
