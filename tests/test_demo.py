@@ -44,6 +44,14 @@ def test_demo_runs_every_step_and_writes_its_outputs(tmp_path):
         run_demo(DemoOptions(out=str(out), **TINY))
 
 
+@pytest.mark.slow
+def test_demo_runs_on_digits_which_take_no_size_options(tmp_path):
+    """digits is offered by `imagegpt demo --data`; it has a fixed size, so no n/resolution reach it."""
+    ctx = run_demo(DemoOptions(out=str(tmp_path / "demo"), data="digits", **TINY))
+    assert ctx.results["train"]["steps"] == 4
+    assert ctx.results["complete"]["keep_rows"] == 3 and ctx.files["samples"].exists()
+
+
 def test_demo_refuses_bad_options_with_exit_2(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path / "d"), "--keep", "1.5"]) == 2
     err = capsys.readouterr().err.strip()

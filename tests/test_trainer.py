@@ -346,3 +346,17 @@ def test_an_interrupted_and_resumed_loop_gives_exactly_the_same_losses(tmp_path)
     torch.manual_seed(123), np.random.seed(123), random.seed(123)  # the resumed process starts elsewhere
     second = run_regression(tmp_path / "b", 20)
     assert first + second == whole
+
+
+def test_latest_model_dir_leaves_hub_ids_to_from_pretrained(tmp_path, capsys):
+    """A path that is not here goes on as given (a Hub id); every --model takes one, eval and probe too."""
+    from imagegpt.cli import main
+
+    assert trainer.latest_model_dir("openai/imagegpt-small") == "openai/imagegpt-small"
+    with pytest.raises(CheckpointError, match="neither a model directory"):
+        trainer.latest_model_dir(tmp_path)  # an existing directory with no model in it
+    for command in ("eval", "probe"):
+        args = [command, "--model", str(tmp_path / "missing" / "model"), "--data", "digits"]
+        assert main(args + (["--out", str(tmp_path / "p")] if command == "probe" else [])) == 2
+        err = capsys.readouterr().err.strip()
+        assert "no such directory" in err and "\n" not in err

@@ -81,6 +81,12 @@ class DemoContext:
 
     @property
     def data_options(self) -> dict:
+        """Options for load_dataset: the generated datasets take a size and a resolution; digits takes none
+        (the processor resizes it)."""
+        from .train import GENERATED
+
+        if self.options.data not in GENERATED:
+            return {}
         return {"n": self.options.images, "resolution": self.options.resolution}
 
     def say(self, message: str) -> None:
@@ -121,7 +127,7 @@ def train_step(ctx: DemoContext) -> None:
         save_every=max(o.steps // 4, 1),
         seed=o.seed,
         data_seed=o.seed,
-        data_options={"n": o.images},
+        data_options={k: v for k, v in ctx.data_options.items() if k == "n"},  # train sets the resolution
         device=o.device,
         dtype=o.dtype,
         cache_dir=str(ctx.out / "cache"),

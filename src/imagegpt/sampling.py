@@ -444,14 +444,12 @@ def load_for_sampling(path, **kwargs):
     from .processor import PROCESSOR_NAME, ImageProcessor
     from .trainer import latest_model_dir
 
-    local = Path(path).expanduser()
-    directory = latest_model_dir(local) if local.exists() else path
-    if local.exists() and not (Path(directory) / PROCESSOR_NAME).is_file():
+    directory = latest_model_dir(path)  # as given when not a local path: a Hub id
+    if Path(directory).expanduser().is_dir() and not (Path(directory) / PROCESSOR_NAME).is_file():
         raise CheckpointError(
             f"{directory} has no {PROCESSOR_NAME} (the palette), so sampled tokens cannot be turned into "
             "images; use a checkpoint saved with its processor (imagegpt train writes one), or save one "
-            "there "
-            "with ImageProcessor(palette, size).save_pretrained(directory)"
+            "there with ImageProcessor(palette, size).save_pretrained(directory)"
         )
     processor = ImageProcessor.from_pretrained(directory)
     model = ImageGPT.from_pretrained(directory, **kwargs)

@@ -460,9 +460,14 @@ def load_training_state(checkpoint_dir: str | os.PathLike) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def latest_model_dir(path: str | os.PathLike) -> Path:
-    """A model directory from a model directory or a run directory (its model/, else checkpoints/latest)."""
-    path = Path(path)
+def latest_model_dir(path: str | os.PathLike) -> str | os.PathLike:
+    """A model directory from a model directory or a run directory (its model/, else checkpoints/latest).
+
+    A path that does not exist here is returned as given, for from_pretrained to read as a Hub id (or to
+    report as missing)."""
+    if not Path(path).expanduser().exists():
+        return path
+    path = Path(path).expanduser()
     if (path / "config.json").is_file():
         return path
     if (path / MODEL_DIR / "config.json").is_file():
