@@ -582,9 +582,9 @@ def test_unknown_formats_and_empty_folders_say_what_is_supported(tmp_path):
         load_dataset(tmp_path / "one.png")
 
 
-def test_alpha_is_composited_onto_white_as_the_processor_does(tmp_path):
-    """An RGBA array or file gives the same pixels through the data readers as through the processor (and
-    PIL)."""
+def test_files_and_arrays_read_as_the_processor_reads_them(tmp_path):
+    """RGBA arrays and files, and 16-bit files, give the same pixels through the data readers as through the
+    processor (and PIL's compositing)."""
     from imagegpt.data.dataset import read_image, to_rgb_uint8
     from imagegpt.pixels import over_white
     from imagegpt.processor import _load_rgb
@@ -599,6 +599,10 @@ def test_alpha_is_composited_onto_white_as_the_processor_does(tmp_path):
     Image.fromarray(rgba, "RGBA").save(tmp_path / "rgba.png")
     np.testing.assert_array_equal(read_image(tmp_path / "rgba.png"), pil)  # image folders
     np.testing.assert_array_equal(_load_rgb(str(tmp_path / "rgba.png"), "test"), pil)
+    grey16 = (np.arange(64, dtype=np.uint16) * 1000).reshape(8, 8)  # a 16-bit PNG: scaled, not clipped
+    Image.fromarray(grey16).save(tmp_path / "grey16.png")
+    np.testing.assert_array_equal(read_image(tmp_path / "grey16.png"), _load_rgb(grey16, "test"))
+    assert read_image(tmp_path / "grey16.png")[1, 0, 0] == round(8000 / 257)
     np.save(tmp_path / "rgba.npy", np.stack([rgba[:8, :8]] * 3))
     data = load_dataset(tmp_path / "rgba.npy", split="all")
     np.testing.assert_array_equal(data.images[0], pil[:8, :8])

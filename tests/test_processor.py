@@ -299,6 +299,11 @@ def test_center_crop_takes_the_central_square(tmp_path, rng):
     assert torch.equal(processor.encode(wide), plain.encode(wide[:, 2:8]))
     assert torch.equal(processor.encode(tall), plain.encode(tall[2:6]))
     assert not torch.equal(processor.encode(wide), plain.encode(wide))
+    # A batch already at a non-square target size is still cropped, as the same images one by one are.
+    oblong = ImageProcessor(processor.palette, (4, 8), center_crop=True)
+    batch = np.stack([random_image(rng, 4, 8) for _ in range(3)])
+    assert torch.equal(oblong.encode(batch), oblong.encode(list(batch)))
+    assert not torch.equal(oblong.encode(batch), ImageProcessor(processor.palette, (4, 8)).encode(batch))
     processor.save_pretrained(tmp_path)
     assert ImageProcessor.from_pretrained(tmp_path).center_crop
     assert not ImageProcessor.from_pretrained(tmp_path, center_crop=False).center_crop

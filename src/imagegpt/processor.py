@@ -32,7 +32,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import ArgumentError, CheckpointError, ConfigError, ImageInputError
 from .palette import UINT8_TO_UNIT, Palette
-from .pixels import over_white
+from .pixels import array_to_rgb, pil_to_rgb
 
 PROCESSOR_NAME = "preprocessor_config.json"
 RESAMPLE = {"nearest": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3, "box": 4, "hamming": 5}
@@ -85,12 +85,13 @@ class ImageProcessor:
 
     def to_rgb(self, images) -> np.ndarray:
         """Images in any accepted form -> uint8 [B, H, W, 3], cropped (if center_crop) and resized."""
-        if (  # already a uint8 [B, H, W, 3] batch at the target size: nothing to do
+        if (  # already a uint8 [B, H, W, 3] batch at the target size, and a crop would keep it whole
             isinstance(images, np.ndarray)
             and images.dtype == np.uint8
             and images.ndim == 4
             and images.shape[1:] == (self.height, self.width, 3)
             and len(images)
+            and (not self.center_crop or self.height == self.width)
         ):
             return np.ascontiguousarray(images)
         items = _as_list(images)
@@ -346,14 +347,14 @@ def _load_rgb(item, what: str) -> np.ndarray:
     if isinstance(item, str | os.PathLike):
         return _read_file(item, what)
     if isinstance(item, Image.Image):
-        return _pil_to_rgb(item, what)
+        return pil_to_rgb(item, what)
     if isinstance(item, torch.Tensor):
         tensor = item.detach().cpu()
         if tensor.dtype in (torch.bfloat16, torch.float16):
             tensor = tensor.float()
-        return _array_to_rgb(tensor.numpy(), what, channels_first=True)
+        return array_to_rgb(tensor.numpy(), what, channels_first=True)
     if isinstance(item, np.ndarray):
-        return _array_to_rgb(item, what, channels_first=False)
+        return array_to_rgb(item, what, channels_first=False)
     raise ImageInputError(
         f"{what}: cannot read an image from a {type(item).__name__}; pass a file path, a PIL image, a numpy "
         "array or a torch tensor (or a list of them)"
@@ -370,7 +371,7 @@ def _read_file(path: str | os.PathLike, what: str) -> np.ndarray:
         )
     try:
         with Image.open(file) as image:
-            return _pil_to_rgb(ImageOps.exif_transpose(image), what)
+            return pil_to_rgb(ImageOps.exif_transpose(image), what)
     except ImageInputError:
         raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
@@ -378,75 +379,3 @@ def _read_file(path: str | os.PathLike, what: str) -> np.ndarray:
             f"{what}: cannot read {path} as an image ({e}); is it a PNG, JPEG or similar?"
         ) from e
 
-
-def _pil_to_rgb(image: Image.Image, what: str) -> np.ndarray:
-    mode = image.mode
-    if mode.startswith("I;16") or mode == "I":
-        values = np.asarray(image).astype(np.int64)  # native byte order for I;16B
-        return _array_to_rgb(values, what, channels_first=False, sixteen_bit=True)
-    if mode == "F":
-        return _array_to_rgb(np.asarray(image), what, channels_first=False)
-    if "A" in image.getbands() or image.info.get("transparency") is not None:
-        return over_white(np.asarray(image.convert("RGBA")))
-    return np.asarray(image if mode == "RGB" else image.convert("RGB"))
-
-
-def _array_to_rgb(
-    array: np.ndarray, what: str, channels_first: bool, sixteen_bit: bool = False
-) -> np.ndarray:
-    """2-D grayscale or 3-D [H, W, C] / [C, H, W] (C in 1, 3, 4) of any numeric dtype -> uint8 [H, W, 3]."""
-    shape = tuple(array.shape)
-    if array.ndim == 3:
-        first, last = shape[0] in (1, 3, 4), shape[-1] in (1, 3, 4)
-        if first and (channels_first or not last):
-            array = np.moveaxis(array, 0, -1)
-        elif not last:
-            raise ImageInputError(
-                f"{what}: cannot tell the colour channels of an array of shape {shape}; expected [H, W, C] "
-                "or [C, H, W] with C = 1 (grey), 3 (RGB) or 4 (RGBA)"
-            )
-    elif array.ndim != 2:
-        raise ImageInputError(
-            f"{what}: an image array must be 2-D [H, W] or 3-D [H, W, C] / [C, H, W] (a batch 4-D), got "
-            f"shape {shape}"
-        )
-    if 0 in array.shape:
-        raise ImageInputError(f"{what}: an empty image (shape {shape})")
-    array = _to_uint8(array, what, sixteen_bit or array.dtype == np.uint16)
-    if array.ndim == 2:
-        array = array[..., None]
-    channels = array.shape[-1]
-    if channels == 1:
-        return np.repeat(array, 3, axis=-1)
-    if channels == 4:
-        return over_white(array)
-    return np.ascontiguousarray(array)
-
-
-def _to_uint8(array: np.ndarray, what: str, sixteen_bit: bool) -> np.ndarray:
-    if array.dtype == np.uint8:
-        return array
-    if array.dtype == np.bool_:
-        return array.astype(np.uint8) * 255
-    if np.issubdtype(array.dtype, np.integer):
-        low, high = int(array.min()), int(array.max())
-        top = 65535 if sixteen_bit else 255
-        if low < 0 or high > top:
-            raise ImageInputError(
-                f"{what}: integer pixel values must lie in 0..{top}, got {low}..{high}"
-                + ("" if sixteen_bit else "; pass uint16 for 16-bit images")
-            )
-        return np.rint(array / 257).astype(np.uint8) if sixteen_bit else array.astype(np.uint8)
-    if np.issubdtype(array.dtype, np.floating):
-        if not np.isfinite(array).all():
-            raise ImageInputError(f"{what}: the image contains NaN or infinite values")
-        low, high = float(array.min()), float(array.max())
-        if low < -1 / 510 or high > 1 + 1 / 510:  # half a uint8 level of slack for rounding noise
-            raise ImageInputError(
-                f"{what}: float images must lie in [0, 1], got values in [{low:.4g}, {high:.4g}]; for 0-255 "
-                "values pass uint8 (x.astype(np.uint8)), for [-1, 1] pass (x + 1) / 2"
-            )
-        return np.rint(np.clip(array.astype(np.float32), 0, 1) * 255).astype(np.uint8)
-    raise ImageInputError(
-        f"{what}: images of dtype {array.dtype} are not supported; pass uint8 or floats in [0, 1]"
-    )

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ArgumentError, DataError, ImageInputError
-from ..pixels import over_white
+from ..pixels import over_white, pil_to_rgb, to_uint8
 
 SPLITS = ("train", "val", "test", "all")
 # Separate random streams for generating data and for splitting it, so that one never shifts the other.
@@ -52,11 +52,10 @@ def read_image(path: Path, resolution: int | None = None) -> np.ndarray:
             if resolution is not None and image.format == "JPEG":
                 image.draft("RGB", (resolution, resolution))  # decode at a reduced DCT scale: much faster
             image = ImageOps.exif_transpose(image)
-            if "A" in image.getbands() or "transparency" in image.info:
-                image = Image.fromarray(over_white(np.asarray(image.convert("RGBA"))))
-            image = image.convert("RGB")
-            if resolution is not None:
-                image = ImageOps.fit(image, (resolution, resolution), Image.Resampling.BICUBIC)
+            rgb = pil_to_rgb(image, str(path))  # as the processor reads it: 16-bit, float, transparency
+            if resolution is None:
+                return rgb
+            image = ImageOps.fit(Image.fromarray(rgb), (resolution, resolution), Image.Resampling.BICUBIC)
             return np.asarray(image, dtype=np.uint8)
     except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise ImageInputError(f"cannot read image {path}: {e}; remove or replace the file") from e
@@ -165,21 +164,10 @@ def to_rgb_uint8(array: np.ndarray, what: str) -> np.ndarray:
         )
     if array.shape[0] == 0:
         raise DataError(f"{what}: contains no images (shape {array.shape})")
-    if array.dtype == bool:
-        array = array.astype(np.uint8) * 255
-    elif np.issubdtype(array.dtype, np.floating):
-        low, high = float(np.nanmin(array)), float(np.nanmax(array))
-        if not (np.isfinite(low) and np.isfinite(high)) or low < 0 or high > 1:
-            raise DataError(
-                f"{what}: float images must lie in [0, 1], found values in [{low:g}, {high:g}];"
-                " divide by 255 (or save as uint8)"
-            )
-        array = np.rint(array * 255).astype(np.uint8)
-    elif array.dtype != np.uint8:
-        low, high = int(array.min()), int(array.max())
-        if low < 0 or high > 255:
-            raise DataError(f"{what}: integer images must lie in 0..255, found values in [{low}, {high}]")
-        array = array.astype(np.uint8)
+    try:  # the processor's rules for pixel values
+        array = to_uint8(array, what, sixteen_bit=False)
+    except ImageInputError as e:
+        raise DataError(str(e)) from e
     if array.shape[-1] == 1:
         array = np.repeat(array, 3, axis=-1)
     if array.shape[-1] == 4:
