@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -154,6 +155,11 @@ def test_a_given_palette_is_used_as_is(tmp_path):
     from imagegpt.processor import ImageProcessor
 
     assert json.loads((tmp_path / "b" / "args.json").read_text())["clusters"] == 6
+    # Resumed with the same --palette (and the default clusters=8): the run still records the palette's size.
+    resumed = options(tmp_path / "c", steps=2, eval_every=0, save_every=0, palette=str(palette))
+    assert train(dataclasses.replace(resumed, stop_after=1)).stopped
+    assert train(resumed, resume=True).step == 2
+    assert json.loads((tmp_path / "c" / "args.json").read_text())["clusters"] == 6
     assert (
         ImageProcessor.from_pretrained(second.model_dir).palette
         == ImageProcessor.from_pretrained(first.model_dir).palette

@@ -381,6 +381,7 @@ def finetune(
     total = a["steps"] or max(1, round((a["epochs"] or 10) * steps_per_epoch))
     warmup_steps = a["warmup"] if a["warmup"] is not None else min(100, total // 20)
     every = a["eval_every"] or min(steps_per_epoch, total)
+    torch.manual_seed(a["seed"])  # dropout: the same arguments give the same run (resume restores its RNG)
     model = FinetuneModel(
         pretrained,
         num_classes,
@@ -487,7 +488,8 @@ def finetune(
                             f"stopped early: no better validation accuracy in {a['patience']} validations"
                         )
                         break
-                if stop.requested or (stop_after is not None and step - start >= stop_after and step < total):
+                asked = stop.requested or (stop_after is not None and step - start >= stop_after)
+                if asked and step < total:  # at the last step the run is complete and saved as done
                     save_latest(step)
                     why = (
                         f"interrupted ({stop.signal_name})"

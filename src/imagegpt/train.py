@@ -284,8 +284,7 @@ def _train(options: TrainOptions, resume: bool, dist: Distributed, on_step) -> T
         prepare_run_dir(run_dir, asdict(options) | {"clusters": len(palette)})
     dist.barrier()
     palette = Palette.load(palette_path)
-    if not resume and options.palette is not None:
-        options.clusters = len(palette)
+    options.clusters = len(palette)  # the run's palette decides (a --palette file, or a resumed run's)
     processor = ImageProcessor(palette, resolution)
     if resume and dist.is_main:
         prepare_run_dir(run_dir, asdict(options), resume=True)  # records the overrides of this session
