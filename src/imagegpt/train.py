@@ -311,6 +311,9 @@ def _train(options: TrainOptions, resume: bool, dist: Distributed, on_step) -> T
     )
     model = ImageGPT(config)
     step = 0
+    if resume and dist.is_main:
+        find_checkpoint(checkpoints)  # rank 0 repairs what a crash left, so that ranks never race to rename
+    dist.barrier()
     latest = find_checkpoint(checkpoints) if resume else None
     if latest is not None:
         model = ImageGPT.from_pretrained(latest)
