@@ -36,6 +36,7 @@ import torch
 
 from .config import ImageGPTConfig
 from .errors import ArgumentError, CheckpointError, ConfigError
+from .files import fsync_dir, fsync_file
 
 CONFIG_NAME = "config.json"
 SAFETENSORS_NAME = "model.safetensors"
@@ -588,23 +589,17 @@ def save_pretrained(model, path: str | os.PathLike, processor=None) -> None:
             processor.save_pretrained(tmp)
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         for file in tmp.iterdir():
-            _fsync(file)
+            fsync_file(file)
         if new:
             try:
                 os.replace(tmp, target)
+                fsync_dir(target.parent)
                 return
             except OSError:  # the directory appeared meanwhile: fall back to replacing file by file
                 pass
         # An existing directory: replace file by file, config.json last, so it never names missing weights.
         for file in sorted(tmp.iterdir(), key=lambda f: f.name == CONFIG_NAME):
             os.replace(file, target / file.name)
+        fsync_dir(target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _fsync(file: Path) -> None:
-    fd = os.open(file, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import ArgumentError
+from .files import write_text_atomic
 
 
 @dataclass
@@ -292,7 +293,7 @@ def _run_steps(options: DemoOptions, steps: list[tuple[str, Step]] | None) -> De
     out = Path(options.out)
     _prepare(out, options.overwrite)
     ctx = DemoContext(options=options, out=out)
-    (out / "demo_args.json").write_text(json.dumps(asdict(options), indent=2) + "\n")
+    write_text_atomic(out / "demo_args.json", json.dumps(asdict(options), indent=2) + "\n")
     started = time.perf_counter()
     for name, step in STEPS if steps is None else steps:
         ctx.say(f"\n== {name} ==")
@@ -306,7 +307,7 @@ def _run_steps(options: DemoOptions, steps: list[tuple[str, Step]] | None) -> De
         "timings_seconds": ctx.timings,
     }
     ctx.files["summary"] = out / "summary.json"
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_text_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     return ctx
 
 

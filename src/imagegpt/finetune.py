@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import ArgumentError, CheckpointError, DataError
+from .files import write_text_atomic
 from .model import ImageGPT, ImageGPTClassifier, sos_inputs
 
 # --------------------------------------------------------------------------------------------------- model
@@ -320,7 +321,6 @@ def finetune(
         restore_state,
         save_checkpoint,
         set_lr,
-        write_text_atomic,
     )
 
     out = Path(out)
@@ -599,7 +599,7 @@ def classify(
     out.mkdir(parents=True, exist_ok=True)
     report["json"] = str(out / f"classify-{split}.json")
     report["plot"] = str(out / f"confusion-{split}.png")
-    Path(report["json"]).write_text(json.dumps(report, indent=2) + "\n")
+    write_text_atomic(report["json"], json.dumps(report, indent=2) + "\n")
     name = "/".join(Path(model_dir).resolve().parts[-2:])  # e.g. ft-digits/model
     title = f"{name} on {data} ({split}): accuracy {100 * report['accuracy']:.2f}%"
     plot_confusion(matrix, class_names, report["plot"], title=title)

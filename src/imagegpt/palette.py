@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from .errors import ArgumentError, CheckpointError
+from .files import write_text_atomic
 
 _BUFFER_ENTRIES = 1 << 19  # float32 distances per chunk: 2 MiB, small enough to stay in cache
 _MEMO_PIXELS = 1 << 16  # uint8 batches this large use the colour memo
@@ -322,7 +323,7 @@ class Palette:
         if path.is_dir():
             raise ArgumentError(f"{path} is a directory; give a file name such as {path / 'palette.json'}")
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"clusters": self.to_list()}) + "\n")
+        write_text_atomic(path, json.dumps({"clusters": self.to_list()}) + "\n")
         return path
 
     @classmethod

@@ -30,6 +30,7 @@ import torch
 
 from .device import autocast, resolve_device, resolve_dtype
 from .errors import ArgumentError, DataError, ImageInputError
+from .files import write_text_atomic
 from .model import sos_inputs
 
 DEFAULT_CS: tuple[float, ...] = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
@@ -572,7 +573,7 @@ def write_report(report: dict, out: str | os.PathLike) -> dict[str, Path]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "probe.json", "plot": out / "probe.png"}
-    paths["json"].write_text(json.dumps(report, indent=2) + "\n")
+    write_text_atomic(paths["json"], json.dumps(report, indent=2) + "\n")
     plot_report(report, paths["plot"])
     return paths
 

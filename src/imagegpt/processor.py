@@ -31,6 +31,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import ArgumentError, CheckpointError, ConfigError, ImageInputError
+from .files import write_text_atomic
 from .palette import UINT8_TO_UNIT, Palette
 from .pixels import array_to_rgb, pil_to_rgb
 
@@ -169,7 +170,7 @@ class ImageProcessor:
             raise CheckpointError(f"{directory} is a file; save_pretrained writes a directory")
         directory.mkdir(parents=True, exist_ok=True)
         path = directory / PROCESSOR_NAME
-        path.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        write_text_atomic(path, json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
         return path
 
     @classmethod

@@ -39,6 +39,7 @@ from torch import nn
 
 from .device import autocast
 from .errors import ArgumentError, CheckpointError, ImageGPTError
+from .files import fsync_dir, fsync_tree, write_text_atomic
 
 ARGS_FILE = "args.json"
 METRICS_FILE = "metrics.jsonl"
@@ -50,43 +51,6 @@ STATE_FILE = "training_state.pt"
 
 class NonFiniteLossError(ImageGPTError):
     """The loss or the gradient norm became NaN or infinite; the last good checkpoint is kept."""
-
-
-# Files, written atomically
-
-
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):  # some filesystems cannot open directories
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _fsync_tree(path: Path) -> None:
-    for root, _, files in os.walk(path):
-        for name in files:
-            with open(os.path.join(root, name), "rb") as f:
-                os.fsync(f.fileno())
-        _fsync_dir(Path(root))
-
-
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write a file so that readers see either the old or the new contents, never a prefix."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
 
 
 # The run directory
@@ -415,13 +379,13 @@ def save_checkpoint(
             model.save_pretrained(tmp)
         if state is not None:
             torch.save(state, tmp / STATE_FILE)
-        _fsync_tree(tmp)
+        fsync_tree(tmp)
         if target.exists():
             if old.exists():  # left by an earlier crash after the new checkpoint was in place
                 shutil.rmtree(old)
             os.rename(target, old)
         os.rename(tmp, target)
-        _fsync_dir(checkpoints_dir)
+        fsync_dir(checkpoints_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
