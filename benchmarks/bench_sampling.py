@@ -23,16 +23,17 @@ same weights in both (transformers' model is saved and loaded into ours).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import platform
 import tempfile
 import time
 
 import torch
 
-from imagegpt import ImageGPT
+from imagegpt import ImageGPT, kernels
 from imagegpt.device import autocast, resolve_dtype
-from imagegpt.model import KVCache
-from imagegpt.sampling import decode_step, generate, prefill, sample_next
+from imagegpt.model import KVCache, packed_weights
+from imagegpt.sampling import decode_step, generate, prefill, resolve_cache_dtype, sample_next
 
 TOP_K = 40
 
@@ -71,7 +72,13 @@ def random_prefix(batch: int, length: int, clusters: int) -> torch.Tensor:
 
 
 def ours_decode(
-    model: ImageGPT, inputs: torch.Tensor, steps: int, dtype, compile: bool | str = False, random_cache=False
+    model: ImageGPT,
+    inputs: torch.Tensor,
+    steps: int,
+    dtype,
+    compile: bool | str = False,
+    random_cache=False,
+    cache_dtype=None,
 ) -> float:
     """Seconds for `steps` decode steps of our engine after [SOS] + prefix, as generate() runs them.
 
@@ -83,10 +90,12 @@ def ours_decode(
     dtype = resolve_dtype(dtype, device)
     step, static = decode_step(device, compile)
     spare = int(bool(compile) and not static)
-    cache = KVCache(config, len(inputs), config.n_positions + spare, dtype=dtype, zeroed=static)
+    cache_dtype = resolve_cache_dtype(cache_dtype, dtype, torch.float32)
+    cache = KVCache(config, len(inputs), config.n_positions + spare, dtype=cache_dtype, zeroed=static)
     generator = torch.Generator().manual_seed(0)
     P = inputs.size(1) - 1
-    with torch.inference_mode(), autocast(device, dtype):
+    packed = packed_weights(model, len(inputs)) if dtype == torch.float32 else contextlib.nullcontext()
+    with torch.inference_mode(), autocast(device, dtype), packed:
         if random_cache:
             for tensor in cache.k + cache.v:
                 tensor.normal_()
@@ -102,9 +111,11 @@ def ours_decode(
 
 
 class Ours:
-    def __init__(self, model: ImageGPT, dtype, compile: bool):
-        self.model, self.dtype, self.compile = model, dtype, compile
+    def __init__(self, model: ImageGPT, dtype, compile: bool, cache_dtype=None):
+        self.model, self.dtype, self.compile, self.cache_dtype = model, dtype, compile, cache_dtype
         self.name = "imagegpt" + (" (compiled)" if compile else "")
+        if cache_dtype is not None:
+            self.name += f" ({cache_dtype} cache)"
 
     def first(self, batch: int, tokens: int) -> float:
         """generate() from [SOS], stopping after `tokens` tokens (its prefill is the one SOS token)."""
@@ -112,12 +123,14 @@ class Ours:
         return timed(
             lambda: generate(
                 self.model, prefixes, top_k=TOP_K, seed=0, batch_size=batch, dtype=self.dtype,
-                compile=self.compile, length=tokens,
+                compile=self.compile, length=tokens, cache_dtype=self.cache_dtype,
             )
         )  # fmt: skip
 
     def last(self, inputs: torch.Tensor, tokens: int) -> float:
-        return ours_decode(self.model, inputs, tokens, self.dtype, self.compile)
+        return ours_decode(
+            self.model, inputs, tokens, self.dtype, self.compile, cache_dtype=self.cache_dtype
+        )
 
 
 class Transformers:
@@ -173,7 +186,14 @@ def main() -> None:
     parser.add_argument("--full", action="store_true", help="also sample whole batches of images with ours")
     parser.add_argument("--compile", action="store_true", help="also time our compiled decode step")
     parser.add_argument("--skip-transformers", action="store_true")
+    parser.add_argument(
+        "--cache-dtypes",
+        default="auto,bfloat16",
+        help="our KV cache dtypes to time, comma-separated; auto = the compute dtype's, the exact default "
+        "(default auto,bfloat16)",
+    )
     args = parser.parse_args()
+    cache_dtypes = [None if name == "auto" else name for name in args.cache_dtypes.split(",")]
     stretch = args.stretch or (16 if args.quick else 128)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -195,7 +215,8 @@ def main() -> None:
         f"igpt-s: {params / 1e6:.1f}M parameters, {config.n_positions} tokens per image, top-k {TOP_K}; "
         f"torch {torch.__version__}, transformers {transformers.__version__}, "
         f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}; "
-        f"our compute dtype {str(dtype).removeprefix('torch.')}",
+        f"our compute dtype {str(dtype).removeprefix('torch.')}; native decode kernel "
+        f"{'on' if kernels.available() else 'off (SDPA)'}",
         flush=True,
     )
 
@@ -211,7 +232,7 @@ def main() -> None:
     )
 
     print(f"\n1. batch {args.batch}, stretches of {stretch} tokens", flush=True)
-    samplers = [Ours(ours, args.dtype, False)]
+    samplers = [Ours(ours, args.dtype, False, cache_dtype) for cache_dtype in cache_dtypes]
     if args.compile:
         samplers.append(Ours(ours, args.dtype, True))
         warm = torch.full((args.batch, 2), config.sos_id)
@@ -222,9 +243,9 @@ def main() -> None:
     results = {
         s.name: measure(s, args.batch, stretch, config.n_positions, config.n_clusters) for s in samplers
     }
-    print(f"\n  {'tokens/s':24s} {'first':>9s} {'last':>9s} {'full image (est.)':>18s}")
+    print(f"\n  {'tokens/s':34s} {'first':>9s} {'last':>9s} {'full image (est.)':>18s}")
     for name, r in results.items():
-        print(f"  {name:24s} {r['first']:9.1f} {r['last']:9.1f} {r['full']:18.1f}")
+        print(f"  {name:34s} {r['first']:9.1f} {r['last']:9.1f} {r['full']:18.1f}")
     if "transformers" in results:
         hf_r = results["transformers"]
         for name, r in results.items():
@@ -242,21 +263,30 @@ def main() -> None:
             f"measured (estimate above {results['imagegpt']['full']:.1f})"
         )
 
-    batch = args.flops_batch
-    print(f"\n2. batch {batch}, ours", flush=True)
+    for cache_dtype in cache_dtypes:
+        flops(ours, args, cache_dtype, stretch, peak_bf16, peak_f32, bandwidth)
+
+
+def flops(ours, args, cache_dtype, stretch: int, peak_bf16: float, peak_f32: float, bandwidth: float) -> None:
+    """Section 2: our tokens/s at batch args.flops_batch against the compute and memory-traffic limits."""
+    config, params, batch = ours.config, ours.num_parameters(), args.flops_batch
+    dtype = resolve_dtype(args.dtype, torch.device("cpu"))
+    cache = resolve_cache_dtype(cache_dtype, dtype, torch.float32)
+    print(f"\n2. batch {batch}, ours, {str(cache).removeprefix('torch.')} cache", flush=True)
     if args.full:
-        seconds = timed(lambda: generate(ours, torch.empty(batch, 0, dtype=torch.long), top_k=TOP_K, seed=0,
-                                         batch_size=batch, dtype=args.dtype))  # fmt: skip
+        prefixes = torch.empty(batch, 0, dtype=torch.long)
+        seconds = timed(lambda: generate(ours, prefixes, top_k=TOP_K, seed=0, batch_size=batch,
+                                         dtype=args.dtype, cache_dtype=cache_dtype))  # fmt: skip
         rate, how = batch * config.n_positions / seconds, "measured on whole images"
     else:
-        first = Ours(ours, args.dtype, False).first(batch, stretch)
+        first = Ours(ours, args.dtype, False, cache_dtype).first(batch, stretch)
         late = torch.full((batch, config.n_positions - stretch + 1), config.sos_id)
-        last = ours_decode(ours, late, stretch, args.dtype, random_cache=True)
+        last = ours_decode(ours, late, stretch, args.dtype, random_cache=True, cache_dtype=cache_dtype)
         print(f"  first {stretch} tokens {first:.1f} s, last {stretch} tokens {last:.1f} s", flush=True)
         rate = 2 * batch * stretch / (first + last)
         how = f"estimated from the first and last {stretch} tokens, the last over a cache of random keys"
     achieved = 2 * params * rate
-    element = torch.empty((), dtype=dtype).element_size()
+    element = torch.empty((), dtype=cache).element_size()
     weights = params * 4  # float32 weights are read at every step
     kv_mean = 2 * config.n_layer * batch * (config.n_positions / 2) * config.n_embd * element
     memory_rate = batch * bandwidth / (weights + kv_mean)
@@ -270,7 +300,6 @@ def main() -> None:
         f"  memory limit (weights {weights / 1e6:.0f} MB + the mean KV cache {kv_mean / 1e6:.0f} MB read per "
         f"step at {bandwidth / 1e9:.1f} GB/s): {memory_rate:.1f} tokens/s; reached {rate / memory_rate:.0%}"
     )
-
 
 if __name__ == "__main__":
     main()

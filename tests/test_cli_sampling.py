@@ -57,6 +57,21 @@ def test_sample_writes_a_png_grid_and_npz_reproducibly(checkpoint, tmp_path, cap
     assert np.array_equal(np.load(again)["tokens"], tokens)
 
 
+def test_cache_dtype_reaches_the_sampler(checkpoint, tmp_path, monkeypatch):
+    directory, _ = checkpoint
+    seen = []
+    import imagegpt.sampling
+
+    real = imagegpt.sampling.generate
+    monkeypatch.setattr(imagegpt.sampling, "generate", lambda *a, **kw: seen.append(kw) or real(*a, **kw))
+    out = tmp_path / "s.png"
+    args = ["sample", "--model", str(directory), "-n", "2", "--out", str(out), "--seed", "1", *COMMON]
+    assert main([*args, "--cache-dtype", "bfloat16"]) == 0
+    assert seen[-1]["cache_dtype"] == "bfloat16" and out.is_file()
+    assert main(args) == 0
+    assert seen[-1]["cache_dtype"] is None  # the default: the compute dtype's, exact
+
+
 def test_complete_writes_rows_of_occluded_completions_original(checkpoint, tmp_path, capsys):
     directory, processor = checkpoint
     rng = np.random.default_rng(1)

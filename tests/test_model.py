@@ -382,3 +382,66 @@ def test_linear_without_autograd_matches_the_definition_for_any_number_of_rows(r
         got = model_module.linear(x, weight, bias, alpha=1.5, beta=0.25, silu=True)
     assert got.shape == (1, rows, 40) and got.is_contiguous()
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+# Packed weights (CPU float32 inference)
+
+needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="no oneDNN here")
+
+
+def linears(model):
+    return [m for m in model.modules() if isinstance(m, model_module.Linear)]
+
+
+@needs_onednn
+def test_packed_weights_give_the_plain_numbers_and_are_dropped_afterwards():
+    config = nano()
+    model = randomised(ImageGPT(config).eval(), scale=0.3)
+    ids = ids_for(config)
+    calls = []
+    with torch.no_grad():
+        expected = model(ids).logits
+        cache = KVCache(config, 3)
+        model(ids[:, :7], kv_cache=cache)
+        expected_step = model(ids[:, 7:8], kv_cache=cache, start=7).logits
+        with model_module.packed_weights(model, rows=3):
+            assert all(isinstance(m.packed, model_module.PackedLinear) for m in linears(model))
+            for m in linears(model):  # count the packed multiplies
+                m.packed.__class__ = type("Counted", (model_module.PackedLinear,), {
+                    "__call__": lambda self, x: calls.append(1) or model_module.PackedLinear.__call__(self, x)
+                })  # fmt: skip
+            got = model(ids).logits
+            cache = KVCache(config, 3)
+            model(ids[:, :7], kv_cache=cache)
+            got_step = model(ids[:, 7:8], kv_cache=cache, start=7).logits
+    assert len(calls) == 3 * (4 * config.n_layer + 1)  # three forwards, every linear layer and the head
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got_step, expected_step, atol=1e-5, rtol=1e-5)
+    assert all(m.packed is None for m in linears(model))
+
+
+@needs_onednn
+def test_packed_weights_step_aside_for_autograd_autocast_and_changed_weights():
+    config = nano()
+    model = randomised(ImageGPT(config).eval(), scale=0.3)
+    ids = ids_for(config, batch=2)
+    with model_module.packed_weights(model, rows=2):
+        with torch.no_grad():
+            before = model(ids).logits
+        loss = model(ids).logits.square().mean()  # autograd: the plain weights, which get gradients
+        loss.backward()
+        assert model.lm_head.weight.grad is not None
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            assert not model.lm_head.packed.applies(torch.zeros(1, config.n_embd))
+        with torch.no_grad():
+            model.lm_head.weight.mul_(2)  # changed inside the block: the packed copy is stale
+            after = model(ids).logits
+    torch.testing.assert_close(after, 2 * before, atol=1e-5, rtol=1e-5)
+
+
+def test_models_too_large_to_pack_twice_are_left_alone(monkeypatch):
+    model = ImageGPT(nano())
+    monkeypatch.setattr(model_module, "PACK_BUDGET_BYTES", 1000)
+    assert not model_module.can_pack(model)
+    with model_module.packed_weights(model, rows=2):
+        assert all(m.packed is None for m in linears(model))

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from imagegpt import ImageGPT, ImageGPTConfig
+from imagegpt import ImageGPT, ImageGPTConfig, kernels
 from imagegpt.errors import ArgumentError, CheckpointError, ConfigError
 from imagegpt.model import KVCache, sos_inputs
 from imagegpt.palette import Palette
@@ -90,6 +90,80 @@ def test_kv_cache_holds_layers_by_batch_by_positions_by_width():
     rows = default_batch_size(model, 10**9, torch.float32)
     assert rows * row_bytes <= CACHE_BUDGET_BYTES < (rows + 1) * row_bytes
     assert default_batch_size(model, 3, torch.float32) == 3
+
+
+needs_kernel = pytest.mark.skipif(not kernels.available(), reason="the native kernel does not run here")
+
+
+@needs_kernel
+def test_decode_steps_run_the_native_kernel_and_match_sdpa(monkeypatch):
+    model = tiny_model(30)
+    inputs = sos_inputs(random_ids(3, 31), model.config.sos_id)
+    calls = []
+    real = kernels.decode_attention
+    monkeypatch.setattr(kernels, "decode_attention", lambda *a: calls.append(1) or real(*a))
+
+    def cached_logits():
+        cache = KVCache(model.config, 3)
+        with torch.no_grad():
+            logits = [prefill(model, inputs[:, :2], cache)]
+            for position in range(2, inputs.size(1)):
+                logits.append(decode_one_token(model, inputs[:, position : position + 1], position, cache))
+        return torch.stack(logits, dim=1)
+
+    native = cached_logits()
+    assert len(calls) == model.config.n_layer * (inputs.size(1) - 2)  # every decode step, every layer
+    monkeypatch.setenv("IMAGEGPT_NATIVE_KERNELS", "0")
+    torch.testing.assert_close(native, cached_logits(), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("native", ["1", "0"])
+@pytest.mark.parametrize("cache_dtype", ["bfloat16", "float16"])
+def test_a_half_precision_cache_holds_the_rounded_keys_and_values(monkeypatch, native, cache_dtype):
+    monkeypatch.setenv("IMAGEGPT_NATIVE_KERNELS", native)
+    model = tiny_model(32, std=0.1)
+    dtype = getattr(torch, cache_dtype)
+    inputs = sos_inputs(random_ids(2, 33), model.config.sos_id)
+    with torch.no_grad():
+        full = model(inputs).logits
+        cache = KVCache(model.config, 2, dtype=dtype)
+        logits = [prefill(model, inputs[:, :1], cache)]
+        for position in range(1, inputs.size(1)):
+            logits.append(decode_one_token(model, inputs[:, position : position + 1], position, cache))
+    assert cache.k[0].dtype == dtype
+    # keys and values rounded to 8 (bfloat16) or 11 (float16) significant bits: close, not equal
+    error = (torch.stack(logits, dim=1) - full).abs().max().item()
+    assert 0 < error < (5e-2 if cache_dtype == "bfloat16" else 5e-3)
+
+
+def test_cache_dtype_sets_the_cache_and_the_default_batch(monkeypatch):
+    model = tiny_model(34, std=0.1)
+    made = []
+    monkeypatch.setattr(
+        "imagegpt.sampling.KVCache", lambda *a, **kw: made.append(kw["dtype"]) or KVCache(*a, **kw)
+    )
+    exact = sample(model, 2, seed=1, top_k=4)
+    half = sample(model, 2, seed=1, top_k=4, cache_dtype="bfloat16")
+    assert made == [torch.float32, torch.bfloat16]
+    assert half.shape == exact.shape and half.min() >= 0 and half.max() < CLUSTERS
+    rows = default_batch_size(model, 10**9, torch.float32)
+    assert default_batch_size(model, 10**9, torch.bfloat16) == 2 * rows
+    with pytest.raises(ArgumentError, match="cache_dtype must be one of"):
+        sample(model, 1, cache_dtype="int8")
+
+
+@pytest.mark.parametrize("cache_dtype", ["bfloat16", "float32"])
+def test_static_decode_reads_a_cache_of_any_precision(cache_dtype):
+    model = tiny_model(35)
+    inputs = sos_inputs(random_ids(2, 36), model.config.sos_id)
+    with torch.no_grad():
+        dynamic = KVCache(model.config, 2, dtype=getattr(torch, cache_dtype))
+        static = KVCache(model.config, 2, dtype=getattr(torch, cache_dtype))
+        prefill(model, inputs[:, :3], dynamic)
+        prefill(model, inputs[:, :3], static)
+        expected = decode_one_token(model, inputs[:, 3:4], 3, dynamic)
+        got = decode_one_token_static(model, inputs[:, 3:4], torch.tensor([3]), static)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
 
 
 # ---- greedy decoding against transformers' generate ----

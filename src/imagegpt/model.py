@@ -17,6 +17,7 @@ conversion is a transpose of the linear weights and nothing else.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from . import kernels
 from .config import ImageGPTConfig
 
 
@@ -147,10 +149,50 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias=None, alpha=1.0, beta=1.0
     return _addmm(bias, rows, weight.t(), alpha, beta, False).view(*x.shape[:-1], -1)
 
 
+class PackedLinear:
+    """A linear layer's weights reordered once into oneDNN's blocked layout, for CPU float32 inference.
+
+    A decode step multiplies a few rows by every weight of the model; MKL's GEMM re-packs each weight on
+    every call, a oneDNN-packed weight is ready to stream (igpt-s, 16 rows, 2 threads: the step's linear
+    layers in 46 instead of 60 ms). The weight and bias are multiplied by their scales before packing and
+    `activation` ("swish" = silu) is fused into the multiply: that is how the MLP gets quick-GELU.
+    """
+
+    def __init__(
+        self, module: nn.Linear, rows: int, weight_scale=1.0, bias_scale=1.0, activation: str = "none"
+    ):
+        with torch.no_grad():
+            weight = module.weight * weight_scale
+            bias = None if module.bias is None else module.bias * bias_scale
+            self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, rows)
+        self.bias, self.activation = bias, activation
+        self.source = module.weight
+        self.version = module.weight._version  # packed from these values
+
+    def applies(self, x: torch.Tensor) -> bool:
+        """Whether x can go through the packed weights: CPU float32 without autograd or autocast, and the
+        module's weight unchanged since packing."""
+        return (
+            not torch.compiler.is_compiling()  # compiled steps lay out their own weights
+            and x.device.type == "cpu"
+            and x.dtype == torch.float32
+            and not torch.is_grad_enabled()
+            and not torch.is_autocast_enabled("cpu")
+            and self.source._version == self.version
+        )
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, self.activation, [], "")
+
+
 class Linear(nn.Linear):
     """nn.Linear (same parameters and state dict) through `linear`, for bfloat16 autocast on any CPU."""
 
+    packed: PackedLinear | None = None  # set by packed_weights() for the length of an inference run
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None and self.packed.applies(x):
+            return self.packed(x)
         return linear(x, self.weight, self.bias)
 
 
@@ -210,17 +252,39 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout:
     q is (B, nh, T, hs); k and v are (B, nh, S, hs) with S >= T (S > T when a KV cache holds earlier
     positions). SDPA's fused kernels never materialise the T x S matrix and scale by 1/sqrt(hs).
     """
+    T, S = q.size(-2), k.size(-2)
+    if T == 1 and dropout == 0.0 and q.device.type == "cpu":
+        y = _native_decode_attention(q, k, v)
+        if y is not None:
+            return y
     if _emulate_bf16(q):  # bfloat16 operands, float32 kernels (see _Linear)
         with torch.autocast("cpu", enabled=False):
             q, k, v = (t.to(torch.bfloat16).float() for t in (q, k, v))
             return causal_attention(q, k, v, dropout).to(torch.bfloat16)
-    T, S = q.size(-2), k.size(-2)
+    if k.dtype != q.dtype:  # a cache kept in another precision than the compute: read it in q's
+        k, v = k.to(q.dtype), v.to(q.dtype)
     if T == S:
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
     if T == 1:  # one new token sees every cached position
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
     mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=S - T)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+
+
+def _native_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor | None:
+    """One query over a cache through imagegpt.kernels (CPU, float32 compute), or None where it does not
+    apply. Under emulated bfloat16 autocast it gets what autocast would: q rounded to bfloat16, a bfloat16
+    cache, the result rounded to bfloat16."""
+    if torch.compiler.is_compiling():  # the kernel works on raw pointers, which dynamo cannot trace
+        return None
+    emulate = _emulate_bf16(q)
+    if emulate and k.dtype != torch.bfloat16:
+        return None
+    query = q.to(torch.bfloat16).float() if emulate else q.float()
+    y = kernels.decode_attention(query, k, v)
+    if y is None:
+        return None
+    return y.to(torch.bfloat16) if emulate else y.to(q.dtype)
 
 
 class KVCache:
@@ -323,6 +387,9 @@ class MLP(nn.Module):
         return self.dropout(out.view(*x.shape[:-1], -1))
 
     def _inference(self, x: torch.Tensor) -> torch.Tensor:
+        up, down = self.c_fc.packed, self.c_proj.packed
+        if up is not None and down is not None and up.applies(x) and down.applies(x):
+            return down(up(x))  # silu(1.702 z) fused into c_fc; c_proj's weight carries the 1 / 1.702
         h = linear(x, self.c_fc.weight, self.c_fc.bias, alpha=1.702, beta=1.702)
         return linear(F.silu(h, inplace=True), self.c_proj.weight, self.c_proj.bias, alpha=1 / 1.702)
 
@@ -400,6 +467,46 @@ class Transformer(nn.Module):
             hidden_states.append(x)
             return x, tuple(hidden_states)
         return x, None
+
+
+# Packed weights are a second copy of the linear layers; models with more than this many bytes of them
+# (igpt-s has 0.3 GB, igpt-m 1.8 GB) sample with the plain weights rather than double their memory.
+PACK_BUDGET_BYTES = 2 * 1024**3
+
+
+def can_pack(model: nn.Module) -> bool:
+    """Whether packed_weights() would pack: oneDNN is there, every weight is a CPU float32 one, and the
+    linear layers' weights fit PACK_BUDGET_BYTES."""
+    linears = [m for m in model.modules() if isinstance(m, Linear)]
+    return (
+        torch.backends.mkldnn.is_available()
+        and bool(linears)
+        and all(m.weight.device.type == "cpu" and m.weight.dtype == torch.float32 for m in linears)
+        and sum(m.weight.numel() * 4 for m in linears) <= PACK_BUDGET_BYTES
+    )
+
+
+@contextlib.contextmanager
+def packed_weights(model: nn.Module, rows: int):
+    """Within the block, the model's linear layers run CPU float32 inference on oneDNN-packed weights
+    (PackedLinear), laid out for `rows` rows at a time (a decode step's batch). A no-op where can_pack() is
+    False; a layer whose weight changes inside the block goes back to its plain weights."""
+    linears = [m for m in model.modules() if isinstance(m, Linear)]
+    if not can_pack(model) or any(m.packed is not None for m in linears):  # not here, or packed already
+        yield
+        return
+    for module in model.modules():
+        if isinstance(module, MLP):  # c_proj(quick_gelu(z)) = (W / 1.702) silu(1.702 z) + b
+            module.c_fc.packed = PackedLinear(module.c_fc, rows, 1.702, 1.702, activation="swish")
+            module.c_proj.packed = PackedLinear(module.c_proj, rows, weight_scale=1 / 1.702)
+    for module in linears:
+        if module.packed is None:
+            module.packed = PackedLinear(module, rows)
+    try:
+        yield
+    finally:
+        for module in linears:
+            del module.packed  # back to the class default, None
 
 
 @dataclass

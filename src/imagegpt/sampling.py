@@ -26,6 +26,7 @@ user) did better on a quiet machine, 84 / 151 / 220 against 111 / 183 / 250 ms a
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 from collections.abc import Callable
@@ -34,9 +35,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .device import autocast, resolve_device, resolve_dtype
+from .device import DTYPES, autocast, resolve_device, resolve_dtype
 from .errors import ArgumentError, CheckpointError, ConfigError
-from .model import ImageGPT, KVCache
+from .model import ImageGPT, KVCache, packed_weights
 
 # The default batch holds at most this many bytes of KV cache (igpt-s in float32: 20 images of 32x32).
 CACHE_BUDGET_BYTES = 2 * 1024**3
@@ -132,6 +133,8 @@ def decode_one_token_static(
         k = k.view(B, 1, nh, C // nh).transpose(1, 2)
         v = v.view(B, 1, nh, C // nh).transpose(1, 2)
         keys, values = cache.write(i, position, k, v)  # the whole cache of layer i, (B, nh, max_length, hs)
+        if keys.dtype != q.dtype:  # a cache kept in another precision than the compute
+            keys, values = keys.to(q.dtype), values.to(q.dtype)
         y = F.scaled_dot_product_attention(q, keys, values, attn_mask=visible)  # (B, nh, 1, hs)
         x = x + attn.c_proj(y.transpose(1, 2).reshape(B, 1, C))
         x = x + block.mlp(block.ln_2(x))
@@ -181,6 +184,17 @@ def _model_device(model: ImageGPT, device) -> torch.device:
     return device
 
 
+def resolve_cache_dtype(name, compute: torch.dtype, weights: torch.dtype) -> torch.dtype:
+    """The KV cache's dtype: `name` ("float32", "bfloat16", "float16" or a torch.dtype), or when None the
+    compute dtype under autocast and the weights' dtype otherwise."""
+    if name is None:
+        return compute if compute != torch.float32 else weights
+    dtype = DTYPES.get(name) if isinstance(name, str) else name
+    if dtype not in DTYPES.values():
+        raise ArgumentError(f"cache_dtype must be one of {', '.join(DTYPES)} (or None), got {name!r}")
+    return dtype
+
+
 def default_batch_size(model: ImageGPT, rows: int, cache_dtype: torch.dtype) -> int:
     """The most rows (at most `rows`) whose KV cache fits in CACHE_BUDGET_BYTES."""
     c = model.config
@@ -203,6 +217,7 @@ def generate(
     compile: bool | str = False,
     progress: bool | str = False,
     length: int | None = None,
+    cache_dtype=None,
 ) -> torch.LongTensor:
     """Complete each row of `prefixes` (R, P), image tokens without SOS, to n_positions tokens; (R,
     n_positions).
@@ -213,7 +228,10 @@ def generate(
     size give the same tokens on the same machine. dtype: the autocast compute dtype; None or "auto" =
     bfloat16 where the device supports it (imagegpt.device), else float32. progress: show a tqdm bar (a string
     sets its label). length: stop after this many tokens per row (P <= length <= n_positions), e.g. to time
-    the first rows.
+    the first rows. cache_dtype: the KV cache's storage, "float32", "bfloat16" or "float16" (None: the
+    compute dtype's, so float32 sampling is exact); a half-precision cache halves its memory and, on CPUs
+    where the native decode kernel runs (imagegpt.kernels), the attention's memory traffic, at the cost of
+    rounding the cached keys and values.
     """
     check_sampling(temperature, top_k, top_p)
     config = model.config
@@ -230,7 +248,7 @@ def generate(
         )
     device = _model_device(model, device)
     dtype = resolve_dtype(dtype, device)
-    cache_dtype = dtype if dtype != torch.float32 else next(model.parameters()).dtype
+    cache_dtype = resolve_cache_dtype(cache_dtype, dtype, next(model.parameters()).dtype)
     batch_size = default_batch_size(model, R, cache_dtype) if batch_size is None else batch_size
     batch_size = _check_count(batch_size, "batch_size")
     generator = torch.Generator(device=device)
@@ -247,44 +265,55 @@ def generate(
     bar = _progress_bar(progress, total=R * (n_positions - P))
     was_training = model.training
     model.eval()
+    # CPU float32: the linear layers run on weights packed once for this batch size (a no-op elsewhere)
+    fast = device.type == "cpu" and dtype == torch.float32
+    draw = lambda logits: sample_next(logits, temperature, top_k, top_p, generator)
     cache = None
     try:
-        for lo in range(0, R, batch_size):
-            prefix = prefixes[lo : lo + batch_size].to(device)
-            B = prefix.size(0)
-            if cache is None or cache.batch_size != B:  # one cache reused by every batch of the same size
-                # A compiled dynamic step gets one spare position, so that its view of the cache never spans
-                # the whole tensor: the last step would otherwise be compiled anew for being contiguous.
-                spare = int(bool(compile) and not static)
-                cache = KVCache(
-                    config, B, n_positions + spare, device=device, dtype=cache_dtype, zeroed=static
-                )
-                if static and device.type == "cuda":  # CUDA graphs replay on the cache's memory
-                    for tensor in cache.k + cache.v:
-                        torch._dynamo.mark_static_address(tensor)
-            tokens = torch.empty(B, n_positions - P, dtype=torch.long, device=device)
-            inputs = torch.cat([torch.full((B, 1), config.sos_id, device=device), prefix], dim=1)
-            with autocast(device, dtype):
-                logits = prefill(model, inputs, cache)
-            token = sample_next(logits, temperature, top_k, top_p, generator)
-            tokens[:, 0] = token
-            bar.update(B)
-            positions = torch.arange(n_positions, device=device) if static else None
-            for position in range(P + 1, n_positions):
-                # x_{position-1} goes in at `position`; its logits give x_position
-                with autocast(device, dtype):
-                    if static:
-                        logits = step(model, token[:, None], positions[position : position + 1], cache)
-                    else:
-                        logits = step(model, token[:, None], position, cache)
-                token = sample_next(logits, temperature, top_k, top_p, generator)
-                tokens[:, position - P] = token
-                bar.update(B)
-            out[lo : lo + B, P:] = tokens.cpu()
+        with packed_weights(model, batch_size) if fast else contextlib.nullcontext():
+            for lo in range(0, R, batch_size):
+                prefix = prefixes[lo : lo + batch_size].to(device)
+                B = prefix.size(0)
+                if cache is None or cache.batch_size != B:  # one cache reused by every batch of the same size
+                    cache = _new_cache(config, B, n_positions, cache_dtype, device, compile, static)
+                tokens = _complete_batch(model, prefix, n_positions, cache, step, static, dtype, draw, bar)
+                out[lo : lo + B, P:] = tokens.cpu()
     finally:
         bar.close()
         model.train(was_training)
     return out
+
+
+def _new_cache(config, B: int, n_positions: int, dtype, device, compile, static: bool) -> KVCache:
+    # A compiled dynamic step gets one spare position, so that its view of the cache never spans the whole
+    # tensor: the last step would otherwise be compiled anew for being contiguous.
+    spare = int(bool(compile) and not static)
+    cache = KVCache(config, B, n_positions + spare, device=device, dtype=dtype, zeroed=static)
+    if static and device.type == "cuda":  # CUDA graphs replay on the cache's memory
+        for tensor in cache.k + cache.v:
+            torch._dynamo.mark_static_address(tensor)
+    return cache
+
+
+def _complete_batch(model, prefix, n_positions: int, cache, step, static: bool, dtype, draw, bar):
+    """A prefill of [SOS] + prefix (B, P), then decode steps up to n_positions; the new tokens (B, n - P)."""
+    B, P = prefix.shape
+    device = prefix.device
+    tokens = torch.empty(B, n_positions - P, dtype=torch.long, device=device)
+    inputs = torch.cat([torch.full((B, 1), model.config.sos_id, device=device), prefix], dim=1)
+    with autocast(device, dtype):
+        logits = prefill(model, inputs, cache)
+    token = tokens[:, 0] = draw(logits)
+    bar.update(B)
+    positions = torch.arange(n_positions, device=device) if static else None
+    for position in range(P + 1, n_positions):
+        # x_{position-1} goes in at `position`; its logits give x_position
+        with autocast(device, dtype):
+            at = positions[position : position + 1] if static else position
+            logits = step(model, token[:, None], at, cache)
+        token = tokens[:, position - P] = draw(logits)
+        bar.update(B)
+    return tokens
 
 
 def _progress_bar(progress: bool | str, total: int):
@@ -309,19 +338,20 @@ def sample(
     dtype=None,
     compile: bool | str = False,
     progress: bool | str = False,
+    cache_dtype=None,
 ) -> torch.LongTensor:
     """n images sampled from [SOS]: token ids (n, n_positions) on the CPU; processor.decode(ids) gives pixels.
 
     temperature: 0 is greedy; top_k: keep the k most likely tokens (0 = off; transformers' docs use 40);
     top_p: keep the smallest set of tokens whose mass reaches top_p (1 = off); seed: the same seed and
     settings give the same images on the same machine. See generate() for batch_size, device, dtype, compile,
-    progress.
+    progress, cache_dtype.
     """
     n = _check_count(n, "n")
     prefixes = torch.empty(n, 0, dtype=torch.long)
     return generate(
         model, prefixes, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, batch_size=batch_size,
-        device=device, dtype=dtype, compile=compile, progress=progress,
+        device=device, dtype=dtype, compile=compile, progress=progress, cache_dtype=cache_dtype,
     )  # fmt: skip
 
 
@@ -398,6 +428,7 @@ def complete(
     dtype=None,
     compile: bool | str = False,
     progress: bool | str = False,
+    cache_dtype=None,
 ) -> torch.LongTensor:
     """n completions of each image of `ids` (B, L) from its top rows: token ids (B * n, n_positions) on the
     CPU.
@@ -426,7 +457,7 @@ def complete(
     prefixes = ids[:, :keep_tokens].repeat_interleave(n, dim=0)
     return generate(
         model, prefixes, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, batch_size=batch_size,
-        device=device, dtype=dtype, compile=compile, progress=progress,
+        device=device, dtype=dtype, compile=compile, progress=progress, cache_dtype=cache_dtype,
     )  # fmt: skip
 
 

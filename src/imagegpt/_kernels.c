@@ -1,0 +1,276 @@
+/* imagegpt._kernels: the one-token attention of a KV-cached decode step on x86-64 CPUs with AVX2 and FMA.
+ *
+ * Why it exists: a decode step of a batch of images reads every cached key and value once, so on a CPU its
+ * attention is bound by memory traffic. PyTorch's CPU SDPA kernel reads a float32 cache at about 60% of the
+ * bandwidth here, and a bfloat16 or float16 cache at a fraction of that (its reduced-precision path is built
+ * for CPUs with bfloat16 units). This kernel streams the cache once in any of the three dtypes, widening to
+ * float32 in registers, and computes in float32: softmax(q . K^T / sqrt(hs)) V, with q (and the result) in
+ * float32.
+ *
+ * Layout (strides in elements): for image b and head h, q[b, h, :] starts at b * q_sb + h * q_sh; row s of
+ * the keys at b * kv_sb + h * kv_sh + s * kv_ss (the same for the values); the result goes to
+ * b * o_sb + h * o_sh. The last dimension (hs, a multiple of 8) is contiguous everywhere. The (b, h) pairs
+ * are split between `threads` POSIX threads, the caller's thread taking the first share.
+ *
+ * Built by setup.py as an optional extension; imagegpt.kernels falls back to SDPA when it is missing or the
+ * CPU lacks AVX2/FMA/F16C.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#if defined(__GNUC__) && defined(__x86_64__) && !defined(_WIN32)
+#define IMAGEGPT_AVX2 1
+#include <immintrin.h>
+#include <math.h>
+#include <pthread.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+#include <stdint.h>
+#include <stdlib.h>
+
+#define TARGET __attribute__((target("avx2,fma,f16c")))
+#define INLINE static inline __attribute__((always_inline)) TARGET
+
+enum { F32 = 0, BF16 = 1, F16 = 2 };
+
+/* 8 cached elements widened to float32. dt is a compile-time constant wherever this is inlined. */
+INLINE __m256 load8(const void *p, int dt) {
+    if (dt == F32) return _mm256_loadu_ps((const float *)p);
+    __m128i h = _mm_loadu_si128((const __m128i *)p);
+    if (dt == BF16) return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+    return _mm256_cvtph_ps(h);
+}
+
+/* exp(x) for x <= 0 (x - max of a softmax): 2^(x log2 e) as 2^n * 2^f, |f| <= 1/2, 2^f by a degree-6
+ * polynomial; relative error about 2e-7. Below -80 the result is flushed to exp(-80) ~ 2e-35, which no
+ * softmax over at least one exp(0) = 1 can tell from 0. */
+INLINE __m256 exp8(__m256 x) {
+    x = _mm256_max_ps(x, _mm256_set1_ps(-80.0f));
+    __m256 t = _mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f));
+    __m256 n = _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 f = _mm256_sub_ps(t, n);
+    __m256 p = _mm256_set1_ps(1.535336188319500e-4f);
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.339887440266574e-3f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(9.618437357674640e-3f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(5.550332471162809e-2f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2.402264791363012e-1f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(6.931472028550421e-1f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
+    __m256i e = _mm256_slli_epi32(_mm256_cvtps_epi32(n), 23);
+    return _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(p), e));
+}
+
+INLINE float hsum(__m256 v) {
+    __m128 a = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    a = _mm_hadd_ps(a, a);
+    a = _mm_hadd_ps(a, a);
+    return _mm_cvtss_f32(a);
+}
+
+typedef struct {
+    const float *q;
+    const char *k, *v;
+    float *out;
+    Py_ssize_t q_sb, q_sh, kv_sb, kv_sh, kv_ss, o_sb, o_sh;
+    int nh, hs, length, dt;
+    float scale;
+    int first, last; /* the (b, h) pairs [first, last) of this share, b * nh + h */
+    int failed;      /* set when the scores buffer could not be allocated */
+} Job;
+
+/* out[:w] = sum_s p[s] * V[s, d0 : d0 + w] for a strip of W = 8 * N dimensions, N accumulators. */
+#define V_STRIP(N)                                                                                         \
+    INLINE void v_strip##N(const char *vb, Py_ssize_t row, const float *p, int length, float *out, int dt, \
+                           int es) {                                                                       \
+        __m256 o[N];                                                                                       \
+        for (int j = 0; j < N; j++) o[j] = _mm256_setzero_ps();                                            \
+        for (int s = 0; s < length; s++) {                                                                 \
+            const char *r = vb + s * row;                                                                  \
+            __m256 w = _mm256_broadcast_ss(p + s);                                                         \
+            for (int j = 0; j < N; j++) o[j] = _mm256_fmadd_ps(w, load8(r + 8 * j * es, dt), o[j]);        \
+        }                                                                                                  \
+        for (int j = 0; j < N; j++) _mm256_storeu_ps(out + 8 * j, o[j]);                                   \
+    }
+V_STRIP(8)
+V_STRIP(4)
+V_STRIP(2)
+V_STRIP(1)
+
+INLINE void attend_dt(const Job *job, float *scores, int dt) {
+    const int es = dt == F32 ? 4 : 2, hs = job->hs, length = job->length;
+    const Py_ssize_t row = job->kv_ss * es; /* bytes from one cached position to the next */
+    for (int i = job->first; i < job->last; i++) {
+        const int b = i / job->nh, h = i % job->nh;
+        const float *q = job->q + b * job->q_sb + h * job->q_sh;
+        const char *kb = job->k + (b * job->kv_sb + h * job->kv_sh) * es;
+        const char *vb = job->v + (b * job->kv_sb + h * job->kv_sh) * es;
+        float *out = job->out + b * job->o_sb + h * job->o_sh;
+
+        /* scores = q . K^T * scale, four keys at a time (one horizontal sum for four) */
+        int s = 0;
+        for (; s + 4 <= length; s += 4) {
+            const char *r = kb + s * row;
+            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+            for (int d = 0; d < hs; d += 8) {
+                __m256 qd = _mm256_loadu_ps(q + d);
+                a0 = _mm256_fmadd_ps(qd, load8(r + d * es, dt), a0);
+                a1 = _mm256_fmadd_ps(qd, load8(r + row + d * es, dt), a1);
+                a2 = _mm256_fmadd_ps(qd, load8(r + 2 * row + d * es, dt), a2);
+                a3 = _mm256_fmadd_ps(qd, load8(r + 3 * row + d * es, dt), a3);
+            }
+            __m256 h4 = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+            __m128 four = _mm_add_ps(_mm256_castps256_ps128(h4), _mm256_extractf128_ps(h4, 1));
+            _mm_storeu_ps(scores + s, _mm_mul_ps(four, _mm_set1_ps(job->scale)));
+        }
+        for (; s < length; s++) {
+            const char *r = kb + s * row;
+            __m256 a = _mm256_setzero_ps();
+            for (int d = 0; d < hs; d += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), load8(r + d * es, dt), a);
+            scores[s] = hsum(a) * job->scale;
+        }
+
+        /* softmax, in place */
+        float top = scores[0];
+        for (s = 1; s < length; s++) top = scores[s] > top ? scores[s] : top;
+        __m256 mv = _mm256_set1_ps(top), total = _mm256_setzero_ps();
+        for (s = 0; s + 8 <= length; s += 8) {
+            __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(scores + s), mv));
+            _mm256_storeu_ps(scores + s, e);
+            total = _mm256_add_ps(total, e);
+        }
+        float sum = hsum(total);
+        for (; s < length; s++) {
+            float e = expf(scores[s] - top);
+            scores[s] = e;
+            sum += e;
+        }
+        const float inv = 1.0f / sum;
+        for (s = 0; s < length; s++) scores[s] *= inv;
+
+        /* out = scores . V, in strips of 64, 32, 16 and 8 dimensions (8 accumulators at most) */
+        int d = 0;
+        for (; d + 64 <= hs; d += 64) v_strip8(vb + d * es, row, scores, length, out + d, dt, es);
+        if (d + 32 <= hs) {
+            v_strip4(vb + d * es, row, scores, length, out + d, dt, es);
+            d += 32;
+        }
+        if (d + 16 <= hs) {
+            v_strip2(vb + d * es, row, scores, length, out + d, dt, es);
+            d += 16;
+        }
+        if (d + 8 <= hs) v_strip1(vb + d * es, row, scores, length, out + d, dt, es);
+    }
+}
+
+static TARGET void attend(Job *job) {
+    float *scores = malloc(((size_t)job->length + 8) * sizeof(float));
+    if (scores == NULL) {
+        job->failed = 1;
+        return;
+    }
+    if (job->dt == F32)
+        attend_dt(job, scores, F32);
+    else if (job->dt == BF16)
+        attend_dt(job, scores, BF16);
+    else
+        attend_dt(job, scores, F16);
+    free(scores);
+}
+
+#ifndef _OPENMP
+static void *attend_thread(void *job) {
+    attend((Job *)job);
+    return NULL;
+}
+#endif
+
+static int cpu_supported(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+}
+#else
+#define IMAGEGPT_AVX2 0
+static int cpu_supported(void) { return 0; }
+#endif
+
+#define MAX_THREADS 64
+
+static PyObject *decode_attention(PyObject *self, PyObject *args) {
+    unsigned long long q, k, v, out;
+    Py_ssize_t q_sb, q_sh, kv_sb, kv_sh, kv_ss, o_sb, o_sh;
+    int batch, nh, hs, length, dt, threads;
+    float scale;
+    if (!PyArg_ParseTuple(args, "KnnKKnnnKnniiiiifi", &q, &q_sb, &q_sh, &k, &v, &kv_sb, &kv_sh, &kv_ss, &out,
+                          &o_sb, &o_sh, &batch, &nh, &hs, &length, &dt, &scale, &threads))
+        return NULL;
+    if (!cpu_supported()) {
+        PyErr_SetString(PyExc_RuntimeError, "imagegpt._kernels needs an x86-64 CPU with AVX2, FMA and F16C");
+        return NULL;
+    }
+    if (batch < 0 || nh < 1 || hs < 8 || hs % 8 != 0 || length < 1 || dt < 0 || dt > 2) {
+        PyErr_SetString(PyExc_ValueError, "decode_attention: bad shape or dtype code");
+        return NULL;
+    }
+#if IMAGEGPT_AVX2
+    const int pairs = batch * nh;
+    if (threads > pairs) threads = pairs;
+    if (threads < 1) threads = 1;
+    Job job = {(const float *)(uintptr_t)q, (const char *)(uintptr_t)k, (const char *)(uintptr_t)v,
+               (float *)(uintptr_t)out, q_sb, q_sh, kv_sb, kv_sh, kv_ss, o_sb, o_sh, nh, hs, length, dt,
+               scale, 0, pairs, 0};
+    int failed = 0;
+    Py_BEGIN_ALLOW_THREADS;
+#ifdef _OPENMP
+    /* PyTorch's own OpenMP pool when torch loaded libgomp.so.1 first (imagegpt.kernels imports torch
+     * first): its threads are awake right after the step's matrix multiplies, and no second pool competes
+     * with them for the cores. */
+#pragma omp parallel num_threads(threads) reduction(| : failed)
+    {
+        Job share = job;
+        const int t = omp_get_thread_num(), n = omp_get_num_threads();
+        share.first = (int)((long long)pairs * t / n);
+        share.last = (int)((long long)pairs * (t + 1) / n);
+        attend(&share);
+        failed |= share.failed;
+    }
+#else
+    if (threads > MAX_THREADS) threads = MAX_THREADS;
+    Job shares[MAX_THREADS];
+    pthread_t ids[MAX_THREADS];
+    int started[MAX_THREADS] = {0};
+    for (int t = 0; t < threads; t++) {
+        shares[t] = job;
+        shares[t].first = (int)((long long)pairs * t / threads);
+        shares[t].last = (int)((long long)pairs * (t + 1) / threads);
+    }
+    for (int t = 1; t < threads; t++) started[t] = pthread_create(&ids[t], NULL, attend_thread, &shares[t]) == 0;
+    for (int t = 1; t < threads; t++)
+        if (!started[t]) attend(&shares[t]); /* no thread to be had: do its share here */
+    attend(&shares[0]);
+    for (int t = 1; t < threads; t++) {
+        if (started[t]) pthread_join(ids[t], NULL);
+        failed |= shares[t].failed;
+    }
+    failed |= shares[0].failed;
+#endif
+    Py_END_ALLOW_THREADS;
+    if (failed) return PyErr_NoMemory();
+#endif
+    Py_RETURN_NONE;
+}
+
+static PyObject *supported(PyObject *self, PyObject *args) { return PyBool_FromLong(cpu_supported()); }
+
+static PyMethodDef methods[] = {
+    {"decode_attention", decode_attention, METH_VARARGS,
+     "decode_attention(q, q_sb, q_sh, k, v, kv_sb, kv_sh, kv_ss, out, o_sb, o_sh, batch, nh, hs, length, "
+     "dtype_code, scale, threads): one-token attention over a KV cache, on raw pointers (see "
+     "imagegpt.kernels)."},
+    {"supported", supported, METH_NOARGS, "whether this CPU can run decode_attention"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_kernels", NULL, -1, methods};
+
+PyMODINIT_FUNC PyInit__kernels(void) { return PyModule_Create(&module); }

@@ -1,0 +1,73 @@
+"""The native CPU kernel of the decode step: one-token attention over a KV cache (imagegpt/_kernels.c).
+
+A decode step's attention reads every cached key and value once, so on a CPU it is bound by memory traffic.
+The kernel streams a float32, bfloat16 or float16 cache once, widens it to float32 in registers and computes
+in float32; PyTorch's SDPA reads a float32 cache more slowly and a half-precision one far more slowly on CPUs
+without bfloat16 units (benchmarks/bench_sampling.py and docs/performance.md have the numbers).
+
+The extension is optional (setup.py): where it is not built, or the CPU lacks AVX2/FMA/F16C, or
+IMAGEGPT_NATIVE_KERNELS=0 is set, `decode_attention` returns None and the model uses SDPA.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+try:
+    from . import _kernels
+except ImportError:  # not built here: SDPA it is
+    _kernels = None
+
+CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+@functools.cache
+def _supported() -> bool:
+    return _kernels is not None and _kernels.supported()
+
+
+def available() -> bool:
+    """Whether decode_attention runs here: the extension is built, the CPU can run it, and it is not
+    switched off with IMAGEGPT_NATIVE_KERNELS=0 (read at every call, so tests and users can switch)."""
+    return os.environ.get("IMAGEGPT_NATIVE_KERNELS", "1") != "0" and _supported()
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor | None:
+    """softmax(q K^T / sqrt(hs)) V for one query per image and head, or None where the kernel does not apply.
+
+    q: (B, nh, 1, hs) float32; k, v: (B, nh, S, hs) of one dtype among float32, bfloat16 and float16, such
+    as views of a preallocated cache (rows of hs contiguous, heads and images uniformly strided). All on the
+    CPU, hs a multiple of 8, no autograd. The result is float32, (B, nh, 1, hs), laid out as (B, 1, nh, hs)
+    so that merging the heads is free.
+    """
+    if not available() or torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return None
+    B, nh, T, hs = q.shape
+    S = k.size(2)
+    if (
+        T != 1
+        or S < 1
+        or hs % 8
+        or q.dtype != torch.float32
+        or k.dtype != v.dtype
+        or k.dtype not in CODES
+        or k.shape != (B, nh, S, hs)
+        or v.shape != k.shape
+        or k.stride() != v.stride()
+        or not all(t.device.type == "cpu" for t in (q, k, v))
+        or q.stride(3) != 1
+        or k.stride(3) != 1
+        or k.stride(2) < hs
+    ):
+        return None
+    out = torch.empty(B, 1, nh, hs)
+    _kernels.decode_attention(
+        q.data_ptr(), q.stride(0), q.stride(1),
+        k.data_ptr(), v.data_ptr(), k.stride(0), k.stride(1), k.stride(2),
+        out.data_ptr(), out.stride(0), out.stride(2),
+        B, nh, hs, S, CODES[k.dtype], hs**-0.5, torch.get_num_threads(),
+    )  # fmt: skip
+    return out.transpose(1, 2)

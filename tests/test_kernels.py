@@ -1,0 +1,115 @@
+"""The native decode-attention kernel (imagegpt._kernels): built where it can run, equal to SDPA on the same
+keys and values for every dtype, layout and thread count, and declined where it does not apply."""
+
+from __future__ import annotations
+
+import platform
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from imagegpt import kernels
+
+
+def cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+CAN_RUN = (
+    sys.platform.startswith("linux")
+    and platform.machine() == "x86_64"
+    and {"avx2", "fma", "f16c"} <= cpu_flags()
+)
+needs_kernel = pytest.mark.skipif(not kernels.available(), reason="the native kernel does not run here")
+
+
+@pytest.mark.skipif(not CAN_RUN, reason="the kernel is built for x86-64 Linux CPUs with AVX2, FMA and F16C")
+def test_the_kernel_is_built_and_runs_where_it_can():
+    # setup.py builds it as optional: a broken build would otherwise pass unnoticed, with SDPA everywhere
+    assert kernels._kernels is not None, "imagegpt._kernels was not built; reinstall with a C compiler"
+    assert kernels.available()
+
+
+def query_and_cache(B, nh, hs, S, dtype, seed, spare=5, scale=1.0):
+    """q as the c_attn output's view (B, nh, 1, hs) and k, v as views of the first S positions of a cache."""
+    g = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(B, 1, 3 * nh * hs, generator=g) * scale
+    q = qkv[..., : nh * hs].view(B, 1, nh, hs).transpose(1, 2)
+    cache_k = torch.randn(B, nh, S + spare, hs, generator=g).to(dtype)
+    cache_v = torch.randn(B, nh, S + spare, hs, generator=g).to(dtype)
+    return q, cache_k[:, :, :S], cache_v[:, :, :S]
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("hs", [8, 16, 24, 40, 64, 96, 128, 136])
+def test_equals_sdpa_for_every_dtype_and_head_width(dtype, hs):
+    for seed, S in enumerate([1, 2, 3, 4, 5, 8, 9, 31, 300]):
+        q, k, v = query_and_cache(3, 5, hs, S, dtype, seed)
+        expected = F.scaled_dot_product_attention(q, k.float(), v.float())
+        got = kernels.decode_attention(q, k, v)
+        assert got.dtype == torch.float32 and got.shape == expected.shape
+        torch.testing.assert_close(got, expected, atol=2e-6, rtol=1e-5)
+
+
+@needs_kernel
+@pytest.mark.parametrize("threads", [1, 2, 3, 7])
+def test_any_thread_count_gives_the_same_result(threads):
+    q, k, v = query_and_cache(2, 3, 64, 77, torch.float32, 1)
+    expected = F.scaled_dot_product_attention(q, k, v)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = kernels.decode_attention(q, k, v)
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(got, expected, atol=2e-6, rtol=1e-5)
+
+
+@needs_kernel
+def test_peaked_and_flat_softmaxes():
+    # large scores: a nearly one-hot softmax, where an unstabilised exp would overflow
+    q, k, v = query_and_cache(2, 2, 32, 50, torch.float32, 2, scale=60.0)
+    torch.testing.assert_close(
+        kernels.decode_attention(q, k, v), F.scaled_dot_product_attention(q, k, v), atol=2e-6, rtol=1e-5
+    )
+    # all keys equal: the plain mean of the values
+    q, k, v = query_and_cache(1, 2, 16, 40, torch.float32, 3)
+    k.copy_(k[:, :, :1].clone().expand_as(k))
+    torch.testing.assert_close(kernels.decode_attention(q, k, v), v.mean(dim=2, keepdim=True))
+
+
+@needs_kernel
+def test_the_result_is_laid_out_for_merging_heads():
+    q, k, v = query_and_cache(4, 3, 8, 6, torch.float32, 4)
+    y = kernels.decode_attention(q, k, v)
+    assert y.transpose(1, 2).is_contiguous()  # (B, 1, nh, hs): the reshape to (B, 1, C) is a view
+
+
+@needs_kernel
+def test_cases_it_does_not_serve_are_declined(monkeypatch):
+    q, k, v = query_and_cache(2, 2, 16, 5, torch.float32, 5)
+    assert kernels.decode_attention(q, k, v) is not None
+    two_queries = torch.randn(2, 2, 2, 16)
+    assert kernels.decode_attention(two_queries, k, v) is None
+    assert kernels.decode_attention(q, k, v.to(torch.bfloat16)) is None  # mixed dtypes
+    assert kernels.decode_attention(q.double(), k.double(), v.double()) is None
+    assert kernels.decode_attention(q[..., :12], k[..., :12], v[..., :12]) is None  # hs not a multiple of 8
+    assert kernels.decode_attention(q, k.transpose(2, 3), v.transpose(2, 3)) is None  # rows not contiguous
+    leaf = q.clone().requires_grad_()
+    assert kernels.decode_attention(leaf, k, v) is None  # autograd needs SDPA's backward
+    with torch.no_grad():
+        assert kernels.decode_attention(leaf, k, v) is not None  # no graph is built
+    monkeypatch.setenv("IMAGEGPT_NATIVE_KERNELS", "0")
+    assert not kernels.available()
+    assert kernels.decode_attention(q, k, v) is None
