@@ -94,7 +94,7 @@ def ours_decode(
     cache = KVCache(config, len(inputs), config.n_positions + spare, dtype=cache_dtype, zeroed=static)
     generator = torch.Generator().manual_seed(0)
     P = inputs.size(1) - 1
-    packed = packed_weights(model, len(inputs)) if dtype == torch.float32 else contextlib.nullcontext()
+    packed = packed_weights(model) if dtype == torch.float32 else contextlib.nullcontext()
     with torch.inference_mode(), autocast(device, dtype), packed:
         if random_cache:
             for tensor in cache.k + cache.v:

@@ -113,3 +113,40 @@ def test_cases_it_does_not_serve_are_declined(monkeypatch):
     monkeypatch.setenv("IMAGEGPT_NATIVE_KERNELS", "0")
     assert not kernels.available()
     assert kernels.decode_attention(q, k, v) is None
+
+
+@needs_kernel
+@pytest.mark.parametrize("activation", ["none", "silu"])
+def test_packed_linear_equals_the_definition(activation):
+    generator = torch.Generator().manual_seed(7)
+    for N, K in [(1, 1), (8, 5), (16, 64), (17, 33), (40, 24), (515, 64)]:
+        weight = torch.randn(N, K, generator=generator)
+        bias = torch.randn(N, generator=generator)
+        packed = kernels.pack_linear(weight, scale=1.5)
+        assert packed.shape == ((N + 15) // 16, K, 16)
+        padded = torch.zeros(packed.size(0) * 16)
+        padded[:N] = 0.25 * bias
+        for M in [0, 1, 2, 3, 4, 5, 6, 7, 13, kernels.MAX_ROWS]:
+            wide = torch.randn(M, 2 * K, generator=generator)
+            x = wide[:, :K]  # rows strided, as a view of a wider tensor
+            expected = 1.5 * x @ weight.T + 0.25 * bias
+            if activation == "silu":
+                expected = F.silu(expected)
+            got = kernels.packed_linear(x, packed, padded, N, activation)
+            assert got.shape == (M, N)
+            torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+@needs_kernel
+def test_packed_linear_keeps_leading_dimensions_and_any_thread_count():
+    weight, x = torch.randn(24, 16), torch.randn(3, 1, 16)
+    packed, bias = kernels.pack_linear(weight), torch.zeros(32)
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 5):
+            torch.set_num_threads(threads)
+            got = kernels.packed_linear(x, packed, bias, 24)
+            assert got.shape == (3, 1, 24)
+            torch.testing.assert_close(got, x @ weight.T, atol=1e-5, rtol=1e-5)
+    finally:
+        torch.set_num_threads(before)

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from imagegpt import ImageGPT, ImageGPTClassifier, ImageGPTConfig
+from imagegpt import ImageGPT, ImageGPTClassifier, ImageGPTConfig, kernels
 from imagegpt import model as model_module
 from imagegpt.model import MLP, KVCache, Norm, quick_gelu, sos_inputs
 
@@ -386,14 +386,14 @@ def test_linear_without_autograd_matches_the_definition_for_any_number_of_rows(r
 
 # Packed weights (CPU float32 inference)
 
-needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="no oneDNN here")
+needs_kernel = pytest.mark.skipif(not kernels.available(), reason="the native kernels do not run here")
 
 
 def linears(model):
     return [m for m in model.modules() if isinstance(m, model_module.Linear)]
 
 
-@needs_onednn
+@needs_kernel
 def test_packed_weights_give_the_plain_numbers_and_are_dropped_afterwards():
     config = nano()
     model = randomised(ImageGPT(config).eval(), scale=0.3)
@@ -404,7 +404,7 @@ def test_packed_weights_give_the_plain_numbers_and_are_dropped_afterwards():
         cache = KVCache(config, 3)
         model(ids[:, :7], kv_cache=cache)
         expected_step = model(ids[:, 7:8], kv_cache=cache, start=7).logits
-        with model_module.packed_weights(model, rows=3):
+        with model_module.packed_weights(model):
             assert all(isinstance(m.packed, model_module.PackedLinear) for m in linears(model))
             for m in linears(model):  # count the packed multiplies
                 m.packed.__class__ = type("Counted", (model_module.PackedLinear,), {
@@ -414,18 +414,20 @@ def test_packed_weights_give_the_plain_numbers_and_are_dropped_afterwards():
             cache = KVCache(config, 3)
             model(ids[:, :7], kv_cache=cache)
             got_step = model(ids[:, 7:8], kv_cache=cache, start=7).logits
-    assert len(calls) == 3 * (4 * config.n_layer + 1)  # three forwards, every linear layer and the head
+    # the prefill's 21 rows and the step's 3 (every linear layer and the head); the full forward's 90 rows
+    # are more than kernels.MAX_ROWS and take the plain weights
+    assert len(calls) == 2 * (4 * config.n_layer + 1)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(got_step, expected_step, atol=1e-5, rtol=1e-5)
     assert all(m.packed is None for m in linears(model))
 
 
-@needs_onednn
+@needs_kernel
 def test_packed_weights_step_aside_for_autograd_autocast_and_changed_weights():
     config = nano()
     model = randomised(ImageGPT(config).eval(), scale=0.3)
     ids = ids_for(config, batch=2)
-    with model_module.packed_weights(model, rows=2):
+    with model_module.packed_weights(model):
         with torch.no_grad():
             before = model(ids).logits
         loss = model(ids).logits.square().mean()  # autograd: the plain weights, which get gradients
@@ -443,5 +445,5 @@ def test_models_too_large_to_pack_twice_are_left_alone(monkeypatch):
     model = ImageGPT(nano())
     monkeypatch.setattr(model_module, "PACK_BUDGET_BYTES", 1000)
     assert not model_module.can_pack(model)
-    with model_module.packed_weights(model, rows=2):
+    with model_module.packed_weights(model):
         assert all(m.packed is None for m in linears(model))

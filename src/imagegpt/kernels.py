@@ -71,3 +71,41 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
         B, nh, hs, S, CODES[k.dtype], hs**-0.5, torch.get_num_threads(),
     )  # fmt: skip
     return out.transpose(1, 2)
+
+
+# ---- few-rows linear layers on packed weights ----
+
+# The packed multiply serves at most this many rows (a decode step's batch); more go to the library GEMM,
+# which blocks its work for large matrices.
+MAX_ROWS = 64
+ACTIVATIONS = {"none": 0, "silu": 1}
+
+
+def pack_linear(weight: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """weight (N, K) float32 times `scale`, packed into column blocks of 16: (ceil(N / 16), K, 16), the
+    columns past N zero."""
+    N, K = weight.shape
+    weight = weight.detach()
+    if weight.stride(1) != 1:
+        weight = weight.contiguous()
+    packed = torch.empty((N + 15) // 16, K, 16)
+    _kernels.pack_linear(weight.data_ptr(), N, K, weight.stride(0), float(scale), packed.data_ptr())
+    return packed
+
+
+def packed_linear(
+    x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor, out_features: int, activation: str = "none"
+) -> torch.Tensor:
+    """act(x W^T + bias) for x (..., K) float32 with at most MAX_ROWS rows, W as pack_linear packed it and
+    bias float32 padded to the packed columns (zeros for none)."""
+    K = packed.size(1)
+    rows = x.reshape(-1, K)
+    if rows.stride(1) != 1 or rows.stride(0) < K:
+        rows = rows.contiguous()
+    M = rows.size(0)
+    out = torch.empty(M, out_features)
+    _kernels.packed_linear(
+        rows.data_ptr(), rows.stride(0), M, K, packed.data_ptr(), out_features, bias.data_ptr(),
+        ACTIVATIONS[activation], out.data_ptr(), out.stride(0), torch.get_num_threads(),
+    )  # fmt: skip
+    return out.view(*x.shape[:-1], out_features)

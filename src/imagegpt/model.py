@@ -150,39 +150,42 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias=None, alpha=1.0, beta=1.0
 
 
 class PackedLinear:
-    """A linear layer's weights reordered once into oneDNN's blocked layout, for CPU float32 inference.
+    """A linear layer's weight packed once for few-rows CPU float32 inference (imagegpt.kernels).
 
-    A decode step multiplies a few rows by every weight of the model; MKL's GEMM re-packs each weight on
-    every call, a oneDNN-packed weight is ready to stream (igpt-s, 16 rows, 2 threads: the step's linear
-    layers in 46 instead of 60 ms). The weight and bias are multiplied by their scales before packing and
-    `activation` ("swish" = silu) is fused into the multiply: that is how the MLP gets quick-GELU.
+    A decode step multiplies a few rows by every weight of the model, so its linear layers are bound by
+    streaming the weights through the FMA units; the library GEMMs reach about a third of the FMA peak at 16
+    rows here, the packed multiply about half (igpt-s, 16 rows, 2 threads: a step's linear layers in ~30-40
+    instead of ~45-60 ms; benchmarks/bench_sampling.py). The weight and bias are multiplied by their scales
+    before packing, and `activation` ("silu") is applied in the multiply's epilogue: that is how the MLP
+    gets quick-GELU in one call.
     """
 
-    def __init__(
-        self, module: nn.Linear, rows: int, weight_scale=1.0, bias_scale=1.0, activation: str = "none"
-    ):
-        with torch.no_grad():
-            weight = module.weight * weight_scale
-            bias = None if module.bias is None else module.bias * bias_scale
-            self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, rows)
-        self.bias, self.activation = bias, activation
+    def __init__(self, module: nn.Linear, weight_scale=1.0, bias_scale=1.0, activation: str = "none"):
+        self.out_features = module.out_features
+        self.weight = kernels.pack_linear(module.weight, weight_scale)
+        self.bias = torch.zeros(self.weight.size(0) * 16)  # padded to the packed columns
+        if module.bias is not None:
+            self.bias[: self.out_features] = module.bias.detach() * bias_scale
+        self.activation = activation
         self.source = module.weight
         self.version = module.weight._version  # packed from these values
 
     def applies(self, x: torch.Tensor) -> bool:
-        """Whether x can go through the packed weights: CPU float32 without autograd or autocast, and the
-        module's weight unchanged since packing."""
+        """Whether x can go through the packed weight: at most kernels.MAX_ROWS rows of CPU float32 without
+        autograd or autocast, the module's weight unchanged since packing, and the kernel on."""
         return (
             not torch.compiler.is_compiling()  # compiled steps lay out their own weights
             and x.device.type == "cpu"
             and x.dtype == torch.float32
+            and x.numel() <= kernels.MAX_ROWS * x.size(-1)
             and not torch.is_grad_enabled()
             and not torch.is_autocast_enabled("cpu")
             and self.source._version == self.version
+            and kernels.available()
         )
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, self.activation, [], "")
+        return kernels.packed_linear(x, self.weight, self.bias, self.out_features, self.activation)
 
 
 class Linear(nn.Linear):
@@ -475,11 +478,11 @@ PACK_BUDGET_BYTES = 2 * 1024**3
 
 
 def can_pack(model: nn.Module) -> bool:
-    """Whether packed_weights() would pack: oneDNN is there, every weight is a CPU float32 one, and the
-    linear layers' weights fit PACK_BUDGET_BYTES."""
+    """Whether packed_weights() would pack: the native kernels run here, every linear weight is a CPU
+    float32 one, and together they fit PACK_BUDGET_BYTES."""
     linears = [m for m in model.modules() if isinstance(m, Linear)]
     return (
-        torch.backends.mkldnn.is_available()
+        kernels.available()
         and bool(linears)
         and all(m.weight.device.type == "cpu" and m.weight.dtype == torch.float32 for m in linears)
         and sum(m.weight.numel() * 4 for m in linears) <= PACK_BUDGET_BYTES
@@ -487,21 +490,21 @@ def can_pack(model: nn.Module) -> bool:
 
 
 @contextlib.contextmanager
-def packed_weights(model: nn.Module, rows: int):
-    """Within the block, the model's linear layers run CPU float32 inference on oneDNN-packed weights
-    (PackedLinear), laid out for `rows` rows at a time (a decode step's batch). A no-op where can_pack() is
-    False; a layer whose weight changes inside the block goes back to its plain weights."""
+def packed_weights(model: nn.Module):
+    """Within the block, the model's linear layers run few-rows CPU float32 inference (decode steps) on
+    packed weights (PackedLinear); everything else takes the plain weights. A no-op where can_pack() is
+    False; a layer whose weight changes inside the block goes back to its plain weight."""
     linears = [m for m in model.modules() if isinstance(m, Linear)]
     if not can_pack(model) or any(m.packed is not None for m in linears):  # not here, or packed already
         yield
         return
     for module in model.modules():
         if isinstance(module, MLP):  # c_proj(quick_gelu(z)) = (W / 1.702) silu(1.702 z) + b
-            module.c_fc.packed = PackedLinear(module.c_fc, rows, 1.702, 1.702, activation="swish")
-            module.c_proj.packed = PackedLinear(module.c_proj, rows, weight_scale=1 / 1.702)
+            module.c_fc.packed = PackedLinear(module.c_fc, 1.702, 1.702, activation="silu")
+            module.c_proj.packed = PackedLinear(module.c_proj, weight_scale=1 / 1.702)
     for module in linears:
         if module.packed is None:
-            module.packed = PackedLinear(module, rows)
+            module.packed = PackedLinear(module)
     try:
         yield
     finally:

@@ -270,7 +270,7 @@ def generate(
     draw = lambda logits: sample_next(logits, temperature, top_k, top_p, generator)
     cache = None
     try:
-        with packed_weights(model, batch_size) if fast else contextlib.nullcontext():
+        with packed_weights(model) if fast else contextlib.nullcontext():
             for lo in range(0, R, batch_size):
                 prefix = prefixes[lo : lo + batch_size].to(device)
                 B = prefix.size(0)
