@@ -200,14 +200,16 @@ INLINE __m256 silu8(__m256 z) {
     return _mm256_div_ps(z, _mm256_add_ps(_mm256_set1_ps(1.0f), e));
 }
 
-INLINE void linear_tile(const float *x, Py_ssize_t ldx, const float *block, int K, int R, const float *bias,
-                        int act, float *out, Py_ssize_t ldo, int cols) {
+INLINE void linear_tile(const float *x, Py_ssize_t ldx, const float *block, const float *next, int K, int R,
+                        const float *bias, int act, float *out, Py_ssize_t ldo, int cols) {
     /* every loop over r is unrolled: indexed by a variable, the accumulators would live in memory */
     __m256 c0[6], c1[6];
 #pragma GCC unroll 6
     for (int r = 0; r < 6; r++) c0[r] = c1[r] = _mm256_setzero_ps();
     for (int k = 0; k < K; k++) {
         __m256 w0 = _mm256_loadu_ps(block + 16 * k), w1 = _mm256_loadu_ps(block + 16 * k + 8);
+        /* the next block's line at this k into L2: its weights stream in while this block computes */
+        _mm_prefetch((const char *)(next + 16 * k), _MM_HINT_T1);
 #pragma GCC unroll 6
         for (int r = 0; r < R; r++) {
             __m256 a = _mm256_broadcast_ss(x + r * ldx + k);
@@ -236,15 +238,15 @@ INLINE void linear_tile(const float *x, Py_ssize_t ldx, const float *block, int 
 }
 
 /* rows [m, m + R) of one column block; R is a constant in each case, so each tile is compiled for it */
-static TARGET void linear_rows(const float *x, Py_ssize_t ldx, const float *block, int K, int R,
-                               const float *bias, int act, float *out, Py_ssize_t ldo, int cols) {
+static TARGET void linear_rows(const float *x, Py_ssize_t ldx, const float *block, const float *next, int K,
+                               int R, const float *bias, int act, float *out, Py_ssize_t ldo, int cols) {
     switch (R) {
-    case 6: linear_tile(x, ldx, block, K, 6, bias, act, out, ldo, cols); break;
-    case 5: linear_tile(x, ldx, block, K, 5, bias, act, out, ldo, cols); break;
-    case 4: linear_tile(x, ldx, block, K, 4, bias, act, out, ldo, cols); break;
-    case 3: linear_tile(x, ldx, block, K, 3, bias, act, out, ldo, cols); break;
-    case 2: linear_tile(x, ldx, block, K, 2, bias, act, out, ldo, cols); break;
-    default: linear_tile(x, ldx, block, K, 1, bias, act, out, ldo, cols); break;
+    case 6: linear_tile(x, ldx, block, next, K, 6, bias, act, out, ldo, cols); break;
+    case 5: linear_tile(x, ldx, block, next, K, 5, bias, act, out, ldo, cols); break;
+    case 4: linear_tile(x, ldx, block, next, K, 4, bias, act, out, ldo, cols); break;
+    case 3: linear_tile(x, ldx, block, next, K, 3, bias, act, out, ldo, cols); break;
+    case 2: linear_tile(x, ldx, block, next, K, 2, bias, act, out, ldo, cols); break;
+    default: linear_tile(x, ldx, block, next, K, 1, bias, act, out, ldo, cols); break;
     }
 }
 
@@ -252,10 +254,12 @@ static TARGET void linear_blocks(const float *x, Py_ssize_t ldx, int M, int K, c
                                  const float *bias, int act, float *out, Py_ssize_t ldo, int first, int last) {
     for (int nb = first; nb < last; nb++) {
         const float *block = packed + (Py_ssize_t)nb * K * 16;
+        const float *next = nb + 1 < last ? block + (Py_ssize_t)K * 16 : block;
         const int cols = N - 16 * nb < 16 ? N - 16 * nb : 16;
         for (int m = 0; m < M; m += 6) {
             const int R = M - m < 6 ? M - m : 6;
-            linear_rows(x + m * ldx, ldx, block, K, R, bias + 16 * nb, act, out + m * ldo + 16 * nb, ldo, cols);
+            linear_rows(x + m * ldx, ldx, block, next, K, R, bias + 16 * nb, act, out + m * ldo + 16 * nb, ldo,
+                        cols);
         }
     }
 }
