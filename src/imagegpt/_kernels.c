@@ -354,12 +354,16 @@ static PyObject *pack_linear(PyObject *self, PyObject *args) {
     float *P = (float *)(uintptr_t)packed;
     const int blocks = (N + 15) / 16;
     Py_BEGIN_ALLOW_THREADS;
-    for (int nb = 0; nb < blocks; nb++)
-        for (int k = 0; k < K; k++)
-            for (int j = 0; j < 16; j++) {
-                const int n = 16 * nb + j;
-                P[((Py_ssize_t)nb * K + k) * 16 + j] = n < N ? W[(Py_ssize_t)n * ldw + k] * scale : 0.0f;
-            }
+    /* row by row of W (contiguous reads); a block's 16 rows fill its [K][16] lines while they are in cache */
+#pragma omp parallel for schedule(static)
+    for (int nb = 0; nb < blocks; nb++) {
+        float *block = P + (Py_ssize_t)nb * K * 16;
+        for (int j = 0; j < 16; j++) {
+            const int n = 16 * nb + j;
+            const float *row = W + (Py_ssize_t)n * ldw;
+            for (int k = 0; k < K; k++) block[16 * k + j] = n < N ? row[k] * scale : 0.0f;
+        }
+    }
     Py_END_ALLOW_THREADS;
     Py_RETURN_NONE;
 }

@@ -6,6 +6,11 @@ steps whose attention is SDPA over the cached keys. The next token is drawn on t
 torch.Generator (the exponential-race form of sampling, argmax(p / q) with q ~ Exp(1), as gpt-fast does), so a
 step never waits for the host and the same seed and settings give the same tokens on the same machine.
 
+On CPUs the native kernels of imagegpt.kernels carry the step where they run: attention over the cache (in
+float32, bfloat16 or float16 storage: `cache_dtype`) and, in float32, the linear layers on weights packed once
+per generate() call (model.packed_weights). Float32 sampling gives the same numbers as the plain PyTorch path
+within float32 rounding; a half-precision cache rounds the cached keys and values.
+
 Sequence layout: the model reads [SOS, x0, ..., x_{n-2}] and the logits at position i give x_i, as the
 released models were trained. A prefix of P tokens is one prefill of P + 1 inputs (SOS and the prefix) whose
 last logits give x_P; decode step i then feeds x_{i-1} at position i and gives x_i. Completing from an empty
