@@ -34,6 +34,11 @@
 
 enum { F32 = 0, BF16 = 1, F16 = 2 };
 
+/* How far ahead (bytes) the scores pass prefetches the keys of a half-precision cache. Measured on a 2-core
+ * AMD EPYC, igpt-s batch 16 at position 960, 2 threads: bfloat16 attention 49 -> 43-45 ms with 512-2048
+ * bytes; no gain for float32, whose rows the hardware prefetcher keeps up with. */
+#define PREFETCH 1024
+
 /* 8 cached elements widened to float32. dt is a compile-time constant wherever this is inlined. */
 INLINE __m256 load8(const void *p, int dt) {
     if (dt == F32) return _mm256_loadu_ps((const float *)p);
@@ -111,6 +116,8 @@ INLINE void attend_dt(const Job *job, float *scores, int dt) {
         int s = 0;
         for (; s + 4 <= length; s += 4) {
             const char *r = kb + s * row;
+            if (dt != F32) /* half-precision rows go by too fast for the hardware prefetcher alone */
+                for (Py_ssize_t at = 0; at < 4 * row; at += 64) _mm_prefetch(r + PREFETCH + at, _MM_HINT_T0);
             __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
             for (int d = 0; d < hs; d += 8) {
                 __m256 qd = _mm256_loadu_ps(q + d);
