@@ -127,12 +127,12 @@ def test_a_half_precision_cache_holds_the_rounded_keys_and_values(monkeypatch, n
     with torch.no_grad():
         full = model(inputs).logits
         cache = KVCache(model.config, 2, dtype=dtype)
-        logits = [prefill(model, inputs[:, :1], cache)]
-        for position in range(1, inputs.size(1)):
+        logits = [prefill(model, inputs[:, :5], cache)]  # a prefill of 5 reads the cache back in float32
+        for position in range(5, inputs.size(1)):
             logits.append(decode_one_token(model, inputs[:, position : position + 1], position, cache))
     assert cache.k[0].dtype == dtype
     # keys and values rounded to 8 (bfloat16) or 11 (float16) significant bits: close, not equal
-    error = (torch.stack(logits, dim=1) - full).abs().max().item()
+    error = (torch.stack(logits, dim=1) - full[:, 4:]).abs().max().item()
     assert 0 < error < (5e-2 if cache_dtype == "bfloat16" else 5e-3)
 
 
