@@ -27,6 +27,9 @@ to the weight matmuls and SDPA, which compile leaves to the same kernels. Induct
 (mode="max-autotune" with torch._inductor.config.freezing, a process-wide setting this library leaves to the
 user) did better on a quiet machine, 84 / 151 / 220 against 111 / 183 / 250 ms at positions 64 / 512 / 1000
 (2 threads), but took about 2 minutes to compile: more than it saves on a batch of full 32x32 images.
+Those numbers predate the native kernels, which a compiled step does not use (dynamo cannot trace their raw
+pointers): the eager step is now 48-55 / 90-113 / 146-150 ms at positions 64 / 512 / 960 (batch 16, 2
+threads), so on such CPUs compile=True is expected to be slower than eager; it has not been re-timed.
 """
 
 from __future__ import annotations
