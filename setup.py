@@ -11,7 +11,7 @@ from setuptools import Extension, setup
 # OpenMP on Linux: the kernel then runs on PyTorch's own thread pool (libgomp.so.1, which torch loads first).
 openmp = sys.platform.startswith("linux")
 compile_args = [] if sys.platform == "win32" else ["-O3", "-std=c11", "-Wall"] + ["-fopenmp"] * openmp
-link_args = [] if sys.platform == "win32" else ["-lpthread"] + ["-fopenmp"] * openmp
+link_args = ["-fopenmp"] * openmp
 
 setup(
     ext_modules=[

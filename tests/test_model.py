@@ -389,37 +389,36 @@ def test_linear_without_autograd_matches_the_definition_for_any_number_of_rows(r
 needs_kernel = pytest.mark.skipif(not kernels.available(), reason="the native kernels do not run here")
 
 
-def linears(model):
-    return [m for m in model.modules() if isinstance(m, model_module.Linear)]
-
-
 @needs_kernel
-def test_packed_weights_give_the_plain_numbers_and_are_dropped_afterwards():
+def test_packed_weights_give_the_plain_numbers_and_are_dropped_afterwards(monkeypatch):
     config = nano()
     model = randomised(ImageGPT(config).eval(), scale=0.3)
     ids = ids_for(config)
     calls = []
+    real = kernels.packed_linear
+    monkeypatch.setattr(kernels, "packed_linear", lambda *a: calls.append(1) or real(*a))
     with torch.no_grad():
         expected = model(ids).logits
         cache = KVCache(config, 3)
         model(ids[:, :7], kv_cache=cache)
         expected_step = model(ids[:, 7:8], kv_cache=cache, start=7).logits
         with model_module.packed_weights(model):
-            assert all(isinstance(m.packed, model_module.PackedLinear) for m in linears(model))
-            for m in linears(model):  # count the packed multiplies
-                m.packed.__class__ = type("Counted", (model_module.PackedLinear,), {
-                    "__call__": lambda self, x: calls.append(1) or model_module.PackedLinear.__call__(self, x)
-                })  # fmt: skip
+            mlps = [m for m in model.modules() if isinstance(m, MLP)]
+            assert all(m.packed is not None and m.c_fc.packed is m.c_proj.packed is None for m in mlps)
+            assert model.lm_head.packed is not None
             got = model(ids).logits
             cache = KVCache(config, 3)
             model(ids[:, :7], kv_cache=cache)
             got_step = model(ids[:, 7:8], kv_cache=cache, start=7).logits
+            # the MLP's fused weights live on the MLP: its c_fc called alone is still c_fc
+            x = torch.randn(3, 1, config.n_embd)
+            torch.testing.assert_close(mlps[0].c_fc(x), F.linear(x, mlps[0].c_fc.weight, mlps[0].c_fc.bias))
     # the prefill's 21 rows and the step's 3 (every linear layer and the head); the full forward's 90 rows
     # are more than kernels.MAX_ROWS and take the plain weights
     assert len(calls) == 2 * (4 * config.n_layer + 1)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(got_step, expected_step, atol=1e-5, rtol=1e-5)
-    assert all(m.packed is None for m in linears(model))
+    assert all(m.packed is None for m in model.modules() if isinstance(m, (MLP, model_module.Linear)))
 
 
 @needs_kernel
@@ -446,4 +445,4 @@ def test_models_too_large_to_pack_twice_are_left_alone(monkeypatch):
     monkeypatch.setattr(model_module, "PACK_BUDGET_BYTES", 1000)
     assert not model_module.can_pack(model)
     with model_module.packed_weights(model):
-        assert all(m.packed is None for m in linears(model))
+        assert all(m.packed is None for m in model.modules() if isinstance(m, (MLP, model_module.Linear)))

@@ -1,19 +1,19 @@
-/* imagegpt._kernels: the one-token attention of a KV-cached decode step on x86-64 CPUs with AVX2 and FMA.
+/* imagegpt._kernels: the decode step's CPU kernels on x86-64 CPUs with AVX2, FMA and F16C.
  *
- * Why it exists: a decode step of a batch of images reads every cached key and value once, so on a CPU its
- * attention is bound by memory traffic. PyTorch's CPU SDPA kernel reads a float32 cache at about 60% of the
- * bandwidth here, and a bfloat16 or float16 cache at a fraction of that (its reduced-precision path is built
- * for CPUs with bfloat16 units). This kernel streams the cache once in any of the three dtypes, widening to
- * float32 in registers, and computes in float32: softmax(q . K^T / sqrt(hs)) V, with q (and the result) in
- * float32.
+ * decode_attention: a decode step of a batch of images reads every cached key and value once, so on a CPU
+ * its attention is bound by memory traffic. PyTorch's CPU SDPA kernel reads a float32 cache at about 60% of
+ * the bandwidth here, and a bfloat16 or float16 cache at a fraction of that (its reduced-precision path is
+ * built for CPUs with bfloat16 units). This kernel streams the cache once in any of the three dtypes,
+ * widening to float32 in registers, and computes in float32: softmax(q . K^T / sqrt(hs)) V, with q (and the
+ * result) in float32. Layout (strides in elements): for image b and head h, q[b, h, :] starts at
+ * b * q_sb + h * q_sh; row s of the keys at b * kv_sb + h * kv_sh + s * kv_ss (the same for the values);
+ * the result goes to b * o_sb + h * o_sh. The last dimension (hs, a multiple of 8) is contiguous everywhere.
  *
- * Layout (strides in elements): for image b and head h, q[b, h, :] starts at b * q_sb + h * q_sh; row s of
- * the keys at b * kv_sb + h * kv_sh + s * kv_ss (the same for the values); the result goes to
- * b * o_sb + h * o_sh. The last dimension (hs, a multiple of 8) is contiguous everywhere. The (b, h) pairs
- * are split between `threads` POSIX threads, the caller's thread taking the first share.
+ * pack_linear / packed_linear: few-rows linear layers on weights packed once (see below).
  *
- * Built by setup.py as an optional extension; imagegpt.kernels falls back to SDPA when it is missing or the
- * CPU lacks AVX2/FMA/F16C.
+ * Work is split over PyTorch's OpenMP pool (`threads` of it); built without OpenMP (setup.py enables it on
+ * Linux) the kernels run on the calling thread. Built by setup.py as an optional extension; imagegpt.kernels
+ * falls back to SDPA and the library GEMM when it is missing or the CPU lacks AVX2/FMA/F16C.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -22,7 +22,6 @@
 #define IMAGEGPT_AVX2 1
 #include <immintrin.h>
 #include <math.h>
-#include <pthread.h>
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -185,12 +184,6 @@ static TARGET void attend(Job *job) {
     free(scores);
 }
 
-#ifndef _OPENMP
-static void *attend_thread(void *job) {
-    attend((Job *)job);
-    return NULL;
-}
-#endif
 
 
 /* ---- few-rows linear layers: out = act(x W^T + b) for up to a few dozen rows (a decode step's batch) ----
@@ -280,8 +273,6 @@ static int cpu_supported(void) {
 static int cpu_supported(void) { return 0; }
 #endif
 
-#define MAX_THREADS 64
-
 static PyObject *decode_attention(PyObject *self, PyObject *args) {
     unsigned long long q, k, v, out;
     Py_ssize_t q_sb, q_sh, kv_sb, kv_sh, kv_ss, o_sb, o_sh;
@@ -320,25 +311,9 @@ static PyObject *decode_attention(PyObject *self, PyObject *args) {
         attend(&share);
         failed |= share.failed;
     }
-#else
-    if (threads > MAX_THREADS) threads = MAX_THREADS;
-    Job shares[MAX_THREADS];
-    pthread_t ids[MAX_THREADS];
-    int started[MAX_THREADS] = {0};
-    for (int t = 0; t < threads; t++) {
-        shares[t] = job;
-        shares[t].first = (int)((long long)pairs * t / threads);
-        shares[t].last = (int)((long long)pairs * (t + 1) / threads);
-    }
-    for (int t = 1; t < threads; t++) started[t] = pthread_create(&ids[t], NULL, attend_thread, &shares[t]) == 0;
-    for (int t = 1; t < threads; t++)
-        if (!started[t]) attend(&shares[t]); /* no thread to be had: do its share here */
-    attend(&shares[0]);
-    for (int t = 1; t < threads; t++) {
-        if (started[t]) pthread_join(ids[t], NULL);
-        failed |= shares[t].failed;
-    }
-    failed |= shares[0].failed;
+#else /* no OpenMP (setup.py uses it on Linux): one thread */
+    attend(&job);
+    failed = job.failed;
 #endif
     Py_END_ALLOW_THREADS;
     if (failed) return PyErr_NoMemory();

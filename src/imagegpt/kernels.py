@@ -1,12 +1,15 @@
-"""The native CPU kernel of the decode step: one-token attention over a KV cache (imagegpt/_kernels.c).
+"""The native CPU kernels of the decode step (imagegpt/_kernels.c): one-token attention over a KV cache, and
+few-rows linear layers on packed weights.
 
 A decode step's attention reads every cached key and value once, so on a CPU it is bound by memory traffic.
-The kernel streams a float32, bfloat16 or float16 cache once, widens it to float32 in registers and computes
-in float32; PyTorch's SDPA reads a float32 cache more slowly and a half-precision one far more slowly on CPUs
-without bfloat16 units (benchmarks/bench_sampling.py and docs/performance.md have the numbers).
+decode_attention streams a float32, bfloat16 or float16 cache once, widens it to float32 in registers and
+computes in float32; PyTorch's SDPA reads a float32 cache more slowly and a half-precision one far more slowly
+on CPUs without bfloat16 units. packed_linear multiplies a decode step's few rows by a weight packed once into
+register-tile order. docs/performance.md has the numbers.
 
 The extension is optional (setup.py): where it is not built, or the CPU lacks AVX2/FMA/F16C, or
-IMAGEGPT_NATIVE_KERNELS=0 is set, `decode_attention` returns None and the model uses SDPA.
+IMAGEGPT_NATIVE_KERNELS=0 is set, `available()` is False, `decode_attention` returns None and the model uses
+SDPA and the library GEMM.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ def _supported() -> bool:
 
 
 def available() -> bool:
-    """Whether decode_attention runs here: the extension is built, the CPU can run it, and it is not
+    """Whether the kernels run here: the extension is built, the CPU can run it, and it is not
     switched off with IMAGEGPT_NATIVE_KERNELS=0 (read at every call, so tests and users can switch)."""
     return os.environ.get("IMAGEGPT_NATIVE_KERNELS", "1") != "0" and _supported()
 

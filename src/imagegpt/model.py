@@ -154,8 +154,8 @@ class PackedLinear:
 
     A decode step multiplies a few rows by every weight of the model, so its linear layers are bound by
     streaming the weights through the FMA units; the library GEMMs reach about a third of the FMA peak at 16
-    rows here, the packed multiply about half (igpt-s, 16 rows, 2 threads: a step's linear layers in ~30-40
-    instead of ~45-60 ms; benchmarks/bench_sampling.py). The weight and bias are multiplied by their scales
+    rows here, the packed multiply about half (igpt-s, 16 rows, 2 threads: a step's linear layers in 26-37
+    instead of 58-62 ms; docs/performance.md). The weight and bias are multiplied by their scales
     before packing, and `activation` ("silu") is applied in the multiply's epilogue: that is how the MLP
     gets quick-GELU in one call.
     """
@@ -191,7 +191,7 @@ class PackedLinear:
 class Linear(nn.Linear):
     """nn.Linear (same parameters and state dict) through `linear`, for bfloat16 autocast on any CPU."""
 
-    packed: PackedLinear | None = None  # set by packed_weights() for the length of an inference run
+    packed: PackedLinear | None = None  # set by packed_weights() for the length of a block
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is not None and self.packed.applies(x):
@@ -363,6 +363,10 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
+    # set by packed_weights(): c_fc with quick-GELU's scales and silu fused, and c_proj; kept here, not on the
+    # Linear modules, so that c_fc called on its own still computes c_fc
+    packed: tuple[PackedLinear, PackedLinear] | None = None
+
     def __init__(self, config: ImageGPTConfig):
         super().__init__()
         self.c_fc = Linear(config.n_embd, config.inner_dim)
@@ -390,9 +394,9 @@ class MLP(nn.Module):
         return self.dropout(out.view(*x.shape[:-1], -1))
 
     def _inference(self, x: torch.Tensor) -> torch.Tensor:
-        up, down = self.c_fc.packed, self.c_proj.packed
-        if up is not None and down is not None and up.applies(x) and down.applies(x):
-            return down(up(x))  # silu(1.702 z) fused into c_fc; c_proj's weight carries the 1 / 1.702
+        if self.packed is not None and all(p.applies(x) for p in self.packed):
+            up, down = self.packed
+            return down(up(x))  # silu(1.702 z) fused into up; down's weight carries the 1 / 1.702
         h = linear(x, self.c_fc.weight, self.c_fc.bias, alpha=1.702, beta=1.702)
         return linear(F.silu(h, inplace=True), self.c_proj.weight, self.c_proj.bias, alpha=1 / 1.702)
 
@@ -494,21 +498,22 @@ def packed_weights(model: nn.Module):
     """Within the block, the model's linear layers run few-rows CPU float32 inference (decode steps) on
     packed weights (PackedLinear); everything else takes the plain weights. A no-op where can_pack() is
     False; a layer whose weight changes inside the block goes back to its plain weight."""
-    linears = [m for m in model.modules() if isinstance(m, Linear)]
-    if not can_pack(model) or any(m.packed is not None for m in linears):  # not here, or packed already
+    mlps = [m for m in model.modules() if isinstance(m, MLP)]
+    in_mlps = {id(linear) for mlp in mlps for linear in (mlp.c_fc, mlp.c_proj)}
+    linears = [m for m in model.modules() if isinstance(m, Linear) and id(m) not in in_mlps]
+    holders = mlps + linears
+    if not can_pack(model) or any(m.packed is not None for m in holders):  # not here, or packed already
         yield
         return
-    for module in model.modules():
-        if isinstance(module, MLP):  # c_proj(quick_gelu(z)) = (W / 1.702) silu(1.702 z) + b
-            module.c_fc.packed = PackedLinear(module.c_fc, 1.702, 1.702, activation="silu")
-            module.c_proj.packed = PackedLinear(module.c_proj, weight_scale=1 / 1.702)
+    for mlp in mlps:  # c_proj(quick_gelu(z)) = (W / 1.702) silu(1.702 z) + b
+        up = PackedLinear(mlp.c_fc, 1.702, 1.702, activation="silu")
+        mlp.packed = (up, PackedLinear(mlp.c_proj, weight_scale=1 / 1.702))
     for module in linears:
-        if module.packed is None:
-            module.packed = PackedLinear(module)
+        module.packed = PackedLinear(module)
     try:
         yield
     finally:
-        for module in linears:
+        for module in holders:
             del module.packed  # back to the class default, None
 
 

@@ -273,7 +273,7 @@ def generate(
     bar = _progress_bar(progress, total=R * (n_positions - P))
     was_training = model.training
     model.eval()
-    # CPU float32: the linear layers run on weights packed once for this batch size (a no-op elsewhere)
+    # CPU float32: the linear layers run on weights packed once per call (a no-op where the kernels don't)
     fast = device.type == "cpu" and dtype == torch.float32
     draw = lambda logits: sample_next(logits, temperature, top_k, top_p, generator)
     cache = None
