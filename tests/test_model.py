@@ -394,9 +394,10 @@ def test_packed_weights_give_the_plain_numbers_and_are_dropped_afterwards(monkey
     config = nano()
     model = randomised(ImageGPT(config).eval(), scale=0.3)
     ids = ids_for(config)
-    calls = []
-    real = kernels.packed_linear
+    calls, blocks = [], []
+    real, real_block = kernels.packed_linear, kernels.decode_block
     monkeypatch.setattr(kernels, "packed_linear", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(kernels, "decode_block", lambda *a: blocks.append(real_block(*a)) or blocks[-1])
     with torch.no_grad():
         expected = model(ids).logits
         cache = KVCache(config, 3)
@@ -413,12 +414,112 @@ def test_packed_weights_give_the_plain_numbers_and_are_dropped_afterwards(monkey
             # the MLP's fused weights live on the MLP: its c_fc called alone is still c_fc
             x = torch.randn(3, 1, config.n_embd)
             torch.testing.assert_close(mlps[0].c_fc(x), F.linear(x, mlps[0].c_fc.weight, mlps[0].c_fc.bias))
-    # the prefill's 21 rows and the step's 3 (every linear layer and the head); the full forward's 90 rows
-    # are more than kernels.MAX_ROWS and take the plain weights
-    assert len(calls) == 2 * (4 * config.n_layer + 1)
+    # the prefill's 21 rows through every linear layer and the head; the step's 3 through one native call
+    # per block, then the head; the full forward's 90 rows are more than kernels.MAX_ROWS and take the
+    # plain weights
+    assert len(calls) == 4 * config.n_layer + 1 + 1
+    assert blocks == [True] * config.n_layer
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(got_step, expected_step, atol=1e-5, rtol=1e-5)
-    assert all(m.packed is None for m in model.modules() if isinstance(m, (MLP, model_module.Linear)))
+    holders = (MLP, model_module.Linear, model_module.Block)
+    assert all(m.packed is None for m in model.modules() if isinstance(m, holders))
+
+
+def block_config(n_embd, n_head, n_inner):
+    return ImageGPTConfig(
+        vocab_size=17, n_positions=40, n_embd=n_embd, n_layer=1, n_head=n_head, n_inner=n_inner
+    )
+
+
+def filled_cache(config, batch, dtype, seed):
+    cache = KVCache(config, batch, dtype=dtype)
+    generator = torch.Generator().manual_seed(seed)
+    for tensor in cache.k + cache.v:
+        tensor.copy_(torch.randn(tensor.shape, generator=generator))
+    return cache
+
+
+@needs_kernel
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(("n_embd", "n_head", "n_inner"), [(40, 5, 88), (64, 2, None), (96, 4, 200)])
+def test_a_packed_block_decode_step_equals_the_modules(monkeypatch, cache_dtype, n_embd, n_head, n_inner):
+    # widths that are not multiples of the kernel's 16 columns (40, 120, 88, 200) and head widths of 8..32
+    config = block_config(n_embd, n_head, n_inner)
+    block = randomised(ImageGPT(config).eval()).transformer.h[0]
+    took = []
+    real = kernels.decode_block
+    monkeypatch.setattr(kernels, "decode_block", lambda *a: took.append(real(*a)) or took[-1])
+    threads = torch.get_num_threads()
+    for seed, (batch, position, n) in enumerate([(1, 0, 1), (7, 1, 2), (64, 37, 3), (16, 39, threads)]):
+        torch.set_num_threads(n)
+        try:
+            x = torch.randn(batch, 1, n_embd, generator=torch.Generator().manual_seed(seed))
+            plain, packed = (filled_cache(config, batch, cache_dtype, seed) for _ in range(2))
+            with torch.no_grad():
+                expected = block(x, plain, position)
+                with model_module.packed_weights(block):
+                    got = block(x, packed, position)  # not in place: x is left as it was
+        finally:
+            torch.set_num_threads(threads)
+        assert took[-1] is True
+        # a half-precision cache: the new key can round one step apart in the two paths (its float32 values
+        # differ in the last bits), and attention reads the rounded key; float32 caches agree to 1e-5
+        tolerance = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}[cache_dtype]
+        torch.testing.assert_close(got, expected, atol=tolerance, rtol=tolerance)
+        ulp = {torch.float32: 1e-6, torch.bfloat16: 2**-7, torch.float16: 2**-10}[cache_dtype]
+        for new, old in ((packed.k[0], plain.k[0]), (packed.v[0], plain.v[0])):
+            # the new key and value at `position`, rounded to the cache's dtype; the other positions untouched
+            torch.testing.assert_close(new[:, :, position], old[:, :, position], atol=ulp, rtol=ulp)
+            assert torch.equal(new[:, :, :position], old[:, :, :position])
+            assert torch.equal(new[:, :, position + 1 :], old[:, :, position + 1 :])
+    assert torch.equal(x, torch.randn(16, 1, n_embd, generator=torch.Generator().manual_seed(3)))
+
+
+@needs_kernel
+@pytest.mark.parametrize("cache_dtype", [torch.bfloat16, torch.float16])
+def test_a_packed_block_rounds_new_keys_and_values_as_torch_does(cache_dtype):
+    # with ln_1's weight zero the keys and values are c_attn's bias exactly: crafted values, among them
+    # ties (bfloat16: the low 16 bits 0x8000), to even either way, tiny, huge and infinite ones
+    config = block_config(64, 2, None)
+    block = ImageGPT(config).eval().transformer.h[0]
+    generator = torch.Generator().manual_seed(0)
+    bits = torch.randint(-(2**31), 2**31 - 1, (2 * 64,), generator=generator, dtype=torch.int64)
+    bits[:32] = (bits[:32] & ~0xFFFF) | 0x8000
+    values = bits.to(torch.int32).view(torch.float32)
+    values[values.isnan()] = 1.0
+    special = [1e-40, -3e38, 7e4, -65520.0, float("inf"), 1.0 + 2**-8, 1.0 + 3 * 2**-8, 0.0]
+    values[32:40] = torch.tensor(special)
+    with torch.no_grad():
+        block.ln_1.weight.zero_()
+        block.attn.c_attn.bias[64:] = values
+        cache = KVCache(config, 3, dtype=cache_dtype)
+        with model_module.packed_weights(block):
+            block(torch.randn(3, 1, 64), cache, 5, inplace=True)
+    expected = values.to(cache_dtype)
+    for tensor, part in ((cache.k[0], expected[:64]), (cache.v[0], expected[64:])):
+        assert torch.equal(tensor[:, :, 5].reshape(3, 64), part.expand(3, 64))
+
+
+@needs_kernel
+def test_a_packed_block_steps_aside_in_training_and_for_a_changed_bias(monkeypatch):
+    config = block_config(64, 2, None)
+    block = randomised(ImageGPT(config).eval()).transformer.h[0]
+    took = []
+    real = kernels.decode_block
+    monkeypatch.setattr(kernels, "decode_block", lambda *a: took.append(real(*a)) or took[-1])
+    x = torch.randn(4, 1, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), model_module.packed_weights(block):
+        block.train()  # dropout (0 here, but the block cannot know what a module does in training)
+        trained = block(x, KVCache(config, 4), 3)
+        block.eval()
+        assert took == []
+        torch.testing.assert_close(trained, block(x, KVCache(config, 4), 3), atol=1e-5, rtol=1e-5)
+        block.mlp.c_proj.bias.add_(1.0)  # changed after packing: the module path, with the new bias
+        changed = block(x, KVCache(config, 4), 3)
+    assert took == [True]
+    with torch.no_grad():
+        torch.testing.assert_close(changed, block(x, KVCache(config, 4), 3), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(changed - trained, torch.ones_like(x), atol=1e-5, rtol=1e-5)
 
 
 @needs_kernel

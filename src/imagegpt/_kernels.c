@@ -11,6 +11,8 @@
  *
  * pack_linear / packed_linear: few-rows linear layers on weights packed once (see below).
  *
+ * decode_block: a whole pre-norm block for one new token per image, on packed weights and a KV cache.
+ *
  * Work is split over PyTorch's OpenMP pool (`threads` of it); built without OpenMP (setup.py enables it on
  * Linux) the kernels run on the calling thread. Built by setup.py as an optional extension; imagegpt.kernels
  * falls back to SDPA and the library GEMM when it is missing or the CPU lacks AVX2/FMA/F16C.
@@ -27,6 +29,7 @@
 #endif
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 #define TARGET __attribute__((target("avx2,fma,f16c")))
 #define INLINE static inline __attribute__((always_inline)) TARGET
@@ -192,7 +195,8 @@ static TARGET void attend(Job *job) {
  * library GEMMs reach a third of the FMA peak here. The weight is packed once (pack_linear) into column
  * blocks of 16, each [K][16] contiguous, so a 6 x 16 tile of the output keeps 12 accumulators in
  * registers while the block streams past once from memory (and up to twice more from L2 for the other row
- * tiles). Columns beyond N are zero padding. The bias is padded to the blocks too. act: 0 none, 1 silu. */
+ * tiles). Columns beyond N are zero padding. The bias is padded to the blocks too. act: 0 none, 1 silu,
+ * 2 none and added to out (a residual connection). */
 
 /* silu(z) = z / (1 + exp(-z)), exp's argument clamped to [-80, 80] (silu is then z or 0 to float32) */
 INLINE __m256 silu8(__m256 z) {
@@ -226,13 +230,17 @@ INLINE void linear_tile(const float *x, Py_ssize_t ldx, const float *block, cons
             v1 = silu8(v1);
         }
         if (cols == 16) {
+            if (act == 2) { /* a residual: added to what out holds */
+                v0 = _mm256_add_ps(v0, _mm256_loadu_ps(out + r * ldo));
+                v1 = _mm256_add_ps(v1, _mm256_loadu_ps(out + r * ldo + 8));
+            }
             _mm256_storeu_ps(out + r * ldo, v0);
             _mm256_storeu_ps(out + r * ldo + 8, v1);
         } else { /* the last, partial block */
             float row[16];
             _mm256_storeu_ps(row, v0);
             _mm256_storeu_ps(row + 8, v1);
-            for (int j = 0; j < cols; j++) out[r * ldo + j] = row[j];
+            for (int j = 0; j < cols; j++) out[r * ldo + j] = act == 2 ? out[r * ldo + j] + row[j] : row[j];
         }
     }
 }
@@ -262,6 +270,119 @@ static TARGET void linear_blocks(const float *x, Py_ssize_t ldx, int M, int K, c
                         cols);
         }
     }
+}
+
+/* ---- a whole transformer block for one new token per image ----
+ *
+ * x (M, C) rows, in place: x += proj(attention(qkv(norm1(x)))); x += out(silu(fc(norm2(x)))), where the
+ * packed fc carries quick-GELU's 1.702 and out its 1 / 1.702 (imagegpt.model.packed_weights). The new key and
+ * value are written into the cache at `pos` (rounded to its dtype as PyTorch rounds: to nearest, ties to
+ * even) and the attention reads positions [0, pos]. One parallel region, barriers between the phases: a
+ * decode step of a small model is otherwise a few hundred short kernels, each a round trip through Python. */
+
+typedef struct {
+    float *x;
+    int M, C, nh, N_fc, dt, pos;
+    const float *ln1, *ln2;
+    float eps;
+    const float *qkv_w, *qkv_b, *proj_w, *proj_b, *fc_w, *fc_b, *out_w, *out_b;
+    char *k, *v;
+    Py_ssize_t kv_sb, kv_sh, kv_ss;
+    float *xn, *qkv, *y, *h; /* scratch: M x C, M x 3C, M x C, M x N_fc */
+} BlockJob;
+
+static inline void share(int total, int t, int n, int *first, int *last) {
+    *first = (int)((long long)total * t / n);
+    *last = (int)((long long)total * (t + 1) / n);
+}
+
+/* out[m] = x[m] / sqrt(mean(x[m]^2) + eps) * g for rows [first, last) */
+static TARGET void rms_rows(const float *x, int C, const float *g, float eps, float *out, int first, int last) {
+    for (int m = first; m < last; m++) {
+        const float *r = x + (Py_ssize_t)m * C;
+        __m256 acc = _mm256_setzero_ps();
+        int c = 0;
+        for (; c + 8 <= C; c += 8) {
+            __m256 a = _mm256_loadu_ps(r + c);
+            acc = _mm256_fmadd_ps(a, a, acc);
+        }
+        float ss = hsum(acc);
+        for (; c < C; c++) ss += r[c] * r[c];
+        const float inv = 1.0f / sqrtf(ss / (float)C + eps);
+        float *o = out + (Py_ssize_t)m * C;
+        for (c = 0; c < C; c++) o[c] = r[c] * inv * g[c];
+    }
+}
+
+/* float32 -> bfloat16, to nearest with ties to even (NaN stays a quiet NaN), as c10::BFloat16 rounds */
+static inline uint16_t to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+/* the new key and value of images [first, last) into the cache at pos */
+static TARGET void write_cache(const BlockJob *j, int first, int last) {
+    const int C = j->C, hs = C / j->nh, es = j->dt == F32 ? 4 : 2;
+    for (int b = first; b < last; b++) {
+        for (int h = 0; h < j->nh; h++) {
+            const Py_ssize_t at = ((Py_ssize_t)b * j->kv_sb + h * j->kv_sh + (Py_ssize_t)j->pos * j->kv_ss) * es;
+            for (int which = 0; which < 2; which++) {
+                const float *src = j->qkv + (Py_ssize_t)b * 3 * C + (1 + which) * C + h * hs;
+                char *dst = (which ? j->v : j->k) + at;
+                if (j->dt == F32) {
+                    memcpy(dst, src, (size_t)hs * 4);
+                } else if (j->dt == BF16) {
+                    for (int d = 0; d < hs; d++) ((uint16_t *)dst)[d] = to_bf16(src[d]);
+                } else {
+                    for (int d = 0; d < hs; d += 8)
+                        _mm_storeu_si128((__m128i *)(dst + 2 * d),
+                                         _mm256_cvtps_ph(_mm256_loadu_ps(src + d), _MM_FROUND_TO_NEAREST_INT));
+                }
+            }
+        }
+    }
+}
+
+/* thread t of n's share of the block; barrier() separates the phases */
+#ifdef _OPENMP
+#define BARRIER() _Pragma("omp barrier")
+#else
+#define BARRIER()
+#endif
+
+static TARGET int block_share(const BlockJob *j, int t, int n) {
+    const int M = j->M, C = j->C, hs = C / j->nh;
+    int first, last, failed = 0;
+    share(M, t, n, &first, &last);
+    rms_rows(j->x, C, j->ln1, j->eps, j->xn, first, last);
+    BARRIER();
+    const int qkv_blocks = (3 * C + 15) / 16, c_blocks = (C + 15) / 16, fc_blocks = (j->N_fc + 15) / 16;
+    share(qkv_blocks, t, n, &first, &last);
+    linear_blocks(j->xn, C, M, C, j->qkv_w, 3 * C, j->qkv_b, 0, j->qkv, 3 * C, first, last);
+    BARRIER();
+    share(M, t, n, &first, &last);
+    write_cache(j, first, last);
+    BARRIER();
+    Job att = {j->qkv, j->k, j->v, j->y, 3 * C, hs, j->kv_sb, j->kv_sh, j->kv_ss, C, hs, j->nh, hs, j->pos + 1,
+               j->dt, (float)(1.0 / sqrt((double)hs)), 0, 0, 0};
+    share(M * j->nh, t, n, &att.first, &att.last);
+    attend(&att);
+    failed |= att.failed;
+    BARRIER();
+    share(c_blocks, t, n, &first, &last);
+    linear_blocks(j->y, C, M, C, j->proj_w, C, j->proj_b, 2, j->x, C, first, last);
+    BARRIER();
+    share(M, t, n, &first, &last);
+    rms_rows(j->x, C, j->ln2, j->eps, j->xn, first, last);
+    BARRIER();
+    share(fc_blocks, t, n, &first, &last);
+    linear_blocks(j->xn, C, M, C, j->fc_w, j->N_fc, j->fc_b, 1, j->h, j->N_fc, first, last);
+    BARRIER();
+    share(c_blocks, t, n, &first, &last);
+    linear_blocks(j->h, j->N_fc, M, j->N_fc, j->out_w, C, j->out_b, 2, j->x, C, first, last);
+    return failed;
 }
 
 static int cpu_supported(void) {
@@ -360,7 +481,7 @@ static PyObject *packed_linear(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_RuntimeError, "imagegpt._kernels needs an x86-64 CPU with AVX2, FMA and F16C");
         return NULL;
     }
-    if (M < 0 || K < 1 || N < 1 || ldx < K || ldo < N || act < 0 || act > 1) {
+    if (M < 0 || K < 1 || N < 1 || ldx < K || ldo < N || act < 0 || act > 2) {
         PyErr_SetString(PyExc_ValueError, "packed_linear: bad shape or activation");
         return NULL;
     }
@@ -386,6 +507,48 @@ static PyObject *packed_linear(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+static PyObject *decode_block(PyObject *self, PyObject *args) {
+    unsigned long long x, ln1, ln2, qkv_w, qkv_b, proj_w, proj_b, fc_w, fc_b, out_w, out_b, k, v, scratch;
+    int M, C, nh, N_fc, dt, pos, threads;
+    float eps;
+    Py_ssize_t kv_sb, kv_sh, kv_ss;
+    if (!PyArg_ParseTuple(args, "KiiiKKfKKKKKKiKKKKnnniiKi", &x, &M, &C, &nh, &ln1, &ln2, &eps, &qkv_w, &qkv_b,
+                          &proj_w, &proj_b, &fc_w, &fc_b, &N_fc, &out_w, &out_b, &k, &v, &kv_sb, &kv_sh, &kv_ss,
+                          &dt, &pos, &scratch, &threads))
+        return NULL;
+    if (!cpu_supported()) {
+        PyErr_SetString(PyExc_RuntimeError, "imagegpt._kernels needs an x86-64 CPU with AVX2, FMA and F16C");
+        return NULL;
+    }
+    if (M < 1 || nh < 1 || C < 8 || C % nh != 0 || (C / nh) % 8 != 0 || N_fc < 1 || dt < 0 || dt > 2 || pos < 0 ||
+        kv_ss < C / nh) {
+        PyErr_SetString(PyExc_ValueError, "decode_block: bad shape or dtype code");
+        return NULL;
+    }
+#if IMAGEGPT_AVX2
+    float *S = (float *)(uintptr_t)scratch;
+    BlockJob job = {(float *)(uintptr_t)x, M, C, nh, N_fc, dt, pos, (const float *)(uintptr_t)ln1,
+                    (const float *)(uintptr_t)ln2, eps, (const float *)(uintptr_t)qkv_w,
+                    (const float *)(uintptr_t)qkv_b, (const float *)(uintptr_t)proj_w,
+                    (const float *)(uintptr_t)proj_b, (const float *)(uintptr_t)fc_w,
+                    (const float *)(uintptr_t)fc_b, (const float *)(uintptr_t)out_w,
+                    (const float *)(uintptr_t)out_b, (char *)(uintptr_t)k, (char *)(uintptr_t)v, kv_sb, kv_sh,
+                    kv_ss, S, S + (Py_ssize_t)M * C, S + (Py_ssize_t)M * 4 * C, S + (Py_ssize_t)M * 5 * C};
+    if (threads < 1) threads = 1;
+    int failed = 0;
+    Py_BEGIN_ALLOW_THREADS;
+#ifdef _OPENMP
+#pragma omp parallel num_threads(threads) reduction(| : failed)
+    failed |= block_share(&job, omp_get_thread_num(), omp_get_num_threads());
+#else
+    failed = block_share(&job, 0, 1);
+#endif
+    Py_END_ALLOW_THREADS;
+    if (failed) return PyErr_NoMemory();
+#endif
+    Py_RETURN_NONE;
+}
+
 static PyObject *supported(PyObject *self, PyObject *args) { return PyBool_FromLong(cpu_supported()); }
 
 static PyMethodDef methods[] = {
@@ -398,7 +561,13 @@ static PyMethodDef methods[] = {
      "[ceil(N / 16)][K][16] floats, zero-padded (see imagegpt.kernels)."},
     {"packed_linear", packed_linear, METH_VARARGS,
      "packed_linear(x, ldx, M, K, packed, N, bias, act, out, ldo, threads): out (M, N) = act(x (M, K) "
-     "W^T + bias) on a packed weight and a bias padded to the blocks; act 0 none, 1 silu."},
+     "W^T + bias) on a packed weight and a bias padded to the blocks; act 0 none, 1 silu, 2 none added "
+     "to out."},
+    {"decode_block", decode_block, METH_VARARGS,
+     "decode_block(x, M, C, nh, ln1, ln2, eps, qkv_w, qkv_b, proj_w, proj_b, fc_w, fc_b, N_fc, out_w, out_b, "
+     "k, v, kv_sb, kv_sh, kv_ss, dtype_code, pos, scratch, threads): one transformer block for one new token "
+     "per image, in place on x (M, C), writing its key and value into the cache at pos; scratch holds "
+     "M (5 C + N_fc) floats (see imagegpt.kernels)."},
     {"supported", supported, METH_NOARGS, "whether this CPU can run the kernels"},
     {NULL, NULL, 0, NULL},
 };

@@ -5,7 +5,9 @@ A decode step's attention reads every cached key and value once, so on a CPU it 
 decode_attention streams a float32, bfloat16 or float16 cache once, widens it to float32 in registers and
 computes in float32; PyTorch's SDPA reads a float32 cache more slowly and a half-precision one far more slowly
 on CPUs without bfloat16 units. packed_linear multiplies a decode step's few rows by a weight packed once into
-register-tile order. docs/performance.md has the numbers.
+register-tile order. decode_block runs a whole block's decode step (norms, the four linear layers, the cache
+write, attention, residuals) in one call, sparing the few hundred small PyTorch calls a step would make.
+docs/performance.md has the numbers.
 
 The extension is optional (setup.py): where it is not built, or the CPU lacks AVX2/FMA/F16C, or
 IMAGEGPT_NATIVE_KERNELS=0 is set, `available()` is False, `decode_attention` returns None and the model uses
@@ -112,3 +114,61 @@ def packed_linear(
         ACTIVATIONS[activation], out.data_ptr(), out.stride(0), torch.get_num_threads(),
     )  # fmt: skip
     return out.view(*x.shape[:-1], out_features)
+
+
+# ---- a whole block for one new token per image ----
+
+
+def decode_block(
+    x: torch.Tensor,
+    norms: tuple[torch.Tensor, torch.Tensor],
+    eps: float,
+    linears: tuple,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    position: int,
+    n_head: int,
+) -> bool:
+    """One pre-norm transformer block for one new token per image, in place on x, in one native call:
+
+        x += proj(attention(qkv(norm1(x))));  x += out(silu(fc(norm2(x))))
+
+    with the new key and value written into the cache (k, v) at `position` and attention over positions
+    [0, position]. x: (B, 1, C) float32, contiguous, B <= MAX_ROWS; norms: the two norms' (C,) weights;
+    linears: (packed, padded bias, out_features) for qkv (3C), proj (C), fc (silu applied; quick-GELU's
+    scales folded in by the caller) and out (C), packed by pack_linear; k, v: the layer's whole cache (B, nh,
+    L, hs) of one dtype among float32, bfloat16 and float16, rows contiguous, hs a multiple of 8.
+
+    Returns False, changing nothing, where the shapes or dtypes do not fit (the caller runs the modules)."""
+    B, T, C = x.shape
+    hs = C // n_head
+    (qkv, qkv_b, qkv_n), (proj, proj_b, proj_n), (fc, fc_b, fc_n), (out, out_b, out_n) = linears
+    if (
+        T != 1
+        or B > MAX_ROWS
+        or C % n_head
+        or hs % 8
+        or (qkv_n, proj_n, out_n) != (3 * C, C, C)
+        or (qkv.size(1), proj.size(1), fc.size(1), out.size(1)) != (C, C, C, fc_n)
+        or any(w.size(0) != (n + 15) // 16 or b.numel() < 16 * w.size(0) for w, b, n in linears)
+        or x.dtype != torch.float32
+        or not x.is_contiguous()
+        or k.dtype not in CODES
+        or v.dtype != k.dtype
+        or k.shape != (B, n_head, k.size(2), hs)
+        or v.shape != k.shape
+        or k.stride() != v.stride()
+        or k.stride(3) != 1
+        or not 0 <= position < k.size(2)
+        or any(g.dtype != torch.float32 or g.shape != (C,) or g.stride(0) != 1 for g in norms)
+        or k.device.type != "cpu"
+    ):
+        return False
+    scratch = torch.empty(B * (5 * C + fc_n))
+    _kernels.decode_block(
+        x.data_ptr(), B, C, n_head, norms[0].data_ptr(), norms[1].data_ptr(), eps,
+        qkv.data_ptr(), qkv_b.data_ptr(), proj.data_ptr(), proj_b.data_ptr(), fc.data_ptr(), fc_b.data_ptr(),
+        fc_n, out.data_ptr(), out_b.data_ptr(), k.data_ptr(), v.data_ptr(), k.stride(0), k.stride(1),
+        k.stride(2), CODES[k.dtype], position, scratch.data_ptr(), torch.get_num_threads(),
+    )  # fmt: skip
+    return True

@@ -167,25 +167,37 @@ class PackedLinear:
         if module.bias is not None:
             self.bias[: self.out_features] = module.bias.detach() * bias_scale
         self.activation = activation
-        self.source = module.weight
-        self.version = module.weight._version  # packed from these values
+        self.sources = [p for p in (module.weight, module.bias) if p is not None]
+        self.versions = [p._version for p in self.sources]  # packed from these values
+
+    def fresh(self) -> bool:
+        """Whether the module's weight and bias are unchanged since packing."""
+        return all(p._version == v for p, v in zip(self.sources, self.versions))
 
     def applies(self, x: torch.Tensor) -> bool:
         """Whether x can go through the packed weight: at most kernels.MAX_ROWS rows of CPU float32 without
-        autograd or autocast, the module's weight unchanged since packing, and the kernel on."""
-        return (
-            not torch.compiler.is_compiling()  # compiled steps lay out their own weights
-            and x.device.type == "cpu"
-            and x.dtype == torch.float32
-            and x.numel() <= kernels.MAX_ROWS * x.size(-1)
-            and not torch.is_grad_enabled()
-            and not torch.is_autocast_enabled("cpu")
-            and self.source._version == self.version
-            and kernels.available()
-        )
+        autograd or autocast, the module's weight and bias unchanged since packing, and the kernel on."""
+        return _packed_inference(x, kernels.MAX_ROWS * x.size(-1)) and self.fresh()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return kernels.packed_linear(x, self.weight, self.bias, self.out_features, self.activation)
+
+    def operands(self) -> tuple[torch.Tensor, torch.Tensor, int]:
+        return self.weight, self.bias, self.out_features
+
+
+def _packed_inference(x: torch.Tensor, max_elements: int) -> bool:
+    """What every packed path needs of its input: CPU float32 of at most max_elements, no autograd, no
+    autocast, not under compile (compiled steps lay out their own weights), and the kernels on."""
+    return (
+        not torch.compiler.is_compiling()
+        and x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and x.numel() <= max_elements
+        and not torch.is_grad_enabled()
+        and not torch.is_autocast_enabled("cpu")
+        and kernels.available()
+    )
 
 
 class Linear(nn.Linear):
@@ -401,7 +413,39 @@ class MLP(nn.Module):
         return linear(F.silu(h, inplace=True), self.c_proj.weight, self.c_proj.bias, alpha=1 / 1.702)
 
 
+class PackedBlock:
+    """A Block's decode step (one new token per image over a KV cache) in one native call,
+    kernels.decode_block, on the packed weights of its four linear layers: a decode step of igpt-s is
+    otherwise some 400 small kernels launched from Python, ~10 ms of its 50-150. Set by packed_weights() on
+    every Block, after its linear layers and MLP are packed (it uses their PackedLinears)."""
+
+    def __init__(self, block: Block):
+        self.block = block
+        attn, mlp = block.attn, block.mlp
+        self.linears = (attn.c_attn.packed, attn.c_proj.packed, *mlp.packed)
+
+    def __call__(self, x: torch.Tensor, kv_cache: KVCache, start: int) -> bool:
+        """Run the block in place on x (B, 1, C); False, with nothing changed, where the native call does not
+        apply (training, autograd, autocast, a weight changed, a layout the kernel does not take)."""
+        block = self.block
+        if (
+            block.training  # dropout
+            or block.ln_1.eps != block.ln_2.eps
+            or not _packed_inference(x, kernels.MAX_ROWS * x.size(-1))
+            or not all(linear.fresh() for linear in self.linears)
+        ):
+            return False
+        layer = block.attn.layer_idx
+        return kernels.decode_block(
+            x, (block.ln_1.weight, block.ln_2.weight), block.ln_1.eps,
+            tuple(linear.operands() for linear in self.linears), kv_cache.k[layer], kv_cache.v[layer], start,
+            block.attn.n_head,
+        )  # fmt: skip
+
+
 class Block(nn.Module):
+    packed: PackedBlock | None = None  # set by packed_weights() for the length of a block
+
     def __init__(self, config: ImageGPTConfig, layer_idx: int):
         super().__init__()
         self.ln_1 = Norm(config.n_embd, config.layer_norm_epsilon)
@@ -413,6 +457,10 @@ class Block(nn.Module):
         self, x: torch.Tensor, kv_cache: KVCache | None = None, start: int = 0, inplace: bool = False
     ) -> torch.Tensor:
         """inplace=True adds the residuals into x itself (inference, when nobody else holds x)."""
+        if self.packed is not None and kv_cache is not None and x.size(1) == 1:
+            out = x if inplace else x.clone()
+            if self.packed(out, kv_cache, start):
+                return out
         if inplace:
             x += self.attn(self.ln_1(x), kv_cache, start)
             x += self.mlp(self.ln_2(x))
@@ -496,12 +544,14 @@ def can_pack(model: nn.Module) -> bool:
 @contextlib.contextmanager
 def packed_weights(model: nn.Module):
     """Within the block, the model's linear layers run few-rows CPU float32 inference (decode steps) on
-    packed weights (PackedLinear); everything else takes the plain weights. A no-op where can_pack() is
-    False; a layer whose weight changes inside the block goes back to its plain weight."""
+    packed weights (PackedLinear), and each Block's decode step over a KV cache is one native call
+    (PackedBlock); everything else takes the plain weights. A no-op where can_pack() is False; a layer whose
+    weight or bias changes inside the block goes back to its plain weights."""
     mlps = [m for m in model.modules() if isinstance(m, MLP)]
     in_mlps = {id(linear) for mlp in mlps for linear in (mlp.c_fc, mlp.c_proj)}
     linears = [m for m in model.modules() if isinstance(m, Linear) and id(m) not in in_mlps]
-    holders = mlps + linears
+    blocks = [m for m in model.modules() if isinstance(m, Block)]
+    holders = mlps + linears + blocks
     if not can_pack(model) or any(m.packed is not None for m in holders):  # not here, or packed already
         yield
         return
@@ -510,6 +560,8 @@ def packed_weights(model: nn.Module):
         mlp.packed = (up, PackedLinear(mlp.c_proj, weight_scale=1 / 1.702))
     for module in linears:
         module.packed = PackedLinear(module)
+    for block in blocks:  # decode steps: each block in one native call, on the PackedLinears above
+        block.packed = PackedBlock(block)
     try:
         yield
     finally:
