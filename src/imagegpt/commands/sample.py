@@ -58,7 +58,10 @@ def add_sampling_options(parser: argparse.ArgumentParser) -> None:
         help="images generated at once (default: as many as fit 2 GiB of KV cache)",
     )
     parser.add_argument(
-        "--compile", action="store_true", help="torch.compile the decode step (CUDA graphs on CUDA)"
+        "--compile",
+        action="store_true",
+        help="torch.compile the decode step (CUDA graphs on CUDA; on a CPU where imagegpt's native kernels "
+        "run, compiled steps cannot use them and are about 2x slower than the default)",
     )
     parser.add_argument(
         "--cache-dtype",
