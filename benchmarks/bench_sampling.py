@@ -98,7 +98,7 @@ def ours_decode(
     with torch.inference_mode(), autocast(device, dtype), packed:
         if random_cache:
             for tensor in cache.k + cache.v:
-                tensor.normal_()
+                tensor.normal_() if tensor.is_floating_point() else tensor.random_(-127, 128)
         elif P:
             prefill(model, inputs[:, :P], cache)
         token = inputs[:, P]
@@ -188,9 +188,9 @@ def main() -> None:
     parser.add_argument("--skip-transformers", action="store_true")
     parser.add_argument(
         "--cache-dtypes",
-        default="auto,bfloat16",
+        default="auto,bfloat16,int8",
         help="our KV cache dtypes to time, comma-separated; auto = the compute dtype's, the exact default "
-        "(default auto,bfloat16)",
+        "(default auto,bfloat16,int8)",
     )
     args = parser.parse_args()
     cache_dtypes = [None if name == "auto" else name for name in args.cache_dtypes.split(",")]
@@ -286,9 +286,11 @@ def flops(ours, args, cache_dtype, stretch: int, peak_bf16: float, peak_f32: flo
         rate = 2 * batch * stretch / (first + last)
         how = f"estimated from the first and last {stretch} tokens, the last over a cache of random keys"
     achieved = 2 * params * rate
-    element = torch.empty((), dtype=cache).element_size()
+    per_position = config.n_embd * torch.empty((), dtype=cache).element_size()
+    if cache == torch.int8:  # and a float32 scale per head
+        per_position += 4 * config.n_head
     weights = params * 4  # float32 weights are read at every step
-    kv_mean = 2 * config.n_layer * batch * (config.n_positions / 2) * config.n_embd * element
+    kv_mean = 2 * config.n_layer * batch * (config.n_positions / 2) * per_position
     memory_rate = batch * bandwidth / (weights + kv_mean)
     print(
         f"  {rate:.1f} tokens/s ({how})\n"

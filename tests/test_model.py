@@ -434,13 +434,19 @@ def block_config(n_embd, n_head, n_inner):
 def filled_cache(config, batch, dtype, seed):
     cache = KVCache(config, batch, dtype=dtype)
     generator = torch.Generator().manual_seed(seed)
-    for tensor in cache.k + cache.v:
-        tensor.copy_(torch.randn(tensor.shape, generator=generator))
+    for layer in range(config.n_layer):
+        k, v = (torch.randn(cache.k[layer].shape, generator=generator) for _ in range(2))
+        cache.update(layer, 0, k, v)
     return cache
 
 
+def cached_rows(cache, layer=0):
+    """The layer's whole cache as float32 keys and values (int8 dequantized)."""
+    return cache._read(layer, slice(None))
+
+
 @needs_kernel
-@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16, torch.float16, torch.int8])
 @pytest.mark.parametrize(("n_embd", "n_head", "n_inner"), [(40, 5, 88), (64, 2, None), (96, 4, 200)])
 def test_a_packed_block_decode_step_equals_the_modules(monkeypatch, cache_dtype, n_embd, n_head, n_inner):
     # widths that are not multiples of the kernel's 16 columns (40, 120, 88, 200) and head widths of 8..32
@@ -462,14 +468,18 @@ def test_a_packed_block_decode_step_equals_the_modules(monkeypatch, cache_dtype,
         finally:
             torch.set_num_threads(threads)
         assert took[-1] is True
-        # a half-precision cache: the new key can round one step apart in the two paths (its float32 values
-        # differ in the last bits), and attention reads the rounded key; float32 caches agree to 1e-5
-        tolerance = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}[cache_dtype]
-        torch.testing.assert_close(got, expected, atol=tolerance, rtol=tolerance)
-        ulp = {torch.float32: 1e-6, torch.bfloat16: 2**-7, torch.float16: 2**-10}[cache_dtype]
-        for new, old in ((packed.k[0], plain.k[0]), (packed.v[0], plain.v[0])):
+        # a rounded cache: the new key can round one step apart in the two paths (its float32 values differ
+        # in the last bits), and attention reads the rounded key; float32 caches agree to 1e-5
+        tolerance = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.int8: 2e-2}
+        torch.testing.assert_close(got, expected, atol=tolerance[cache_dtype], rtol=tolerance[cache_dtype])
+        # one rounding step: relative for floats; int8: a step of the row's scale (max |x| / 127, |x| < 6)
+        step = {torch.float32: 1e-6, torch.bfloat16: 2**-7, torch.float16: 2**-10, torch.int8: 6 / 127}
+        for new, old in zip(cached_rows(packed), cached_rows(plain)):
             # the new key and value at `position`, rounded to the cache's dtype; the other positions untouched
-            torch.testing.assert_close(new[:, :, position], old[:, :, position], atol=ulp, rtol=ulp)
+            rtol = 0 if cache_dtype == torch.int8 else step[cache_dtype]
+            torch.testing.assert_close(
+                new[:, :, position], old[:, :, position], atol=step[cache_dtype], rtol=rtol
+            )
             assert torch.equal(new[:, :, :position], old[:, :, :position])
             assert torch.equal(new[:, :, position + 1 :], old[:, :, position + 1 :])
     assert torch.equal(x, torch.randn(16, 1, n_embd, generator=torch.Generator().manual_seed(3)))
@@ -498,6 +508,47 @@ def test_a_packed_block_rounds_new_keys_and_values_as_torch_does(cache_dtype):
     expected = values.to(cache_dtype)
     for tensor, part in ((cache.k[0], expected[:64]), (cache.v[0], expected[64:])):
         assert torch.equal(tensor[:, :, 5].reshape(3, 64), part.expand(3, 64))
+
+
+@needs_kernel
+def test_a_packed_block_quantizes_an_int8_cache_as_the_cache_does():
+    # as above, the keys and values are c_attn's bias: the kernel's int8 rows and scales equal those of
+    # quantize_int8, a head of zeros included (scale 1)
+    config = block_config(64, 2, None)
+    block = ImageGPT(config).eval().transformer.h[0]
+    values = 3 * torch.randn(2 * 64, generator=torch.Generator().manual_seed(1))
+    values[32:64] = 0.0  # the keys' second head
+    values[64] = 1e-30  # a tiny row maximum
+    with torch.no_grad():
+        block.ln_1.weight.zero_()
+        block.attn.c_attn.bias[64:] = values
+        cache = KVCache(config, 2, dtype=torch.int8)
+        with model_module.packed_weights(block):
+            block(torch.randn(2, 1, 64), cache, 9, inplace=True)
+    for rows, scales, part in (
+        (cache.k[0], cache.k_scale[0], values[:64]),
+        (cache.v[0], cache.v_scale[0], values[64:]),
+    ):
+        q, scale = model_module.quantize_int8(part.view(2, 32))  # (heads, hs)
+        assert torch.equal(rows[:, :, 9], q.expand(2, 2, 32)) and torch.equal(
+            scales[:, :, 9], scale.expand(2, 2)
+        )
+    assert cache.k_scale[0][0, 1, 9] == 1.0 and not cache.k[0][:, 1, 9].any()
+
+
+def test_an_int8_cache_returns_keys_and_values_within_half_a_step():
+    config = block_config(64, 2, None)
+    cache = KVCache(config, 3, dtype=torch.int8)
+    k, v = torch.randn(2, 3, 2, 6, 32).unbind(0)
+    keys, values = cache.update(0, 4, k, v)  # positions 4..9, float32, dequantized
+    assert keys.dtype == values.dtype == torch.float32 and keys.shape == (3, 2, 10, 32)
+    for got, want, scale in ((keys, k, cache.k_scale[0]), (values, v, cache.v_scale[0])):
+        assert torch.all((got[:, :, 4:] - want).abs() <= scale[:, :, 4:10, None] / 2 * (1 + 1e-6))
+        torch.testing.assert_close(scale[:, :, 4:10], want.abs().amax(-1) / 127)
+    assert cache.k[0].dtype == torch.int8 and cache.k[0].element_size() == 1
+    whole, _ = cache.write(0, torch.tensor([1]), k[:, :, :1], v[:, :, :1])  # the static step's form
+    assert whole.shape == (3, 2, config.n_positions, 32)
+    torch.testing.assert_close(whole[:, :, 1], keys[:, :, 4], atol=0, rtol=0)
 
 
 @needs_kernel

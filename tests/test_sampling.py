@@ -118,7 +118,7 @@ def test_decode_steps_run_the_native_kernel_and_match_sdpa(monkeypatch):
 
 
 @pytest.mark.parametrize("native", ["1", "0"])
-@pytest.mark.parametrize("cache_dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("cache_dtype", ["bfloat16", "float16", "int8"])
 def test_a_half_precision_cache_holds_the_rounded_keys_and_values(monkeypatch, native, cache_dtype):
     monkeypatch.setenv("IMAGEGPT_NATIVE_KERNELS", native)
     model = tiny_model(32, std=0.1)
@@ -131,9 +131,10 @@ def test_a_half_precision_cache_holds_the_rounded_keys_and_values(monkeypatch, n
         for position in range(5, inputs.size(1)):
             logits.append(decode_one_token(model, inputs[:, position : position + 1], position, cache))
     assert cache.k[0].dtype == dtype
-    # keys and values rounded to 8 (bfloat16) or 11 (float16) significant bits: close, not equal
+    # keys and values rounded to 8 (bfloat16) or 11 (float16) significant bits, or to steps of 1/127 of their
+    # row's largest (int8): close, not equal (seen here: 5e-4, 5e-5, 1.6e-3, logits up to 0.24)
     error = (torch.stack(logits, dim=1) - full[:, 4:]).abs().max().item()
-    assert 0 < error < (5e-2 if cache_dtype == "bfloat16" else 5e-3)
+    assert 0 < error < {"bfloat16": 5e-3, "float16": 5e-4, "int8": 1e-2}[cache_dtype]
 
 
 def test_cache_dtype_sets_the_cache_and_the_default_batch(monkeypatch):
@@ -144,12 +145,17 @@ def test_cache_dtype_sets_the_cache_and_the_default_batch(monkeypatch):
     )
     exact = sample(model, 2, seed=1, top_k=4)
     half = sample(model, 2, seed=1, top_k=4, cache_dtype="bfloat16")
-    assert made == [torch.float32, torch.bfloat16]
-    assert half.shape == exact.shape and half.min() >= 0 and half.max() < CLUSTERS
+    quarter = sample(model, 2, seed=1, top_k=4, cache_dtype="int8")
+    assert made == [torch.float32, torch.bfloat16, torch.int8]
+    for ids in (half, quarter):
+        assert ids.shape == exact.shape and ids.min() >= 0 and ids.max() < CLUSTERS
+    c = model.config
     rows = default_batch_size(model, 10**9, torch.float32)
     assert default_batch_size(model, 10**9, torch.bfloat16) == 2 * rows
+    int8_row = 2 * c.n_layer * c.n_positions * (c.n_embd + 4 * c.n_head)  # int8 rows and their scales
+    assert default_batch_size(model, 10**9, torch.int8) == CACHE_BUDGET_BYTES // int8_row
     with pytest.raises(ArgumentError, match="cache_dtype must be one of"):
-        sample(model, 1, cache_dtype="int8")
+        sample(model, 1, cache_dtype="int4")
 
 
 @pytest.mark.parametrize("cache_dtype", ["bfloat16", "float32"])

@@ -34,7 +34,11 @@
 #define TARGET __attribute__((target("avx2,fma,f16c")))
 #define INLINE static inline __attribute__((always_inline)) TARGET
 
-enum { F32 = 0, BF16 = 1, F16 = 2 };
+/* cache dtypes; an I8 cache holds round(x / scale) per cached row of hs, scale = max |x| / 127 in a float32
+ * array beside it (the keys' and the values' own), so q . k = scale * (q . k8) and p v = (p scale) v8 */
+enum { F32 = 0, BF16 = 1, F16 = 2, I8 = 3 };
+
+#define ELEMENT_SIZE(dt) ((dt) == F32 ? 4 : (dt) == I8 ? 1 : 2)
 
 /* How far ahead (bytes) the scores pass prefetches the keys of a half-precision cache. Measured on a 2-core
  * AMD EPYC, igpt-s batch 16 at position 960, 2 threads: bfloat16 attention 49 -> 43-45 ms with 512-2048
@@ -44,6 +48,7 @@ enum { F32 = 0, BF16 = 1, F16 = 2 };
 /* 8 cached elements widened to float32. dt is a compile-time constant wherever this is inlined. */
 INLINE __m256 load8(const void *p, int dt) {
     if (dt == F32) return _mm256_loadu_ps((const float *)p);
+    if (dt == I8) return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
     __m128i h = _mm_loadu_si128((const __m128i *)p);
     if (dt == BF16) return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
     return _mm256_cvtph_ps(h);
@@ -82,6 +87,8 @@ typedef struct {
     Py_ssize_t q_sb, q_sh, kv_sb, kv_sh, kv_ss, o_sb, o_sh;
     int nh, hs, length, dt;
     float scale;
+    const float *ks, *vs; /* I8: the rows' scales, (b, h, s) at b * s_sb + h * s_sh + s */
+    Py_ssize_t s_sb, s_sh;
     int first, last; /* the (b, h) pairs [first, last) of this share, b * nh + h */
     int failed;      /* set when the scores buffer could not be allocated */
 } Job;
@@ -105,7 +112,7 @@ V_STRIP(2)
 V_STRIP(1)
 
 INLINE void attend_dt(const Job *job, float *scores, int dt) {
-    const int es = dt == F32 ? 4 : 2, hs = job->hs, length = job->length;
+    const int es = ELEMENT_SIZE(dt), hs = job->hs, length = job->length;
     const Py_ssize_t row = job->kv_ss * es; /* bytes from one cached position to the next */
     for (int i = job->first; i < job->last; i++) {
         const int b = i / job->nh, h = i % job->nh;
@@ -113,6 +120,8 @@ INLINE void attend_dt(const Job *job, float *scores, int dt) {
         const char *kb = job->k + (b * job->kv_sb + h * job->kv_sh) * es;
         const char *vb = job->v + (b * job->kv_sb + h * job->kv_sh) * es;
         float *out = job->out + b * job->o_sb + h * job->o_sh;
+        const float *ks = dt == I8 ? job->ks + b * job->s_sb + h * job->s_sh : NULL;
+        const float *vs = dt == I8 ? job->vs + b * job->s_sb + h * job->s_sh : NULL;
 
         /* scores = q . K^T * scale, four keys at a time (one horizontal sum for four) */
         int s = 0;
@@ -130,13 +139,15 @@ INLINE void attend_dt(const Job *job, float *scores, int dt) {
             }
             __m256 h4 = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
             __m128 four = _mm_add_ps(_mm256_castps256_ps128(h4), _mm256_extractf128_ps(h4, 1));
-            _mm_storeu_ps(scores + s, _mm_mul_ps(four, _mm_set1_ps(job->scale)));
+            four = _mm_mul_ps(four, _mm_set1_ps(job->scale));
+            if (dt == I8) four = _mm_mul_ps(four, _mm_loadu_ps(ks + s));
+            _mm_storeu_ps(scores + s, four);
         }
         for (; s < length; s++) {
             const char *r = kb + s * row;
             __m256 a = _mm256_setzero_ps();
             for (int d = 0; d < hs; d += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), load8(r + d * es, dt), a);
-            scores[s] = hsum(a) * job->scale;
+            scores[s] = hsum(a) * job->scale * (dt == I8 ? ks[s] : 1.0f);
         }
 
         /* softmax, in place */
@@ -155,7 +166,10 @@ INLINE void attend_dt(const Job *job, float *scores, int dt) {
             sum += e;
         }
         const float inv = 1.0f / sum;
-        for (s = 0; s < length; s++) scores[s] *= inv;
+        if (dt == I8) /* the values' scales ride on the weights */
+            for (s = 0; s < length; s++) scores[s] *= inv * vs[s];
+        else
+            for (s = 0; s < length; s++) scores[s] *= inv;
 
         /* out = scores . V, in strips of 64, 32, 16 and 8 dimensions (8 accumulators at most) */
         int d = 0;
@@ -182,8 +196,10 @@ static TARGET void attend(Job *job) {
         attend_dt(job, scores, F32);
     else if (job->dt == BF16)
         attend_dt(job, scores, BF16);
-    else
+    else if (job->dt == F16)
         attend_dt(job, scores, F16);
+    else
+        attend_dt(job, scores, I8);
     free(scores);
 }
 
@@ -288,6 +304,8 @@ typedef struct {
     const float *qkv_w, *qkv_b, *proj_w, *proj_b, *fc_w, *fc_b, *out_w, *out_b;
     char *k, *v;
     Py_ssize_t kv_sb, kv_sh, kv_ss;
+    float *ks, *vs; /* I8: the scales (see Job) */
+    Py_ssize_t s_sb, s_sh;
     float *xn, *qkv, *y, *h; /* scratch: M x C, M x 3C, M x C, M x N_fc */
 } BlockJob;
 
@@ -322,16 +340,40 @@ static inline uint16_t to_bf16(float f) {
     return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
 }
 
+/* x (n, a multiple of 8) -> round(x / scale) in [-127, 127] with scale = max |x| / 127 (1 where x is all
+ * zeros), rounded to nearest even: the same numbers as imagegpt.model.quantize_int8 */
+static TARGET void quantize_row(const float *x, int n, int8_t *out, float *scale_out) {
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    __m256 top = _mm256_setzero_ps();
+    for (int d = 0; d < n; d += 8) top = _mm256_max_ps(top, _mm256_andnot_ps(sign, _mm256_loadu_ps(x + d)));
+    __m128 t = _mm_max_ps(_mm256_castps256_ps128(top), _mm256_extractf128_ps(top, 1));
+    t = _mm_max_ps(t, _mm_movehl_ps(t, t));
+    t = _mm_max_ss(t, _mm_shuffle_ps(t, t, 1));
+    const float amax = _mm_cvtss_f32(t), scale = amax / 127.0f;
+    const __m256 divisor = _mm256_set1_ps(scale > 0.0f ? scale : 1.0f);
+    for (int d = 0; d < n; d += 8) {
+        __m256 v = _mm256_div_ps(_mm256_loadu_ps(x + d), divisor);
+        v = _mm256_min_ps(_mm256_max_ps(v, _mm256_set1_ps(-127.0f)), _mm256_set1_ps(127.0f));
+        __m256i i = _mm256_cvtps_epi32(v); /* the current rounding mode: to nearest, ties to even */
+        __m128i w = _mm_packs_epi32(_mm256_castsi256_si128(i), _mm256_extracti128_si256(i, 1));
+        _mm_storel_epi64((__m128i *)(out + d), _mm_packs_epi16(w, w));
+    }
+    *scale_out = scale > 0.0f ? scale : 1.0f;
+}
+
 /* the new key and value of images [first, last) into the cache at pos */
 static TARGET void write_cache(const BlockJob *j, int first, int last) {
-    const int C = j->C, hs = C / j->nh, es = j->dt == F32 ? 4 : 2;
+    const int C = j->C, hs = C / j->nh, es = ELEMENT_SIZE(j->dt);
     for (int b = first; b < last; b++) {
         for (int h = 0; h < j->nh; h++) {
             const Py_ssize_t at = ((Py_ssize_t)b * j->kv_sb + h * j->kv_sh + (Py_ssize_t)j->pos * j->kv_ss) * es;
             for (int which = 0; which < 2; which++) {
                 const float *src = j->qkv + (Py_ssize_t)b * 3 * C + (1 + which) * C + h * hs;
                 char *dst = (which ? j->v : j->k) + at;
-                if (j->dt == F32) {
+                if (j->dt == I8) {
+                    float *scale = (which ? j->vs : j->ks) + b * j->s_sb + h * j->s_sh + j->pos;
+                    quantize_row(src, hs, (int8_t *)dst, scale);
+                } else if (j->dt == F32) {
                     memcpy(dst, src, (size_t)hs * 4);
                 } else if (j->dt == BF16) {
                     for (int d = 0; d < hs; d++) ((uint16_t *)dst)[d] = to_bf16(src[d]);
@@ -366,7 +408,7 @@ static TARGET int block_share(const BlockJob *j, int t, int n) {
     write_cache(j, first, last);
     BARRIER();
     Job att = {j->qkv, j->k, j->v, j->y, 3 * C, hs, j->kv_sb, j->kv_sh, j->kv_ss, C, hs, j->nh, hs, j->pos + 1,
-               j->dt, (float)(1.0 / sqrt((double)hs)), 0, 0, 0};
+               j->dt, (float)(1.0 / sqrt((double)hs)), j->ks, j->vs, j->s_sb, j->s_sh, 0, 0, 0};
     share(M * j->nh, t, n, &att.first, &att.last);
     attend(&att);
     failed |= att.failed;
@@ -416,7 +458,7 @@ static PyObject *decode_attention(PyObject *self, PyObject *args) {
     if (threads < 1) threads = 1;
     Job job = {(const float *)(uintptr_t)q, (const char *)(uintptr_t)k, (const char *)(uintptr_t)v,
                (float *)(uintptr_t)out, q_sb, q_sh, kv_sb, kv_sh, kv_ss, o_sb, o_sh, nh, hs, length, dt,
-               scale, 0, pairs, 0};
+               scale, NULL, NULL, 0, 0, 0, pairs, 0};
     int failed = 0;
     Py_BEGIN_ALLOW_THREADS;
 #ifdef _OPENMP
@@ -508,20 +550,20 @@ static PyObject *packed_linear(PyObject *self, PyObject *args) {
 }
 
 static PyObject *decode_block(PyObject *self, PyObject *args) {
-    unsigned long long x, ln1, ln2, qkv_w, qkv_b, proj_w, proj_b, fc_w, fc_b, out_w, out_b, k, v, scratch;
+    unsigned long long x, ln1, ln2, qkv_w, qkv_b, proj_w, proj_b, fc_w, fc_b, out_w, out_b, k, v, ks, vs, scratch;
     int M, C, nh, N_fc, dt, pos, threads;
     float eps;
-    Py_ssize_t kv_sb, kv_sh, kv_ss;
-    if (!PyArg_ParseTuple(args, "KiiiKKfKKKKKKiKKKKnnniiKi", &x, &M, &C, &nh, &ln1, &ln2, &eps, &qkv_w, &qkv_b,
+    Py_ssize_t kv_sb, kv_sh, kv_ss, s_sb, s_sh;
+    if (!PyArg_ParseTuple(args, "KiiiKKfKKKKKKiKKKKnnniKKnniKi", &x, &M, &C, &nh, &ln1, &ln2, &eps, &qkv_w, &qkv_b,
                           &proj_w, &proj_b, &fc_w, &fc_b, &N_fc, &out_w, &out_b, &k, &v, &kv_sb, &kv_sh, &kv_ss,
-                          &dt, &pos, &scratch, &threads))
+                          &dt, &ks, &vs, &s_sb, &s_sh, &pos, &scratch, &threads))
         return NULL;
     if (!cpu_supported()) {
         PyErr_SetString(PyExc_RuntimeError, "imagegpt._kernels needs an x86-64 CPU with AVX2, FMA and F16C");
         return NULL;
     }
-    if (M < 1 || nh < 1 || C < 8 || C % nh != 0 || (C / nh) % 8 != 0 || N_fc < 1 || dt < 0 || dt > 2 || pos < 0 ||
-        kv_ss < C / nh) {
+    if (M < 1 || nh < 1 || C < 8 || C % nh != 0 || (C / nh) % 8 != 0 || N_fc < 1 || dt < 0 || dt > 3 || pos < 0 ||
+        kv_ss < C / nh || (dt == I8 && (ks == 0 || vs == 0))) {
         PyErr_SetString(PyExc_ValueError, "decode_block: bad shape or dtype code");
         return NULL;
     }
@@ -533,7 +575,8 @@ static PyObject *decode_block(PyObject *self, PyObject *args) {
                     (const float *)(uintptr_t)proj_b, (const float *)(uintptr_t)fc_w,
                     (const float *)(uintptr_t)fc_b, (const float *)(uintptr_t)out_w,
                     (const float *)(uintptr_t)out_b, (char *)(uintptr_t)k, (char *)(uintptr_t)v, kv_sb, kv_sh,
-                    kv_ss, S, S + (Py_ssize_t)M * C, S + (Py_ssize_t)M * 4 * C, S + (Py_ssize_t)M * 5 * C};
+                    kv_ss, (float *)(uintptr_t)ks, (float *)(uintptr_t)vs, s_sb, s_sh, S, S + (Py_ssize_t)M * C,
+                    S + (Py_ssize_t)M * 4 * C, S + (Py_ssize_t)M * 5 * C};
     if (threads < 1) threads = 1;
     int failed = 0;
     Py_BEGIN_ALLOW_THREADS;
@@ -565,9 +608,9 @@ static PyMethodDef methods[] = {
      "to out."},
     {"decode_block", decode_block, METH_VARARGS,
      "decode_block(x, M, C, nh, ln1, ln2, eps, qkv_w, qkv_b, proj_w, proj_b, fc_w, fc_b, N_fc, out_w, out_b, "
-     "k, v, kv_sb, kv_sh, kv_ss, dtype_code, pos, scratch, threads): one transformer block for one new token "
-     "per image, in place on x (M, C), writing its key and value into the cache at pos; scratch holds "
-     "M (5 C + N_fc) floats (see imagegpt.kernels)."},
+     "k, v, kv_sb, kv_sh, kv_ss, dtype_code, k_scale, v_scale, s_sb, s_sh, pos, scratch, threads): one "
+     "transformer block for one new token per image, in place on x (M, C), writing its key and value into the "
+     "cache at pos (int8: with their scales); scratch holds M (5 C + N_fc) floats (see imagegpt.kernels)."},
     {"supported", supported, METH_NOARGS, "whether this CPU can run the kernels"},
     {NULL, NULL, 0, NULL},
 };

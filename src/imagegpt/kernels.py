@@ -27,6 +27,7 @@ except ImportError:  # not built here: SDPA it is
     _kernels = None
 
 CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+INT8 = 3  # decode_block's code for an int8 cache with per-row scales
 
 
 @functools.cache
@@ -128,6 +129,7 @@ def decode_block(
     v: torch.Tensor,
     position: int,
     n_head: int,
+    scales: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> bool:
     """One pre-norm transformer block for one new token per image, in place on x, in one native call:
 
@@ -137,7 +139,8 @@ def decode_block(
     [0, position]. x: (B, 1, C) float32, contiguous, B <= MAX_ROWS; norms: the two norms' (C,) weights;
     linears: (packed, padded bias, out_features) for qkv (3C), proj (C), fc (silu applied; quick-GELU's
     scales folded in by the caller) and out (C), packed by pack_linear; k, v: the layer's whole cache (B, nh,
-    L, hs) of one dtype among float32, bfloat16 and float16, rows contiguous, hs a multiple of 8.
+    L, hs) of one dtype among float32, bfloat16 and float16, rows contiguous, hs a multiple of 8; or int8 with
+    `scales`, the keys' and values' float32 row scales (B, nh, L) (model.quantize_int8's quantization).
 
     Returns False, changing nothing, where the shapes or dtypes do not fit (the caller runs the modules)."""
     B, T, C = x.shape
@@ -153,7 +156,8 @@ def decode_block(
         or any(w.size(0) != (n + 15) // 16 or b.numel() < 16 * w.size(0) for w, b, n in linears)
         or x.dtype != torch.float32
         or not x.is_contiguous()
-        or k.dtype not in CODES
+        or (k.dtype not in CODES and k.dtype != torch.int8)
+        or (k.dtype == torch.int8) != (scales is not None)
         or v.dtype != k.dtype
         or k.shape != (B, n_head, k.size(2), hs)
         or v.shape != k.shape
@@ -164,11 +168,24 @@ def decode_block(
         or k.device.type != "cpu"
     ):
         return False
+    code, ks, vs, s_sb, s_sh = CODES.get(k.dtype, INT8), 0, 0, 0, 0
+    if scales is not None:
+        k_scale, v_scale = scales
+        if (
+            k_scale.dtype != torch.float32
+            or v_scale.dtype != torch.float32
+            or k_scale.shape != k.shape[:3]
+            or v_scale.shape != k_scale.shape
+            or k_scale.stride() != v_scale.stride()
+            or k_scale.stride(2) != 1
+        ):
+            return False
+        ks, vs, s_sb, s_sh = k_scale.data_ptr(), v_scale.data_ptr(), k_scale.stride(0), k_scale.stride(1)
     scratch = torch.empty(B * (5 * C + fc_n))
     _kernels.decode_block(
         x.data_ptr(), B, C, n_head, norms[0].data_ptr(), norms[1].data_ptr(), eps,
         qkv.data_ptr(), qkv_b.data_ptr(), proj.data_ptr(), proj_b.data_ptr(), fc.data_ptr(), fc_b.data_ptr(),
         fc_n, out.data_ptr(), out_b.data_ptr(), k.data_ptr(), v.data_ptr(), k.stride(0), k.stride(1),
-        k.stride(2), CODES[k.dtype], position, scratch.data_ptr(), torch.get_num_threads(),
+        k.stride(2), code, ks, vs, s_sb, s_sh, position, scratch.data_ptr(), torch.get_num_threads(),
     )  # fmt: skip
     return True

@@ -302,6 +302,20 @@ def _native_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) 
     return y.to(torch.bfloat16) if emulate else y.to(q.dtype)
 
 
+def quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of x (..., n) as int8 and a float32 scale per row: round(x / scale) with scale = max |x| / 127 (1
+    for a row of zeros), to nearest even; x ~= q * scale to within scale / 2. The int8 KV cache's rows,
+    quantized exactly as imagegpt/_kernels.c quantizes them."""
+    x = x.float()
+    scale = x.abs().amax(-1) / 127
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return torch.round(x / scale[..., None]).clamp_(-127, 127).to(torch.int8), scale
+
+
+def dequantize_int8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return q.float() * scale[..., None]
+
+
 class KVCache:
     """Preallocated keys and values, one (B, nh, max_length, hs) tensor of each per layer.
 
@@ -309,6 +323,10 @@ class KVCache:
     place and returns views over the positions filled so far. One tensor per layer (not one for all layers)
     lets torch.compile update a layer's cache in place: a write into a view of a larger graph input would be
     compiled into a copy of the whole cache at every step.
+
+    dtype=torch.int8 stores each cached row of hs as int8 with a float32 scale (quantize_int8; k_scale and
+    v_scale, (B, nh, max_length) per layer): a quarter of float32's memory. The native decode block reads it
+    as it is; everything else gets float32 keys and values dequantized from it.
     """
 
     def __init__(
@@ -327,6 +345,10 @@ class KVCache:
         new = torch.zeros if zeroed else torch.empty
         self.k = [new(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         self.v = [new(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.quantized = dtype == torch.int8
+        if self.quantized:
+            self.k_scale = [torch.ones(shape[:3], device=device) for _ in range(config.n_layer)]
+            self.v_scale = [torch.ones(shape[:3], device=device) for _ in range(config.n_layer)]
 
     @property
     def batch_size(self) -> int:
@@ -338,17 +360,31 @@ class KVCache:
 
     def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor):
         end = start + k.size(2)
-        self.k[layer][:, :, start:end] = k
-        self.v[layer][:, :, start:end] = v
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+        self._put(layer, slice(start, end), k, v)
+        return self._read(layer, slice(0, end))
+
+    def _put(self, layer: int, at, k: torch.Tensor, v: torch.Tensor) -> None:
+        if self.quantized:
+            (qk, sk), (qv, sv) = quantize_int8(k), quantize_int8(v)
+            self.k[layer][:, :, at], self.k_scale[layer][:, :, at] = qk, sk
+            self.v[layer][:, :, at], self.v_scale[layer][:, :, at] = qv, sv
+        else:
+            self.k[layer][:, :, at] = k.to(self.k[layer].dtype)
+            self.v[layer][:, :, at] = v.to(self.v[layer].dtype)
+
+    def _read(self, layer: int, at: slice):
+        k, v = self.k[layer][:, :, at], self.v[layer][:, :, at]
+        if self.quantized:
+            k = dequantize_int8(k, self.k_scale[layer][:, :, at])
+            v = dequantize_int8(v, self.v_scale[layer][:, :, at])
+        return k, v
 
     def write(self, layer: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         """Static-shape update for CUDA graphs: write k, v (B, nh, T, hs) at `positions` (a (T,) tensor on the
         cache's device) and return the layer's whole cache, (B, nh, max_length, hs); the caller masks the
         positions not yet written, which must hold finite values (a zeroed cache)."""
-        self.k[layer][:, :, positions] = k.to(self.k[layer].dtype)
-        self.v[layer][:, :, positions] = v.to(self.v[layer].dtype)
-        return self.k[layer], self.v[layer]
+        self._put(layer, positions, k, v)
+        return self._read(layer, slice(None))
 
 
 class CausalSelfAttention(nn.Module):
@@ -436,10 +472,11 @@ class PackedBlock:
         ):
             return False
         layer = block.attn.layer_idx
+        scales = (kv_cache.k_scale[layer], kv_cache.v_scale[layer]) if kv_cache.quantized else None
         return kernels.decode_block(
             x, (block.ln_1.weight, block.ln_2.weight), block.ln_1.eps,
             tuple(linear.operands() for linear in self.linears), kv_cache.k[layer], kv_cache.v[layer], start,
-            block.attn.n_head,
+            block.attn.n_head, scales,
         )  # fmt: skip
 
 

@@ -193,21 +193,27 @@ def _model_device(model: ImageGPT, device) -> torch.device:
     return device
 
 
+CACHE_DTYPES = {**DTYPES, "int8": torch.int8}
+
+
 def resolve_cache_dtype(name, compute: torch.dtype, weights: torch.dtype) -> torch.dtype:
-    """The KV cache's dtype: `name` ("float32", "bfloat16", "float16" or a torch.dtype), or when None the
-    compute dtype under autocast and the weights' dtype otherwise."""
+    """The KV cache's dtype: `name` ("float32", "bfloat16", "float16", "int8" or a torch.dtype), or when None
+    the compute dtype under autocast and the weights' dtype otherwise."""
     if name is None:
         return compute if compute != torch.float32 else weights
-    dtype = DTYPES.get(name) if isinstance(name, str) else name
-    if dtype not in DTYPES.values():
-        raise ArgumentError(f"cache_dtype must be one of {', '.join(DTYPES)} (or None), got {name!r}")
+    dtype = CACHE_DTYPES.get(name) if isinstance(name, str) else name
+    if dtype not in CACHE_DTYPES.values():
+        raise ArgumentError(f"cache_dtype must be one of {', '.join(CACHE_DTYPES)} (or None), got {name!r}")
     return dtype
 
 
 def default_batch_size(model: ImageGPT, rows: int, cache_dtype: torch.dtype) -> int:
     """The most rows (at most `rows`) whose KV cache fits in CACHE_BUDGET_BYTES."""
     c = model.config
-    per_row = 2 * c.n_layer * c.n_positions * c.n_embd * torch.empty((), dtype=cache_dtype).element_size()
+    per_position = c.n_embd * torch.empty((), dtype=cache_dtype).element_size()
+    if cache_dtype == torch.int8:  # and a float32 scale per head
+        per_position += 4 * c.n_head
+    per_row = 2 * c.n_layer * c.n_positions * per_position
     return max(1, min(rows, CACHE_BUDGET_BYTES // per_row))
 
 
@@ -237,10 +243,13 @@ def generate(
     size give the same tokens on the same machine. dtype: the autocast compute dtype; None or "auto" =
     bfloat16 where the device supports it (imagegpt.device), else float32. progress: show a tqdm bar (a string
     sets its label). length: stop after this many tokens per row (P <= length <= n_positions), e.g. to time
-    the first rows. cache_dtype: the KV cache's storage, "float32", "bfloat16" or "float16" (None: the
+    the first rows. cache_dtype: the KV cache's storage, "float32", "bfloat16", "float16" or "int8" (None: the
     compute dtype's, so float32 sampling is exact); a half-precision cache halves its memory and, on CPUs
     where the native decode kernel runs (imagegpt.kernels), the attention's memory traffic, at the cost of
-    rounding the cached keys and values.
+    rounding the cached keys and values; int8 (each cached row of a head scaled to [-127, 127], a float32
+    scale beside it: model.quantize_int8) quarters them, at a coarser rounding. int8 is fast where the
+    native decode block runs (CPU float32); elsewhere every step reads it back as float32, which saves its
+    memory but costs time.
     """
     check_sampling(temperature, top_k, top_p)
     config = model.config
