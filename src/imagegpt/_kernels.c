@@ -82,6 +82,12 @@ INLINE float hsum(__m256 v) {
     return _mm_cvtss_f32(a);
 }
 
+/* [first, last) of thread t of n's even share of `total` items */
+static inline void share(int total, int t, int n, int *first, int *last) {
+    *first = (int)((long long)total * t / n);
+    *last = (int)((long long)total * (t + 1) / n);
+}
+
 typedef struct {
     const float *q;
     const char *k, *v;
@@ -313,11 +319,6 @@ typedef struct {
     float *xn, *qkv, *y, *h; /* scratch: M x C, M x 3C, M x C, M x N_fc */
 } BlockJob;
 
-static inline void share(int total, int t, int n, int *first, int *last) {
-    *first = (int)((long long)total * t / n);
-    *last = (int)((long long)total * (t + 1) / n);
-}
-
 /* out[m] = x[m] / sqrt(mean(x[m]^2) + eps) * g for rows [first, last) */
 static TARGET void rms_rows(const float *x, int C, const float *g, float eps, float *out, int first, int last) {
     for (int m = first; m < last; m++) {
@@ -471,12 +472,10 @@ static PyObject *decode_attention(PyObject *self, PyObject *args) {
      * with them for the cores. */
 #pragma omp parallel num_threads(threads) reduction(| : failed)
     {
-        Job share = job;
-        const int t = omp_get_thread_num(), n = omp_get_num_threads();
-        share.first = (int)((long long)pairs * t / n);
-        share.last = (int)((long long)pairs * (t + 1) / n);
-        attend(&share);
-        failed |= share.failed;
+        Job mine = job;
+        share(pairs, omp_get_thread_num(), omp_get_num_threads(), &mine.first, &mine.last);
+        attend(&mine);
+        failed |= mine.failed;
     }
 #else /* no OpenMP (setup.py uses it on Linux): one thread */
     attend(&job);
@@ -542,8 +541,9 @@ static PyObject *packed_linear(PyObject *self, PyObject *args) {
 #ifdef _OPENMP
 #pragma omp parallel num_threads(threads)
     {
-        const int t = omp_get_thread_num(), n = omp_get_num_threads();
-        linear_blocks(X, ldx, M, K, P, N, B, act, O, ldo, blocks * t / n, blocks * (t + 1) / n);
+        int first, last;
+        share(blocks, omp_get_thread_num(), omp_get_num_threads(), &first, &last);
+        linear_blocks(X, ldx, M, K, P, N, B, act, O, ldo, first, last);
     }
 #else
     linear_blocks(X, ldx, M, K, P, N, B, act, O, ldo, 0, blocks);

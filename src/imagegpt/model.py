@@ -177,7 +177,7 @@ class PackedLinear:
     def applies(self, x: torch.Tensor) -> bool:
         """Whether x can go through the packed weight: at most kernels.MAX_ROWS rows of CPU float32 without
         autograd or autocast, the module's weight and bias unchanged since packing, and the kernel on."""
-        return _packed_inference(x, kernels.MAX_ROWS * x.size(-1)) and self.fresh()
+        return _packed_inference(x) and self.fresh()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return kernels.packed_linear(x, self.weight, self.bias, self.out_features, self.activation)
@@ -186,14 +186,14 @@ class PackedLinear:
         return self.weight, self.bias, self.out_features
 
 
-def _packed_inference(x: torch.Tensor, max_elements: int) -> bool:
-    """What every packed path needs of its input: CPU float32 of at most max_elements, no autograd, no
-    autocast, not under compile (compiled steps lay out their own weights), and the kernels on."""
+def _packed_inference(x: torch.Tensor) -> bool:
+    """What every packed path needs of its input: at most kernels.MAX_ROWS rows of CPU float32, no autograd,
+    no autocast, not under compile (compiled steps lay out their own weights), and the kernels on."""
     return (
         not torch.compiler.is_compiling()
         and x.device.type == "cpu"
         and x.dtype == torch.float32
-        and x.numel() <= max_elements
+        and x.numel() <= kernels.MAX_ROWS * x.size(-1)
         and not torch.is_grad_enabled()
         and not torch.is_autocast_enabled("cpu")
         and kernels.available()
@@ -460,17 +460,21 @@ class PackedBlock:
         attn, mlp = block.attn, block.mlp
         self.linears = (attn.c_attn.packed, attn.c_proj.packed, *mlp.packed)
 
-    def __call__(self, x: torch.Tensor, kv_cache: KVCache, start: int) -> bool:
-        """Run the block in place on x (B, 1, C); False, with nothing changed, where the native call does not
-        apply (training, autograd, autocast, a weight changed, a layout the kernel does not take)."""
+    def applies(self, x: torch.Tensor) -> bool:
+        """Whether x (B, 1, C) can take the native call: eval mode (dropout), no autograd or autocast, every
+        packed layer's weights unchanged since packing."""
         block = self.block
-        if (
-            block.training  # dropout
-            or block.ln_1.eps != block.ln_2.eps
-            or not _packed_inference(x, kernels.MAX_ROWS * x.size(-1))
-            or not all(linear.fresh() for linear in self.linears)
-        ):
-            return False
+        return (
+            not block.training
+            and block.ln_1.eps == block.ln_2.eps
+            and _packed_inference(x)
+            and all(linear.fresh() for linear in self.linears)
+        )
+
+    def __call__(self, x: torch.Tensor, kv_cache: KVCache, start: int) -> bool:
+        """Run the block in place on x (B, 1, C), where applies(x); False, with nothing changed, where the
+        kernel does not take the cache's or the weights' layout."""
+        block = self.block
         layer = block.attn.layer_idx
         scales = (kv_cache.k_scale[layer], kv_cache.v_scale[layer]) if kv_cache.quantized else None
         return kernels.decode_block(
@@ -494,7 +498,7 @@ class Block(nn.Module):
         self, x: torch.Tensor, kv_cache: KVCache | None = None, start: int = 0, inplace: bool = False
     ) -> torch.Tensor:
         """inplace=True adds the residuals into x itself (inference, when nobody else holds x)."""
-        if self.packed is not None and kv_cache is not None and x.size(1) == 1:
+        if self.packed is not None and kv_cache is not None and x.size(1) == 1 and self.packed.applies(x):
             out = x if inplace else x.clone()
             if self.packed(out, kv_cache, start):
                 return out

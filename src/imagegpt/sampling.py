@@ -8,8 +8,9 @@ step never waits for the host and the same seed and settings give the same token
 
 On CPUs the native kernels of imagegpt.kernels carry the step where they run: attention over the cache (in
 float32, bfloat16 or float16 storage: `cache_dtype`) and, in float32, each block's whole step in one call on
-weights packed once per generate() call (model.packed_weights). Float32 sampling gives the same numbers as the
-plain PyTorch path within float32 rounding; a half-precision cache rounds the cached keys and values.
+weights packed once per generate() call (model.packed_weights), which also reads an int8 cache. Float32
+sampling gives the same numbers as the plain PyTorch path within float32 rounding; a half-precision or int8
+cache rounds the cached keys and values.
 
 Sequence layout: the model reads [SOS, x0, ..., x_{n-2}] and the logits at position i give x_i, as the
 released models were trained. A prefix of P tokens is one prefill of P + 1 inputs (SOS and the prefix) whose
