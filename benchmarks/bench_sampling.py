@@ -33,7 +33,14 @@ import torch
 from imagegpt import ImageGPT, kernels
 from imagegpt.device import autocast, resolve_dtype
 from imagegpt.model import KVCache, packed_weights
-from imagegpt.sampling import decode_step, generate, prefill, resolve_cache_dtype, sample_next
+from imagegpt.sampling import (
+    decode_step,
+    generate,
+    prefill,
+    resolve_cache_dtype,
+    resolve_weight_dtype,
+    sample_next,
+)
 
 TOP_K = 40
 
@@ -79,6 +86,7 @@ def ours_decode(
     compile: bool | str = False,
     random_cache=False,
     cache_dtype=None,
+    weight_dtype=None,
 ) -> float:
     """Seconds for `steps` decode steps of our engine after [SOS] + prefix, as generate() runs them.
 
@@ -94,7 +102,8 @@ def ours_decode(
     cache = KVCache(config, len(inputs), config.n_positions + spare, dtype=cache_dtype, zeroed=static)
     generator = torch.Generator().manual_seed(0)
     P = inputs.size(1) - 1
-    packed = packed_weights(model) if dtype == torch.float32 else contextlib.nullcontext()
+    weights = resolve_weight_dtype(weight_dtype)
+    packed = packed_weights(model, weights) if dtype == torch.float32 else contextlib.nullcontext()
     with torch.inference_mode(), autocast(device, dtype), packed:
         if random_cache:
             for tensor in cache.k + cache.v:
@@ -111,11 +120,14 @@ def ours_decode(
 
 
 class Ours:
-    def __init__(self, model: ImageGPT, dtype, compile: bool, cache_dtype=None):
+    def __init__(self, model: ImageGPT, dtype, compile: bool, cache_dtype=None, weight_dtype=None):
         self.model, self.dtype, self.compile, self.cache_dtype = model, dtype, compile, cache_dtype
+        self.weight_dtype = weight_dtype
         self.name = "imagegpt" + (" (compiled)" if compile else "")
         if cache_dtype is not None:
             self.name += f" ({cache_dtype} cache)"
+        if weight_dtype is not None:
+            self.name += f" ({weight_dtype} weights)"
 
     def first(self, batch: int, tokens: int) -> float:
         """generate() from [SOS], stopping after `tokens` tokens (its prefill is the one SOS token)."""
@@ -124,13 +136,15 @@ class Ours:
             lambda: generate(
                 self.model, prefixes, top_k=TOP_K, seed=0, batch_size=batch, dtype=self.dtype,
                 compile=self.compile, length=tokens, cache_dtype=self.cache_dtype,
+                weight_dtype=self.weight_dtype,
             )
         )  # fmt: skip
 
     def last(self, inputs: torch.Tensor, tokens: int) -> float:
         return ours_decode(
-            self.model, inputs, tokens, self.dtype, self.compile, cache_dtype=self.cache_dtype
-        )
+            self.model, inputs, tokens, self.dtype, self.compile, cache_dtype=self.cache_dtype,
+            weight_dtype=self.weight_dtype,
+        )  # fmt: skip
 
 
 class Transformers:
@@ -192,8 +206,17 @@ def main() -> None:
         help="our KV cache dtypes to time, comma-separated; auto = the compute dtype's, the exact default "
         "(default auto,bfloat16,int8)",
     )
+    parser.add_argument(
+        "--int8-weights-with",
+        default="int8",
+        help="the cache dtypes (among auto, float32, bfloat16, float16, int8) to time again with our int8 "
+        "weights, comma-separated; '' for none (default int8)",
+    )
     args = parser.parse_args()
     cache_dtypes = [None if name == "auto" else name for name in args.cache_dtypes.split(",")]
+    variants = [(cache_dtype, None) for cache_dtype in cache_dtypes] + [
+        (None if name == "auto" else name, "int8") for name in args.int8_weights_with.split(",") if name
+    ]
     stretch = args.stretch or (16 if args.quick else 128)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -232,7 +255,7 @@ def main() -> None:
     )
 
     print(f"\n1. batch {args.batch}, stretches of {stretch} tokens", flush=True)
-    samplers = [Ours(ours, args.dtype, False, cache_dtype) for cache_dtype in cache_dtypes]
+    samplers = [Ours(ours, args.dtype, False, cache, weights) for cache, weights in variants]
     if args.compile:
         samplers.append(Ours(ours, args.dtype, True))
         warm = torch.full((args.batch, 2), config.sos_id)
@@ -263,25 +286,32 @@ def main() -> None:
             f"measured (estimate above {results['imagegpt']['full']:.1f})"
         )
 
-    for cache_dtype in cache_dtypes:
-        flops(ours, args, cache_dtype, stretch, peak_bf16, peak_f32, bandwidth)
+    for cache_dtype, weight_dtype in variants:
+        flops(ours, args, cache_dtype, weight_dtype, stretch, peak_bf16, peak_f32, bandwidth)
 
 
-def flops(ours, args, cache_dtype, stretch: int, peak_bf16: float, peak_f32: float, bandwidth: float) -> None:
+def flops(ours, args, cache_dtype, weight_dtype, stretch: int, peak_bf16, peak_f32, bandwidth) -> None:
     """Section 2: our tokens/s at batch args.flops_batch against the compute and memory-traffic limits."""
     config, params, batch = ours.config, ours.num_parameters(), args.flops_batch
     dtype = resolve_dtype(args.dtype, torch.device("cpu"))
     cache = resolve_cache_dtype(cache_dtype, dtype, torch.float32)
-    print(f"\n2. batch {batch}, ours, {str(cache).removeprefix('torch.')} cache", flush=True)
+    weight = resolve_weight_dtype(weight_dtype)
+    print(
+        f"\n2. batch {batch}, ours, {str(cache).removeprefix('torch.')} cache, "
+        f"{str(weight).removeprefix('torch.')} weights",
+        flush=True,
+    )
     if args.full:
         prefixes = torch.empty(batch, 0, dtype=torch.long)
         seconds = timed(lambda: generate(ours, prefixes, top_k=TOP_K, seed=0, batch_size=batch,
-                                         dtype=args.dtype, cache_dtype=cache_dtype))  # fmt: skip
+                                         dtype=args.dtype, cache_dtype=cache_dtype,
+                                         weight_dtype=weight_dtype))  # fmt: skip
         rate, how = batch * config.n_positions / seconds, "measured on whole images"
     else:
-        first = Ours(ours, args.dtype, False, cache_dtype).first(batch, stretch)
+        first = Ours(ours, args.dtype, False, cache_dtype, weight_dtype).first(batch, stretch)
         late = torch.full((batch, config.n_positions - stretch + 1), config.sos_id)
-        last = ours_decode(ours, late, stretch, args.dtype, random_cache=True, cache_dtype=cache_dtype)
+        last = ours_decode(ours, late, stretch, args.dtype, random_cache=True, cache_dtype=cache_dtype,
+                           weight_dtype=weight_dtype)  # fmt: skip
         print(f"  first {stretch} tokens {first:.1f} s, last {stretch} tokens {last:.1f} s", flush=True)
         rate = 2 * batch * stretch / (first + last)
         how = f"estimated from the first and last {stretch} tokens, the last over a cache of random keys"
@@ -289,7 +319,7 @@ def flops(ours, args, cache_dtype, stretch: int, peak_bf16: float, peak_f32: flo
     per_position = config.n_embd * torch.empty((), dtype=cache).element_size()
     if cache == torch.int8:  # and a float32 scale per head
         per_position += 4 * config.n_head
-    weights = params * 4  # float32 weights are read at every step
+    weights = params * torch.empty((), dtype=weight).element_size()  # the weights are read at every step
     kv_mean = 2 * config.n_layer * batch * (config.n_positions / 2) * per_position
     memory_rate = batch * bandwidth / (weights + kv_mean)
     print(
@@ -302,6 +332,7 @@ def flops(ours, args, cache_dtype, stretch: int, peak_bf16: float, peak_f32: flo
         f"  memory limit (weights {weights / 1e6:.0f} MB + the mean KV cache {kv_mean / 1e6:.0f} MB read per "
         f"step at {bandwidth / 1e9:.1f} GB/s): {memory_rate:.1f} tokens/s; reached {rate / memory_rate:.0%}"
     )
+
 
 if __name__ == "__main__":
     main()

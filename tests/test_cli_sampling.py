@@ -70,6 +70,10 @@ def test_cache_dtype_reaches_the_sampler(checkpoint, tmp_path, monkeypatch):
     assert seen[-1]["cache_dtype"] == "bfloat16" and out.is_file()
     assert main(args) == 0
     assert seen[-1]["cache_dtype"] is None  # the default: the compute dtype's, exact
+    assert seen[-1]["weight_dtype"] is None
+    if __import__("imagegpt").kernels.available():
+        assert main([*args, "--weight-dtype", "int8"]) == 0
+        assert seen[-1]["weight_dtype"] == "int8"
 
 
 def test_complete_writes_rows_of_occluded_completions_original(checkpoint, tmp_path, capsys):

@@ -468,3 +468,33 @@ def test_bad_ids_are_refused():
         complete(model, torch.zeros(1, 2, SIDE * SIDE, dtype=torch.long), 0.5)
     with pytest.raises(ArgumentError, match="longer than the model's images"):
         generate(model, random_ids(1, 0, length=SIDE * SIDE + 3))
+
+
+@pytest.mark.skipif(not kernels.available(), reason="int8 weights run in the native kernels only")
+def test_int8_weights_reach_every_decode_step_and_reproduce(monkeypatch):
+    model = tiny_model(35, std=0.1)
+    seen = []
+    real = kernels.decode_block
+    monkeypatch.setattr(kernels, "decode_block", lambda *a: seen.append(a[3][0][0].dtype) or real(*a))
+    ids = sample(model, 3, seed=2, top_k=4, weight_dtype="int8")
+    steps = model.config.n_positions - 1  # the prefill of [SOS] is one token too: a decode step's shape
+    assert seen == [torch.int8] * (model.config.n_layer * (steps + 1))
+    assert torch.equal(ids, sample(model, 3, seed=2, top_k=4, weight_dtype="int8"))
+    assert ids.min() >= 0 and ids.max() < CLUSTERS
+    prefix = random_ids(2, 36)
+    done = complete(model, prefix, keep=3, n=2, seed=2, weight_dtype="int8", cache_dtype="int8")
+    assert torch.equal(done[:, : 3 * SIDE], prefix[:, : 3 * SIDE].repeat_interleave(2, dim=0))
+
+
+def test_int8_weights_are_refused_where_they_cannot_run(monkeypatch):
+    model = tiny_model(37, std=0.1)
+    with pytest.raises(ArgumentError, match="weight_dtype must be one of"):
+        sample(model, 1, weight_dtype="int4")
+    with pytest.raises(ConfigError, match="without compile"):
+        sample(model, 1, weight_dtype="int8", compile=True)
+    if kernels.available():
+        with pytest.raises(ArgumentError, match="at most 64 images"):
+            sample(model, 1, weight_dtype="int8", batch_size=65)
+    monkeypatch.setenv("IMAGEGPT_NATIVE_KERNELS", "0")
+    with pytest.raises(ConfigError, match="not available here"):
+        sample(model, 1, weight_dtype="int8")

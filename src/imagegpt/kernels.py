@@ -79,6 +79,16 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
     return out.transpose(1, 2)
 
 
+def quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of x (..., n) as int8 and a float32 scale per row: round(x / scale) with scale = max |x| / 127 (1
+    for a row of zeros), to nearest even; x ~= q * scale to within scale / 2. The int8 KV cache's rows,
+    quantized exactly as _kernels.c quantizes them."""
+    x = x.float()
+    scale = x.abs().amax(-1) / 127
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return torch.round(x / scale[..., None]).clamp_(-127, 127).to(torch.int8), scale
+
+
 # ---- few-rows linear layers on packed weights ----
 
 # The packed multiply serves at most this many rows (a decode step's batch); more go to the library GEMM,
@@ -100,11 +110,18 @@ def pack_linear(weight: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
 
 
 def packed_linear(
-    x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor, out_features: int, activation: str = "none"
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    bias: torch.Tensor,
+    out_features: int,
+    activation: str = "none",
+    scales: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """act(x W^T + bias) for x (..., K) float32 with at most MAX_ROWS rows, W as pack_linear packed it and
-    bias float32 padded to the packed columns (zeros for none)."""
-    K = packed.size(1)
+    bias float32 padded to the packed columns (zeros for none). With `scales`, W is pack_linear_int8's
+    (these its column scales) and x's rows are quantized as quantize_int8 does: out = sx sw (qx . qw) + bias,
+    the int8 products summed exactly in int32."""
+    K = in_features(packed)
     rows = x.reshape(-1, K)
     if rows.stride(1) != 1 or rows.stride(0) < K:
         rows = rows.contiguous()
@@ -112,9 +129,32 @@ def packed_linear(
     out = torch.empty(M, out_features)
     _kernels.packed_linear(
         rows.data_ptr(), rows.stride(0), M, K, packed.data_ptr(), out_features, bias.data_ptr(),
-        ACTIVATIONS[activation], out.data_ptr(), out.stride(0), torch.get_num_threads(),
+        ACTIVATIONS[activation], out.data_ptr(), out.stride(0), 0 if scales is None else scales.data_ptr(),
+        torch.get_num_threads(),
     )  # fmt: skip
     return out.view(*x.shape[:-1], out_features)
+
+
+def pack_linear_int8(weight: torch.Tensor, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """weight (N, K) float32 times `scale`, each row (an output column) quantized to int8 with its own scale
+    (quantize_int8's rounding), packed for decode_block's int8 layers: column blocks of 16, each
+    [K / 4][16][4] bytes, (ceil(N / 16), K / 4, 16, 4); and the column scales (16 ceil(N / 16),) float32.
+    Padding columns are zeros with scale 0. K must be a multiple of 8."""
+    N, K = weight.shape
+    if K % 8:
+        raise ValueError(f"int8 packing needs in_features a multiple of 8, got {K}")
+    q, scales = quantize_int8(weight.detach().float() * scale)
+    blocks = (N + 15) // 16
+    padded = torch.zeros(blocks * 16, K, dtype=torch.int8)
+    padded[:N] = q
+    padded_scales = torch.zeros(blocks * 16)
+    padded_scales[:N] = scales
+    return padded.view(blocks, 16, K // 4, 4).permute(0, 2, 1, 3).contiguous(), padded_scales
+
+
+def in_features(packed: torch.Tensor) -> int:
+    """K of a weight packed by pack_linear (blocks, K, 16) or pack_linear_int8 (blocks, K / 4, 16, 4)."""
+    return packed.size(1) * (4 if packed.dtype == torch.int8 else 1)
 
 
 # ---- a whole block for one new token per image ----
@@ -137,23 +177,30 @@ def decode_block(
 
     with the new key and value written into the cache (k, v) at `position` and attention over positions
     [0, position]. x: (B, 1, C) float32, contiguous, B <= MAX_ROWS; norms: the two norms' (C,) weights;
-    linears: (packed, padded bias, out_features) for qkv (3C), proj (C), fc (silu applied; quick-GELU's
-    scales folded in by the caller) and out (C), packed by pack_linear; k, v: the layer's whole cache (B, nh,
+    linears: (packed, padded bias, out_features, column scales) for qkv (3C), proj (C), fc (silu applied;
+    quick-GELU's scales folded in by the caller) and out (C), all packed by pack_linear (scales None) or all
+    by pack_linear_int8 (then each layer's input rows are quantized as quantize_int8 does, the products
+    summed exactly in int32, and scaled back by the row's and the column's scales); k, v: the layer's whole
+    cache (B, nh,
     L, hs) of one dtype among float32, bfloat16 and float16, rows contiguous, hs a multiple of 8; or int8 with
-    `scales`, the keys' and values' float32 row scales (B, nh, L) (model.quantize_int8's quantization).
+    `scales`, the keys' and values' float32 row scales (B, nh, L) (quantize_int8's quantization).
 
     Returns False, changing nothing, where the shapes or dtypes do not fit (the caller runs the modules)."""
     B, T, C = x.shape
     hs = C // n_head
-    (qkv, qkv_b, qkv_n), (proj, proj_b, proj_n), (fc, fc_b, fc_n), (out, out_b, out_n) = linears
+    (_, _, qkv_n, _), (_, _, proj_n, _), (_, _, fc_n, _), (_, _, out_n, _) = linears
+    int8 = linears[0][0].dtype == torch.int8
     if (
         T != 1
         or B > MAX_ROWS
         or C % n_head
         or hs % 8
         or (qkv_n, proj_n, out_n) != (3 * C, C, C)
-        or (qkv.size(1), proj.size(1), fc.size(1), out.size(1)) != (C, C, C, fc_n)
-        or any(w.size(0) != (n + 15) // 16 or b.numel() < 16 * w.size(0) for w, b, n in linears)
+        or tuple(in_features(w) for w, *_ in linears) != (C, C, C, fc_n)
+        or any(w.size(0) != (n + 15) // 16 or b.numel() < 16 * w.size(0) for w, b, n, _ in linears)
+        or any((w.dtype == torch.int8) != int8 or (s is not None) != int8 for w, _, _, s in linears)
+        or any(s is not None and s.numel() < 16 * w.size(0) for w, _, _, s in linears)
+        or (int8 and fc_n % 8)
         or x.dtype != torch.float32
         or not x.is_contiguous()
         or (k.dtype not in CODES and k.dtype != torch.int8)
@@ -182,10 +229,13 @@ def decode_block(
             return False
         ks, vs, s_sb, s_sh = k_scale.data_ptr(), v_scale.data_ptr(), k_scale.stride(0), k_scale.stride(1)
     scratch = torch.empty(B * (5 * C + fc_n))
+    rows = torch.empty(B * (2 * max(C, fc_n) + 4), dtype=torch.int8) if int8 else None
+    operands = [
+        p for w, b, _, s in linears for p in (w.data_ptr(), b.data_ptr(), 0 if s is None else s.data_ptr())
+    ]
     _kernels.decode_block(
-        x.data_ptr(), B, C, n_head, norms[0].data_ptr(), norms[1].data_ptr(), eps,
-        qkv.data_ptr(), qkv_b.data_ptr(), proj.data_ptr(), proj_b.data_ptr(), fc.data_ptr(), fc_b.data_ptr(),
-        fc_n, out.data_ptr(), out_b.data_ptr(), k.data_ptr(), v.data_ptr(), k.stride(0), k.stride(1),
-        k.stride(2), code, ks, vs, s_sb, s_sh, position, scratch.data_ptr(), torch.get_num_threads(),
+        x.data_ptr(), B, C, n_head, norms[0].data_ptr(), norms[1].data_ptr(), eps, *operands, fc_n, int(int8),
+        k.data_ptr(), v.data_ptr(), k.stride(0), k.stride(1), k.stride(2), code, ks, vs, s_sb, s_sh, position,
+        scratch.data_ptr(), 0 if rows is None else rows.data_ptr(), torch.get_num_threads(),
     )  # fmt: skip
     return True

@@ -29,6 +29,7 @@ from torch.utils.checkpoint import checkpoint
 
 from . import kernels
 from .config import ImageGPTConfig
+from .kernels import quantize_int8
 
 
 def sos_inputs(ids: torch.Tensor, sos_id: int) -> torch.Tensor:
@@ -158,11 +159,25 @@ class PackedLinear:
     instead of 58-62 ms; docs/performance.md). The weight and bias are multiplied by their scales
     before packing, and `activation` ("silu") is applied in the multiply's epilogue: that is how the MLP
     gets quick-GELU in one call.
+
+    dtype=torch.int8 quantizes the (scaled) weight per output column (kernels.pack_linear_int8), and each
+    call quantizes its input rows (packed_weights uses such layers in the blocks' decode steps only).
     """
 
-    def __init__(self, module: nn.Linear, weight_scale=1.0, bias_scale=1.0, activation: str = "none"):
+    def __init__(
+        self,
+        module: nn.Linear,
+        weight_scale=1.0,
+        bias_scale=1.0,
+        activation: str = "none",
+        dtype=torch.float32,
+    ):
         self.out_features = module.out_features
-        self.weight = kernels.pack_linear(module.weight, weight_scale)
+        self.scales = None  # int8: the column scales
+        if dtype == torch.int8:
+            self.weight, self.scales = kernels.pack_linear_int8(module.weight, weight_scale)
+        else:
+            self.weight = kernels.pack_linear(module.weight, weight_scale)
         self.bias = torch.zeros(self.weight.size(0) * 16)  # padded to the packed columns
         if module.bias is not None:
             self.bias[: self.out_features] = module.bias.detach() * bias_scale
@@ -180,10 +195,11 @@ class PackedLinear:
         return _packed_inference(x) and self.fresh()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return kernels.packed_linear(x, self.weight, self.bias, self.out_features, self.activation)
+        weight, bias, n, scales = self.operands()
+        return kernels.packed_linear(x, weight, bias, n, self.activation, scales)
 
-    def operands(self) -> tuple[torch.Tensor, torch.Tensor, int]:
-        return self.weight, self.bias, self.out_features
+    def operands(self) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor | None]:
+        return self.weight, self.bias, self.out_features, self.scales
 
 
 def _packed_inference(x: torch.Tensor) -> bool:
@@ -300,16 +316,6 @@ def _native_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) 
     if y is None:
         return None
     return y.to(torch.bfloat16) if emulate else y.to(q.dtype)
-
-
-def quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows of x (..., n) as int8 and a float32 scale per row: round(x / scale) with scale = max |x| / 127 (1
-    for a row of zeros), to nearest even; x ~= q * scale to within scale / 2. The int8 KV cache's rows,
-    quantized exactly as imagegpt/_kernels.c quantizes them."""
-    x = x.float()
-    scale = x.abs().amax(-1) / 127
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    return torch.round(x / scale[..., None]).clamp_(-127, 127).to(torch.int8), scale
 
 
 def dequantize_int8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -453,12 +459,13 @@ class PackedBlock:
     """A Block's decode step (one new token per image over a KV cache) in one native call,
     kernels.decode_block, on the packed weights of its four linear layers: a decode step of igpt-s is
     otherwise some 400 small kernels launched from Python, ~10 ms of its 50-150. Set by packed_weights() on
-    every Block, after its linear layers and MLP are packed (it uses their PackedLinears)."""
+    every Block, on the PackedLinears of its linear layers and MLP, or on int8 ones of its own
+    (int8_linears)."""
 
-    def __init__(self, block: Block):
+    def __init__(self, block: Block, linears: tuple[PackedLinear, ...] | None = None):
         self.block = block
         attn, mlp = block.attn, block.mlp
-        self.linears = (attn.c_attn.packed, attn.c_proj.packed, *mlp.packed)
+        self.linears = linears or (attn.c_attn.packed, attn.c_proj.packed, *mlp.packed)
 
     def applies(self, x: torch.Tensor) -> bool:
         """Whether x (B, 1, C) can take the native call: eval mode (dropout), no autograd or autocast, every
@@ -570,39 +577,62 @@ class Transformer(nn.Module):
 PACK_BUDGET_BYTES = 2 * 1024**3
 
 
-def can_pack(model: nn.Module) -> bool:
+def can_pack(model: nn.Module, weight_dtype=torch.float32) -> bool:
     """Whether packed_weights() would pack: the native kernels run here, every linear weight is a CPU
-    float32 one, and together they fit PACK_BUDGET_BYTES."""
+    float32 one, and together they fit PACK_BUDGET_BYTES in `weight_dtype` (float32 or int8)."""
     linears = [m for m in model.modules() if isinstance(m, Linear)]
+    size = torch.empty((), dtype=weight_dtype).element_size()
     return (
         kernels.available()
         and bool(linears)
         and all(m.weight.device.type == "cpu" and m.weight.dtype == torch.float32 for m in linears)
-        and sum(m.weight.numel() * 4 for m in linears) <= PACK_BUDGET_BYTES
+        and sum(m.weight.numel() * size for m in linears) <= PACK_BUDGET_BYTES
+    )
+
+
+def int8_linears(block: Block) -> tuple[PackedLinear, ...]:
+    """The block's four linear layers as int8 PackedLinears (quick-GELU's scales folded into the MLP's)."""
+    attn, mlp = block.attn, block.mlp
+    return (
+        PackedLinear(attn.c_attn, dtype=torch.int8),
+        PackedLinear(attn.c_proj, dtype=torch.int8),
+        PackedLinear(mlp.c_fc, 1.702, 1.702, activation="silu", dtype=torch.int8),
+        PackedLinear(mlp.c_proj, weight_scale=1 / 1.702, dtype=torch.int8),
     )
 
 
 @contextlib.contextmanager
-def packed_weights(model: nn.Module):
+def packed_weights(model: nn.Module, weight_dtype=torch.float32):
     """Within the block, the model's linear layers run few-rows CPU float32 inference (decode steps) on
     packed weights (PackedLinear), and each Block's decode step over a KV cache is one native call
     (PackedBlock); everything else takes the plain weights. A no-op where can_pack() is False; a layer whose
-    weight or bias changes inside the block goes back to its plain weights."""
+    weight or bias changes inside the block goes back to its plain weights.
+
+    weight_dtype=torch.int8: only the blocks' decode steps are packed, on int8 weights (one scale per output
+    column) with each layer's input rows quantized on the fly (int8 x int8 products summed in int32);
+    everything else, a prefill included, runs the plain float32 weights."""
     mlps = [m for m in model.modules() if isinstance(m, MLP)]
     in_mlps = {id(linear) for mlp in mlps for linear in (mlp.c_fc, mlp.c_proj)}
     linears = [m for m in model.modules() if isinstance(m, Linear) and id(m) not in in_mlps]
     blocks = [m for m in model.modules() if isinstance(m, Block)]
     holders = mlps + linears + blocks
-    if not can_pack(model) or any(m.packed is not None for m in holders):  # not here, or packed already
+    if weight_dtype not in (torch.float32, torch.int8):
+        raise ValueError(f"weight_dtype must be torch.float32 or torch.int8, got {weight_dtype}")
+    if not can_pack(model, weight_dtype) or any(m.packed is not None for m in holders):  # or packed already
         yield
         return
-    for mlp in mlps:  # c_proj(quick_gelu(z)) = (W / 1.702) silu(1.702 z) + b
-        up = PackedLinear(mlp.c_fc, 1.702, 1.702, activation="silu")
-        mlp.packed = (up, PackedLinear(mlp.c_proj, weight_scale=1 / 1.702))
-    for module in linears:
-        module.packed = PackedLinear(module)
-    for block in blocks:  # decode steps: each block in one native call, on the PackedLinears above
-        block.packed = PackedBlock(block)
+    if weight_dtype == torch.int8:
+        holders = blocks
+        for block in blocks:
+            block.packed = PackedBlock(block, int8_linears(block))
+    else:
+        for mlp in mlps:  # c_proj(quick_gelu(z)) = (W / 1.702) silu(1.702 z) + b
+            up = PackedLinear(mlp.c_fc, 1.702, 1.702, activation="silu")
+            mlp.packed = (up, PackedLinear(mlp.c_proj, weight_scale=1 / 1.702))
+        for module in linears:
+            module.packed = PackedLinear(module)
+        for block in blocks:  # decode steps: each block in one native call, on the PackedLinears above
+            block.packed = PackedBlock(block)
     try:
         yield
     finally:

@@ -72,6 +72,14 @@ def add_sampling_options(parser: argparse.ArgumentParser) -> None:
         "(scaled per row) quarters it, faster still there and coarser",
     )
     parser.add_argument(
+        "--weight-dtype",
+        default=None,
+        choices=["float32", "int8"],
+        help="the decode steps' weights (default float32, exact). int8 (per output column, inputs per row) "
+        "is faster on x86 CPUs with AVX2, where it runs (CPU, float32, no --compile, batches <= 64), and "
+        "coarser",
+    )
+    parser.add_argument(
         "--save-npz", metavar="PATH", help="also save the raw tokens and decoded images as a .npz file"
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -88,6 +96,7 @@ def sampling_kwargs(args, seed: int) -> dict:
         "dtype": args.dtype,
         "compile": args.compile,
         "cache_dtype": args.cache_dtype,
+        "weight_dtype": args.weight_dtype,
     }
 
 
