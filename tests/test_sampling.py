@@ -495,6 +495,9 @@ def test_int8_weights_are_refused_where_they_cannot_run(monkeypatch):
     if kernels.available():
         with pytest.raises(ArgumentError, match="at most 64 images"):
             sample(model, 1, weight_dtype="int8", batch_size=65)
+        narrow = ImageGPT(ImageGPTConfig(vocab_size=17, n_positions=16, n_embd=36, n_layer=1, n_head=3))
+        with pytest.raises(ConfigError, match="multiples of 8; this model has 36, 12 and 144"):
+            sample(narrow, 1, weight_dtype="int8")
     monkeypatch.setenv("IMAGEGPT_NATIVE_KERNELS", "0")
     with pytest.raises(ConfigError, match="not available here"):
         sample(model, 1, weight_dtype="int8")

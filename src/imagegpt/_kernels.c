@@ -431,7 +431,7 @@ static inline uint16_t to_bf16(float f) {
 }
 
 /* x (n, a multiple of 8) -> round(x / scale) in [-127, 127] with scale = max |x| / 127 (1 where x is all
- * zeros), rounded to nearest even: the same numbers as imagegpt.model.quantize_int8 */
+ * zeros), rounded to nearest even: the same numbers as imagegpt.kernels.quantize_int8 */
 static TARGET void quantize_row(const float *x, int n, int8_t *out, float *scale_out) {
     const __m256 sign = _mm256_set1_ps(-0.0f);
     __m256 top = _mm256_setzero_ps();
@@ -478,12 +478,12 @@ static TARGET void write_cache(const BlockJob *j, int first, int last) {
 }
 
 /* rows [first, last) of x (ld apart, n wide) quantized into r (int8 weights' input), n a multiple of 8 */
-static TARGET void quantize_rows(const QuantRows *r, const float *x, Py_ssize_t ld, int first, int last) {
-    const int n = r->ld;
+static TARGET void quantize_rows(QuantRows r, const float *x, Py_ssize_t ld, int first, int last) {
+    const int n = r.ld;
     for (int m = first; m < last; m++) {
-        int8_t *q = (int8_t *)r->q + (Py_ssize_t)m * n;
-        uint8_t *a = (uint8_t *)r->a + (Py_ssize_t)m * n;
-        quantize_row(x + m * ld, n, q, (float *)r->s + m);
+        int8_t *q = (int8_t *)r.q + (Py_ssize_t)m * n;
+        uint8_t *a = (uint8_t *)r.a + (Py_ssize_t)m * n;
+        quantize_row(x + m * ld, n, q, (float *)r.s + m);
         for (int d = 0; d < n; d++) a[d] = (uint8_t)(q[d] < 0 ? -q[d] : q[d]);
     }
 }
@@ -495,6 +495,9 @@ static TARGET void quantize_rows(const QuantRows *r, const float *x, Py_ssize_t 
 #define BARRIER()
 #endif
 
+/* the block's quantized rows, K wide (int8 weights' input) */
+INLINE QuantRows block_rows(const BlockJob *j, int K) { return (QuantRows){j->rq, j->ra, j->rs, K}; }
+
 /* layer i of the block (0 qkv, 1 proj, 2 fc, 3 out) over its input `in` (M, K): thread t of n's share of
  * its column blocks; int8 weights take the input as quantize_rows left it */
 static TARGET void block_linear(const BlockJob *j, int i, const float *in, int K, int N, int act, float *out,
@@ -502,7 +505,7 @@ static TARGET void block_linear(const BlockJob *j, int i, const float *in, int K
     int first, last;
     share((N + 15) / 16, t, n, &first, &last);
     if (j->wq) {
-        const QuantRows rows = {j->rq, j->ra, j->rs, K};
+        const QuantRows rows = block_rows(j, K);
         linear_blocks_i8(&rows, j->M, K, j->w[i], N, j->s[i], j->b[i], act, out, ldo, first, last);
     } else {
         linear_blocks(in, K, j->M, K, j->w[i], N, j->b[i], act, out, ldo, first, last);
@@ -514,7 +517,7 @@ static TARGET int block_share(const BlockJob *j, int t, int n) {
     int first, last, failed = 0;
     share(M, t, n, &first, &last);
     rms_rows(j->x, C, j->ln1, j->eps, j->xn, first, last);
-    if (j->wq) quantize_rows(&(QuantRows){j->rq, j->ra, j->rs, C}, j->xn, C, first, last);
+    if (j->wq) quantize_rows(block_rows(j, C), j->xn, C, first, last);
     BARRIER();
     block_linear(j, 0, j->xn, C, 3 * C, 0, j->qkv, 3 * C, t, n);
     BARRIER();
@@ -529,20 +532,20 @@ static TARGET int block_share(const BlockJob *j, int t, int n) {
     BARRIER();
     if (j->wq) { /* an image's heads may come from both threads: its row is whole only now */
         share(M, t, n, &first, &last);
-        quantize_rows(&(QuantRows){j->rq, j->ra, j->rs, C}, j->y, C, first, last);
+        quantize_rows(block_rows(j, C), j->y, C, first, last);
         BARRIER();
     }
     block_linear(j, 1, j->y, C, C, 2, j->x, C, t, n);
     BARRIER();
     share(M, t, n, &first, &last);
     rms_rows(j->x, C, j->ln2, j->eps, j->xn, first, last);
-    if (j->wq) quantize_rows(&(QuantRows){j->rq, j->ra, j->rs, C}, j->xn, C, first, last);
+    if (j->wq) quantize_rows(block_rows(j, C), j->xn, C, first, last);
     BARRIER();
     block_linear(j, 2, j->xn, C, j->N_fc, 1, j->h, j->N_fc, t, n);
     BARRIER();
     if (j->wq) {
         share(M, t, n, &first, &last);
-        quantize_rows(&(QuantRows){j->rq, j->ra, j->rs, j->N_fc}, j->h, j->N_fc, first, last);
+        quantize_rows(block_rows(j, j->N_fc), j->h, j->N_fc, first, last);
         BARRIER();
     }
     block_linear(j, 3, j->h, j->N_fc, C, 2, j->x, C, t, n);
@@ -670,7 +673,7 @@ static PyObject *packed_linear(PyObject *self, PyObject *args) {
         int first, last, t = omp_get_thread_num(), n = omp_get_num_threads();
         if (S != NULL) {
             share(M, t, n, &first, &last);
-            quantize_rows(&rows, X, ldx, first, last);
+            quantize_rows(rows, X, ldx, first, last);
 #pragma omp barrier
         }
         share(blocks, t, n, &first, &last);
@@ -681,7 +684,7 @@ static PyObject *packed_linear(PyObject *self, PyObject *args) {
     }
 #else
     if (S != NULL) {
-        quantize_rows(&rows, X, ldx, 0, M);
+        quantize_rows(rows, X, ldx, 0, M);
         linear_blocks_i8(&rows, M, K, (const int8_t *)(uintptr_t)packed, N, S, B, act, O, ldo, 0, blocks);
     } else {
         linear_blocks(X, ldx, M, K, (const float *)(uintptr_t)packed, N, B, act, O, ldo, 0, blocks);

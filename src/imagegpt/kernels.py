@@ -181,9 +181,9 @@ def decode_block(
     quick-GELU's scales folded in by the caller) and out (C), all packed by pack_linear (scales None) or all
     by pack_linear_int8 (then each layer's input rows are quantized as quantize_int8 does, the products
     summed exactly in int32, and scaled back by the row's and the column's scales); k, v: the layer's whole
-    cache (B, nh,
-    L, hs) of one dtype among float32, bfloat16 and float16, rows contiguous, hs a multiple of 8; or int8 with
-    `scales`, the keys' and values' float32 row scales (B, nh, L) (quantize_int8's quantization).
+    cache (B, nh, L, hs) of one dtype among float32, bfloat16 and float16, rows contiguous, hs a multiple of
+    8; or int8 with `scales`, the keys' and values' float32 row scales (B, nh, L) (quantize_int8's
+    quantization).
 
     Returns False, changing nothing, where the shapes or dtypes do not fit (the caller runs the modules)."""
     B, T, C = x.shape

@@ -590,14 +590,19 @@ def can_pack(model: nn.Module, weight_dtype=torch.float32) -> bool:
     )
 
 
+def mlp_linears(mlp: MLP, dtype=torch.float32) -> tuple[PackedLinear, PackedLinear]:
+    """The MLP as two PackedLinears: c_proj(quick_gelu(z)) = (W / 1.702) silu(1.702 z) + b."""
+    up = PackedLinear(mlp.c_fc, 1.702, 1.702, activation="silu", dtype=dtype)
+    return up, PackedLinear(mlp.c_proj, weight_scale=1 / 1.702, dtype=dtype)
+
+
 def int8_linears(block: Block) -> tuple[PackedLinear, ...]:
     """The block's four linear layers as int8 PackedLinears (quick-GELU's scales folded into the MLP's)."""
-    attn, mlp = block.attn, block.mlp
+    attn = block.attn
     return (
         PackedLinear(attn.c_attn, dtype=torch.int8),
         PackedLinear(attn.c_proj, dtype=torch.int8),
-        PackedLinear(mlp.c_fc, 1.702, 1.702, activation="silu", dtype=torch.int8),
-        PackedLinear(mlp.c_proj, weight_scale=1 / 1.702, dtype=torch.int8),
+        *mlp_linears(block.mlp, torch.int8),
     )
 
 
@@ -626,9 +631,8 @@ def packed_weights(model: nn.Module, weight_dtype=torch.float32):
         for block in blocks:
             block.packed = PackedBlock(block, int8_linears(block))
     else:
-        for mlp in mlps:  # c_proj(quick_gelu(z)) = (W / 1.702) silu(1.702 z) + b
-            up = PackedLinear(mlp.c_fc, 1.702, 1.702, activation="silu")
-            mlp.packed = (up, PackedLinear(mlp.c_proj, weight_scale=1 / 1.702))
+        for mlp in mlps:
+            mlp.packed = mlp_linears(mlp)
         for module in linears:
             module.packed = PackedLinear(module)
         for block in blocks:  # decode steps: each block in one native call, on the PackedLinears above

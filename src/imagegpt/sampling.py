@@ -203,9 +203,14 @@ def resolve_cache_dtype(name, compute: torch.dtype, weights: torch.dtype) -> tor
     the compute dtype under autocast and the weights' dtype otherwise."""
     if name is None:
         return compute if compute != torch.float32 else weights
-    dtype = CACHE_DTYPES.get(name) if isinstance(name, str) else name
-    if dtype not in CACHE_DTYPES.values():
-        raise ArgumentError(f"cache_dtype must be one of {', '.join(CACHE_DTYPES)} (or None), got {name!r}")
+    return _dtype_in(CACHE_DTYPES, name, "cache_dtype")
+
+
+def _dtype_in(table: dict[str, torch.dtype], name, argument: str) -> torch.dtype:
+    """`name` (a key of table, or one of its torch.dtypes) as a torch.dtype; ArgumentError otherwise."""
+    dtype = table.get(name) if isinstance(name, str) else name
+    if dtype not in table.values():
+        raise ArgumentError(f"{argument} must be one of {', '.join(table)} (or None), got {name!r}")
     return dtype
 
 
@@ -224,12 +229,7 @@ WEIGHT_DTYPES = {"float32": torch.float32, "int8": torch.int8}
 
 def resolve_weight_dtype(name) -> torch.dtype:
     """The decode steps' weights: "float32" (None: the model's own) or "int8" (or the torch.dtype)."""
-    if name is None:
-        return torch.float32
-    dtype = WEIGHT_DTYPES.get(name) if isinstance(name, str) else name
-    if dtype not in WEIGHT_DTYPES.values():
-        raise ArgumentError(f"weight_dtype must be one of {', '.join(WEIGHT_DTYPES)} (or None), got {name!r}")
-    return dtype
+    return torch.float32 if name is None else _dtype_in(WEIGHT_DTYPES, name, "weight_dtype")
 
 
 def check_int8_weights(
