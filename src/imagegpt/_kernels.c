@@ -291,7 +291,7 @@ static TARGET void linear_blocks(const float *x, Py_ssize_t ldx, int M, int K, c
                                  const float *bias, int act, float *out, Py_ssize_t ldo, int first, int last) {
     for (int nb = first; nb < last; nb++) {
         const float *block = packed + (Py_ssize_t)nb * K * 16;
-        const float *next = nb + 1 < last ? block + (Py_ssize_t)K * 16 : block;
+        const float *next = nb + 1 < (N + 15) / 16 ? block + (Py_ssize_t)K * 16 : block;
         const int cols = N - 16 * nb < 16 ? N - 16 * nb : 16;
         for (int m = 0; m < M; m += 6) {
             const int R = M - m < 6 ? M - m : 6;
@@ -423,7 +423,7 @@ static TARGET void linear_blocks_i8(const QuantRows *x, int M, int K, const int8
                                     int first, int last) {
     for (int nb = first; nb < last; nb++) {
         const int8_t *block = packed + (Py_ssize_t)nb * K * 16;
-        const int8_t *next = nb + 1 < last ? block + (Py_ssize_t)K * 16 : block;
+        const int8_t *next = nb + 1 < (N + 15) / 16 ? block + (Py_ssize_t)K * 16 : block;
         const int cols = N - 16 * nb < 16 ? N - 16 * nb : 16;
         const float *s = scales + 16 * nb, *b = bias + 16 * nb;
         for (int m = 0; m < M; m += 4) {
@@ -463,6 +463,7 @@ typedef struct {
     int8_t *rq;              /* wq scratch: M x max(C, N_fc) quantized rows, as many |q|, M scales */
     uint8_t *ra;
     float *rs;
+    int claimed[5]; /* work handed out so far in the four linear layers' phases and attention's (claim) */
 } BlockJob;
 /* out[m] = x[m] / sqrt(mean(x[m]^2) + eps) * g for rows [first, last) */
 static TARGET void rms_rows(const float *x, int C, const float *g, float eps, float *out, int first, int last) {
@@ -558,36 +559,46 @@ static TARGET void quantize_rows(QuantRows r, const float *x, Py_ssize_t ld, int
 /* the block's quantized rows, K wide (int8 weights' input) */
 INLINE QuantRows block_rows(const BlockJob *j, int K) { return (QuantRows){j->rq, j->ra, j->rs, K}; }
 
-/* layer i of the block (0 qkv, 1 proj, 2 fc, 3 out) over its input `in` (M, K): thread t of n's share of
- * its column blocks; int8 weights take the input as quantize_rows left it */
-static TARGET void block_linear(const BlockJob *j, int i, const float *in, int K, int N, int act, float *out,
-                                int ldo, int t, int n) {
+/* The next `chunk` of a phase's `total` items into [first, last), or 0 when all are taken. The phases'
+ * items go to whichever thread is free: split evenly in advance, a phase lasts as long as the slower
+ * core's half, and on a shared machine one core is often slower (measured: ~15% of a step waiting in
+ * barriers at pos 0 with static halves). */
+static inline int claim(int *claimed, int chunk, int total, int *first, int *last) {
+    *first = __atomic_fetch_add(claimed, chunk, __ATOMIC_RELAXED);
+    *last = *first + chunk < total ? *first + chunk : total;
+    return *first < total;
+}
+
+/* layer i of the block (0 qkv, 1 proj, 2 fc, 3 out) over its input `in` (M, K), in chunks of column blocks
+ * claimed in turn; int8 weights take the input as quantize_rows left it */
+static TARGET void block_linear(BlockJob *j, int i, const float *in, int K, int N, int act, float *out,
+                                int ldo) {
     int first, last;
-    share((N + 15) / 16, t, n, &first, &last);
-    if (j->wq) {
-        const QuantRows rows = block_rows(j, K);
-        linear_blocks_i8(&rows, j->M, K, j->w[i], N, j->s[i], j->b[i], act, out, ldo, first, last);
-    } else {
-        linear_blocks(in, K, j->M, K, j->w[i], N, j->b[i], act, out, ldo, first, last);
+    while (claim(&j->claimed[i], 4, (N + 15) / 16, &first, &last)) {
+        if (j->wq) {
+            const QuantRows rows = block_rows(j, K);
+            linear_blocks_i8(&rows, j->M, K, j->w[i], N, j->s[i], j->b[i], act, out, ldo, first, last);
+        } else {
+            linear_blocks(in, K, j->M, K, j->w[i], N, j->b[i], act, out, ldo, first, last);
+        }
     }
 }
 
-static TARGET int block_share(const BlockJob *j, int t, int n) {
+static TARGET int block_share(BlockJob *j, int t, int n) {
     const int M = j->M, C = j->C, hs = C / j->nh;
     int first, last, failed = 0;
     share(M, t, n, &first, &last);
     rms_rows(j->x, C, j->ln1, j->eps, j->xn, first, last);
     if (j->wq) quantize_rows(block_rows(j, C), j->xn, C, first, last);
     BARRIER();
-    block_linear(j, 0, j->xn, C, 3 * C, 0, j->qkv, 3 * C, t, n);
+    block_linear(j, 0, j->xn, C, 3 * C, 0, j->qkv, 3 * C);
     BARRIER();
     share(M, t, n, &first, &last);
     write_cache(j, first, last);
     BARRIER();
     Job att = {j->qkv, j->k, j->v, j->y, 3 * C, hs, j->kv_sb, j->kv_sh, j->kv_ss, C, hs, j->nh, hs, j->pos + 1,
                j->dt, (float)(1.0 / sqrt((double)hs)), j->ks, j->vs, j->s_sb, j->s_sh, 0, 0, 0};
-    share(M * j->nh, t, n, &att.first, &att.last);
-    attend(&att);
+    while (!att.failed && claim(&j->claimed[4], 4, M * j->nh, &att.first, &att.last)) attend(&att);
     failed |= att.failed;
     BARRIER();
     if (j->wq) { /* an image's heads may come from both threads: its row is whole only now */
@@ -595,20 +606,20 @@ static TARGET int block_share(const BlockJob *j, int t, int n) {
         quantize_rows(block_rows(j, C), j->y, C, first, last);
         BARRIER();
     }
-    block_linear(j, 1, j->y, C, C, 2, j->x, C, t, n);
+    block_linear(j, 1, j->y, C, C, 2, j->x, C);
     BARRIER();
     share(M, t, n, &first, &last);
     rms_rows(j->x, C, j->ln2, j->eps, j->xn, first, last);
     if (j->wq) quantize_rows(block_rows(j, C), j->xn, C, first, last);
     BARRIER();
-    block_linear(j, 2, j->xn, C, j->N_fc, 1, j->h, j->N_fc, t, n);
+    block_linear(j, 2, j->xn, C, j->N_fc, 1, j->h, j->N_fc);
     BARRIER();
     if (j->wq) {
         share(M, t, n, &first, &last);
         quantize_rows(block_rows(j, j->N_fc), j->h, j->N_fc, first, last);
         BARRIER();
     }
-    block_linear(j, 3, j->h, j->N_fc, C, 2, j->x, C, t, n);
+    block_linear(j, 3, j->h, j->N_fc, C, 2, j->x, C);
     return failed;
 }
 
