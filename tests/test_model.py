@@ -394,10 +394,15 @@ def test_packed_weights_give_the_plain_numbers_and_are_dropped_afterwards(monkey
     config = nano()
     model = randomised(ImageGPT(config).eval(), scale=0.3)
     ids = ids_for(config)
-    calls, blocks = [], []
-    real, real_block = kernels.packed_linear, kernels.decode_block
+    calls, steps = [], []
+    real, real_step = kernels.packed_linear, kernels.DecodePlan.__call__
     monkeypatch.setattr(kernels, "packed_linear", lambda *a: calls.append(1) or real(*a))
-    monkeypatch.setattr(kernels, "decode_block", lambda *a: blocks.append(real_block(*a)) or blocks[-1])
+
+    def step(plan, *args):
+        steps.append((plan.layers, real_step(plan, *args)))
+        return steps[-1][1]
+
+    monkeypatch.setattr(kernels.DecodePlan, "__call__", step)
     with torch.no_grad():
         expected = model(ids).logits
         cache = KVCache(config, 3)
@@ -415,14 +420,73 @@ def test_packed_weights_give_the_plain_numbers_and_are_dropped_afterwards(monkey
             x = torch.randn(3, 1, config.n_embd)
             torch.testing.assert_close(mlps[0].c_fc(x), F.linear(x, mlps[0].c_fc.weight, mlps[0].c_fc.bias))
     # the prefill's 21 rows through every linear layer and the head; the step's 3 through one native call
-    # per block, then the head; the full forward's 90 rows are more than kernels.MAX_ROWS and take the
-    # plain weights
+    # for all the blocks, then the head; the full forward's 90 rows are more than kernels.MAX_ROWS and take
+    # the plain weights
     assert len(calls) == 4 * config.n_layer + 1 + 1
-    assert blocks == [True] * config.n_layer
+    assert steps == [(config.n_layer, True)]
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(got_step, expected_step, atol=1e-5, rtol=1e-5)
     holders = (MLP, model_module.Linear, model_module.Block)
     assert all(m.packed is None for m in model.modules() if isinstance(m, holders))
+
+
+@needs_kernel
+@pytest.mark.parametrize(
+    ("weight_dtype", "cache_dtype"), [(torch.float32, torch.float32), (torch.int8, torch.int8)]
+)
+def test_a_decode_step_of_all_blocks_in_one_call_equals_block_by_block(
+    monkeypatch, weight_dtype, cache_dtype
+):
+    config = nano(n_embd=64, n_head=2, n_layer=3)
+    model = randomised(ImageGPT(config).eval(), scale=0.3)
+    ids = ids_for(config, batch=5)
+    plans = []
+    real = kernels.decode_plan
+    monkeypatch.setattr(kernels, "decode_plan", lambda *a: plans.append(real(*a)) or plans[-1])
+    caches, steps = [], []
+    with torch.no_grad(), model_module.packed_weights(model, weight_dtype):
+        stack = model.transformer.packed
+        for one_call in (True, False):
+            model.transformer.packed = stack if one_call else None
+            cache = KVCache(config, 5, dtype=cache_dtype)
+            model(ids[:, :6], kv_cache=cache)
+            steps.append([model(ids[:, t : t + 1], kv_cache=cache, start=t).logits for t in range(6, 9)])
+            caches.append(cache)
+        model.transformer.packed = stack
+    assert [p.layers for p in plans if p.layers > 1] == [3]  # one plan for the cache, reused by the 3 steps
+    for one, each in zip(*steps):
+        assert torch.equal(one, each)  # the same kernel code, block after block
+    for layer in range(config.n_layer):
+        assert torch.equal(caches[0].k[layer], caches[1].k[layer])
+        assert torch.equal(caches[0].v[layer], caches[1].v[layer])
+
+
+@needs_kernel
+def test_a_decode_plan_refuses_what_it_was_not_made_for():
+    config = nano(n_embd=64, n_head=2, n_layer=2)
+    model = randomised(ImageGPT(config).eval())
+    with torch.no_grad(), model_module.packed_weights(model):
+        cache = KVCache(config, 4)
+        layers = [block.packed.operands(cache) for block in model.transformer.h]
+        eps, heads = config.layer_norm_epsilon, config.n_head
+        plan = kernels.decode_plan(4, layers, eps, heads)
+        assert plan.layers == 2 and not plan.int8
+        x = torch.randn(4, 1, 64)
+        assert not plan(torch.randn(3, 1, 64), 0)  # another batch
+        assert not plan(torch.randn(4, 2, 64), 0)  # two tokens
+        assert not plan(torch.randn(4, 1, 128)[:, :, ::2], 0)  # not contiguous
+        assert not plan(x.double(), 0)
+        assert not plan(x, config.n_positions)  # past the cache
+        assert torch.equal(cache.k[0], torch.zeros_like(cache.k[0]))  # none of them wrote anything
+        assert plan(x, 0) and not torch.equal(cache.k[0], torch.zeros_like(cache.k[0]))
+        assert kernels.decode_plan(5, layers, eps, heads) is None  # the cache holds 4 images
+        assert kernels.decode_plan(4, [], eps, heads) is None
+        int8_cache = KVCache(config, 4, dtype=torch.int8)
+        mixed = [layers[0], model.transformer.h[1].packed.operands(int8_cache)]
+        assert kernels.decode_plan(4, mixed, eps, heads) is None  # layers with different caches
+        assert model.transformer.packed(x.clone(), cache, 1)
+        model.transformer.h[1].mlp.c_proj.bias.add_(1.0)  # changed after packing: the stack steps aside
+        assert not model.transformer.packed(x.clone(), cache, 1)
 
 
 def block_config(n_embd, n_head, n_inner):
@@ -540,8 +604,13 @@ def test_packed_int8_weights_cover_decode_steps_only_and_are_dropped_afterwards(
     model = randomised(ImageGPT(config).eval(), scale=0.3)
     ids = ids_for(config)
     operands = []
-    real = kernels.decode_block
-    monkeypatch.setattr(kernels, "decode_block", lambda *a: operands.append(a[3]) or real(*a))
+    real = kernels.decode_plan
+
+    def plan(batch, layers, *args):
+        operands.extend(linears for _, linears, *_ in layers)
+        return real(batch, layers, *args)
+
+    monkeypatch.setattr(kernels, "decode_plan", plan)
     with torch.no_grad():
         expected = model(ids[:, :7]).logits
         cache = KVCache(config, 3)

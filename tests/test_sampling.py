@@ -474,11 +474,16 @@ def test_bad_ids_are_refused():
 def test_int8_weights_reach_every_decode_step_and_reproduce(monkeypatch):
     model = tiny_model(35, std=0.1)
     seen = []
-    real = kernels.decode_block
-    monkeypatch.setattr(kernels, "decode_block", lambda *a: seen.append(a[3][0][0].dtype) or real(*a))
+    real = kernels.DecodePlan.__call__
+
+    def step(plan, *args):
+        seen.append((plan.int8, plan.layers))
+        return real(plan, *args)
+
+    monkeypatch.setattr(kernels.DecodePlan, "__call__", step)
     ids = sample(model, 3, seed=2, top_k=4, weight_dtype="int8")
     steps = model.config.n_positions - 1  # the prefill of [SOS] is one token too: a decode step's shape
-    assert seen == [torch.int8] * (model.config.n_layer * (steps + 1))
+    assert seen == [(True, model.config.n_layer)] * (steps + 1)  # every block of every step in one call
     assert torch.equal(ids, sample(model, 3, seed=2, top_k=4, weight_dtype="int8"))
     assert ids.min() >= 0 and ids.max() < CLUSTERS
     prefix = random_ids(2, 36)

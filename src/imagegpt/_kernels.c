@@ -11,7 +11,8 @@
  *
  * pack_linear / packed_linear: few-rows linear layers on weights packed once (see below).
  *
- * decode_block: a whole pre-norm block for one new token per image, on packed weights and a KV cache.
+ * decode_blocks: whole pre-norm blocks, one after another, for one new token per image, on packed weights
+ * and a KV cache.
  *
  * Work is split over PyTorch's OpenMP pool (`threads` of it); built without OpenMP (setup.py enables it on
  * Linux) the kernels run on the calling thread. Built by setup.py as an optional extension; imagegpt.kernels
@@ -767,50 +768,72 @@ static PyObject *packed_linear(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
-static PyObject *decode_block(PyObject *self, PyObject *args) {
-    unsigned long long x, ln1, ln2, w[4], b[4], sc[4], k, v, ks, vs, scratch, qscratch;
-    int M, C, nh, N_fc, wq, dt, pos, threads;
+/* decode_blocks: `layers` blocks one after another (one parallel region, a barrier between blocks), their
+ * operands in a table of TABLE_WIDTH pointers per block (imagegpt.kernels.decode_plan): ln1, ln2, then
+ * (w, b, s) of qkv, proj, fc and out, then k, v, ks, vs. Every block has the same shapes and cache layout. */
+enum { TABLE_WIDTH = 18 };
+
+static PyObject *decode_blocks(PyObject *self, PyObject *args) {
+    unsigned long long x, table, scratch, qscratch;
+    int M, C, nh, N_fc, wq, layers, dt, pos, threads;
     float eps;
     Py_ssize_t kv_sb, kv_sh, kv_ss, s_sb, s_sh;
-    if (!PyArg_ParseTuple(args, "KiiiKKfKKKKKKKKKKKKiiKKnnniKKnniKKi", &x, &M, &C, &nh, &ln1, &ln2, &eps, &w[0],
-                          &b[0], &sc[0], &w[1], &b[1], &sc[1], &w[2], &b[2], &sc[2], &w[3], &b[3], &sc[3], &N_fc,
-                          &wq, &k, &v, &kv_sb, &kv_sh, &kv_ss, &dt, &ks, &vs, &s_sb, &s_sh, &pos, &scratch,
-                          &qscratch, &threads))
+    if (!PyArg_ParseTuple(args, "KiiifiiiinnnnnKiKKi", &x, &M, &C, &nh, &eps, &N_fc, &wq, &layers, &dt, &kv_sb,
+                          &kv_sh, &kv_ss, &s_sb, &s_sh, &table, &pos, &scratch, &qscratch, &threads))
         return NULL;
     if (!cpu_supported()) {
         PyErr_SetString(PyExc_RuntimeError, "imagegpt._kernels needs an x86-64 CPU with AVX2, FMA and F16C");
         return NULL;
     }
-    if (M < 1 || nh < 1 || C < 8 || C % nh != 0 || (C / nh) % 8 != 0 || N_fc < 1 || dt < 0 || dt > 3 || pos < 0 ||
-        kv_ss < C / nh || (dt == I8 && (ks == 0 || vs == 0)) ||
-        (wq && (N_fc % 8 != 0 || qscratch == 0 || !sc[0] || !sc[1] || !sc[2] || !sc[3]))) {
-        PyErr_SetString(PyExc_ValueError, "decode_block: bad shape, dtype code or int8 operands");
+    const unsigned long long *T = (const unsigned long long *)(uintptr_t)table;
+    int bad = M < 1 || layers < 1 || nh < 1 || C < 8 || C % nh != 0 || (C / nh) % 8 != 0 || N_fc < 1 || dt < 0 ||
+              dt > 3 || pos < 0 || kv_ss < C / nh || (wq && (N_fc % 8 != 0 || qscratch == 0));
+    for (int l = 0; !bad && l < layers; l++) {
+        const unsigned long long *p = T + (Py_ssize_t)l * TABLE_WIDTH;
+        bad = (dt == I8 && (p[16] == 0 || p[17] == 0)) || (wq && (!p[4] || !p[7] || !p[10] || !p[13]));
+    }
+    if (bad) {
+        PyErr_SetString(PyExc_ValueError, "decode_blocks: bad shape, dtype code or int8 operands");
         return NULL;
     }
 #if IMAGEGPT_AVX2
+    BlockJob *jobs = calloc((size_t)layers, sizeof(BlockJob));
+    if (jobs == NULL) return PyErr_NoMemory();
     float *S = (float *)(uintptr_t)scratch;
     const Py_ssize_t widest = C > N_fc ? C : N_fc;
     int8_t *Q = (int8_t *)(uintptr_t)qscratch;
-    BlockJob job = {(float *)(uintptr_t)x, M, C, nh, N_fc, dt, pos, wq, (const float *)(uintptr_t)ln1,
-                    (const float *)(uintptr_t)ln2, eps, {0}, {0}, {0}, (char *)(uintptr_t)k, (char *)(uintptr_t)v,
-                    kv_sb, kv_sh, kv_ss, (float *)(uintptr_t)ks, (float *)(uintptr_t)vs, s_sb, s_sh, S,
-                    S + (Py_ssize_t)M * C, S + (Py_ssize_t)M * 4 * C, S + (Py_ssize_t)M * 5 * C, Q,
-                    (uint8_t *)(Q + M * widest), (float *)(uintptr_t)(Q + 2 * M * widest)};
-    for (int i = 0; i < 4; i++) {
-        job.w[i] = (const void *)(uintptr_t)w[i];
-        job.b[i] = (const float *)(uintptr_t)b[i];
-        job.s[i] = (const float *)(uintptr_t)sc[i];
+    for (int l = 0; l < layers; l++) {
+        const unsigned long long *p = T + (Py_ssize_t)l * TABLE_WIDTH;
+        BlockJob job = {(float *)(uintptr_t)x, M, C, nh, N_fc, dt, pos, wq, (const float *)(uintptr_t)p[0],
+                        (const float *)(uintptr_t)p[1], eps, {0}, {0}, {0}, (char *)(uintptr_t)p[14],
+                        (char *)(uintptr_t)p[15], kv_sb, kv_sh, kv_ss, (float *)(uintptr_t)p[16],
+                        (float *)(uintptr_t)p[17], s_sb, s_sh, S, S + (Py_ssize_t)M * C, S + (Py_ssize_t)M * 4 * C,
+                        S + (Py_ssize_t)M * 5 * C, Q, (uint8_t *)(Q + M * widest),
+                        (float *)(uintptr_t)(Q + 2 * M * widest), {0}};
+        for (int i = 0; i < 4; i++) {
+            job.w[i] = (const void *)(uintptr_t)p[2 + 3 * i];
+            job.b[i] = (const float *)(uintptr_t)p[3 + 3 * i];
+            job.s[i] = (const float *)(uintptr_t)p[4 + 3 * i];
+        }
+        jobs[l] = job;
     }
     if (threads < 1) threads = 1;
     int failed = 0;
     Py_BEGIN_ALLOW_THREADS;
 #ifdef _OPENMP
 #pragma omp parallel num_threads(threads) reduction(| : failed)
-    failed |= block_share(&job, omp_get_thread_num(), omp_get_num_threads());
+    {
+        const int t = omp_get_thread_num(), n = omp_get_num_threads();
+        for (int l = 0; l < layers; l++) {
+            failed |= block_share(&jobs[l], t, n);
+            BARRIER(); /* block l's output rows are whole before block l + 1 reads them */
+        }
+    }
 #else
-    failed = block_share(&job, 0, 1);
+    for (int l = 0; l < layers; l++) failed |= block_share(&jobs[l], 0, 1);
 #endif
     Py_END_ALLOW_THREADS;
+    free(jobs);
     if (failed) return PyErr_NoMemory();
 #endif
     Py_RETURN_NONE;
@@ -830,12 +853,13 @@ static PyMethodDef methods[] = {
      "packed_linear(x, ldx, M, K, packed, N, bias, act, out, ldo, scales, threads): out (M, N) = act(x (M, "
      "K) W^T + bias) on a packed weight and a bias padded to the blocks; act 0 none, 1 silu, 2 none added "
      "to out; scales (not 0): W is int8 (pack_linear_int8) with these column scales, x quantized per row."},
-    {"decode_block", decode_block, METH_VARARGS,
-     "decode_block(x, M, C, nh, ln1, ln2, eps, qkv_w, qkv_b, qkv_s, proj_w, proj_b, proj_s, fc_w, fc_b, fc_s, "
-     "out_w, out_b, out_s, N_fc, int8_weights, k, v, kv_sb, kv_sh, kv_ss, dtype_code, k_scale, v_scale, s_sb, "
-     "s_sh, pos, scratch, int8_scratch, threads): one transformer block for one new token per image, in place "
-     "on x (M, C), writing its key and value into the cache at pos (int8: with their scales); scratch holds M "
-     "(5 C + N_fc) floats, int8_scratch (int8 weights) 2 M max(C, N_fc) + 4 M bytes (see imagegpt.kernels)."},
+    {"decode_blocks", decode_blocks, METH_VARARGS,
+     "decode_blocks(x, M, C, nh, eps, N_fc, int8_weights, layers, dtype_code, kv_sb, kv_sh, kv_ss, s_sb, "
+     "s_sh, table, pos, scratch, int8_scratch, threads): `layers` transformer blocks for one new token per "
+     "image, in place on x (M, C), each writing its key and value into its cache at pos (int8: with their "
+     "scales); table: 18 pointers per block (ln1, ln2, (w, b, s) of qkv, proj, fc and out, k, v, k_scale, "
+     "v_scale); scratch holds M (5 C + N_fc) floats, int8_scratch (int8 weights) 2 M max(C, N_fc) + 4 M "
+     "bytes (see imagegpt.kernels)."},
     {"supported", supported, METH_NOARGS, "whether this CPU can run the kernels"},
     {NULL, NULL, 0, NULL},
 };

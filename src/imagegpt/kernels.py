@@ -6,7 +6,8 @@ decode_attention streams a float32, bfloat16 or float16 cache once, widens it to
 computes in float32; PyTorch's SDPA reads a float32 cache more slowly and a half-precision one far more slowly
 on CPUs without bfloat16 units. packed_linear multiplies a decode step's few rows by a weight packed once into
 register-tile order. decode_block runs a whole block's decode step (norms, the four linear layers, the cache
-write, attention, residuals) in one call, sparing the few hundred small PyTorch calls a step would make.
+write, attention, residuals) in one call, sparing the few hundred small PyTorch calls a step would make;
+decode_plan lays out a stack of blocks once, so that a whole step's blocks are one call.
 docs/performance.md has the numbers.
 
 The extension is optional (setup.py): where it is not built, or the CPU lacks AVX2/FMA/F16C, or
@@ -157,7 +158,7 @@ def in_features(packed: torch.Tensor) -> int:
     return packed.size(1) * (4 if packed.dtype == torch.int8 else 1)
 
 
-# ---- a whole block for one new token per image ----
+# ---- whole blocks for one new token per image ----
 
 
 def decode_block(
@@ -186,23 +187,84 @@ def decode_block(
     quantization).
 
     Returns False, changing nothing, where the shapes or dtypes do not fit (the caller runs the modules)."""
-    B, T, C = x.shape
+    plan = decode_plan(x.size(0), [(norms, linears, k, v, scales)], eps, n_head)
+    return plan is not None and plan(x, position)
+
+
+# a layer's entries in decode_blocks' pointer table: the two norms, (weight, bias, scales) of the four linear
+# layers, the keys, the values and their scales
+TABLE_WIDTH = 18
+
+
+class DecodePlan:
+    """A stack of blocks' decode step (decode_block's, block after block) over one KV cache, checked and laid
+    out once by decode_plan: each call runs every block for one new token per image in one native call and
+    one parallel region. It holds the operands' tensors; a plan's scratch serves one call at a time."""
+
+    def __init__(self, batch, width, n_head, eps, n_fc, int8, code, strides, length, table, keep):
+        self.batch, self.width, self.length = batch, width, length
+        self.layers, self.int8 = len(table) // TABLE_WIDTH, int8
+        self._args = (batch, width, n_head, eps, n_fc, int(int8), len(table) // TABLE_WIDTH, code, *strides)
+        self._table = torch.tensor(table, dtype=torch.int64)  # pointers, as int64
+        self._keep = keep  # the tensors behind the pointers
+        self._scratch = torch.empty(batch * (5 * width + n_fc))
+        rows = batch * (2 * max(width, n_fc) + 4)
+        self._rows = torch.empty(rows, dtype=torch.int8) if int8 else None
+
+    def __call__(self, x: torch.Tensor, position: int) -> bool:
+        """Run the blocks in place on x (B, 1, C) float32 contiguous at `position`; False, with nothing
+        changed, where x or the position does not fit the plan."""
+        if (
+            x.shape != (self.batch, 1, self.width)
+            or x.dtype != torch.float32
+            or x.device.type != "cpu"
+            or not x.is_contiguous()
+            or not 0 <= position < self.length
+        ):
+            return False
+        _kernels.decode_blocks(
+            x.data_ptr(), *self._args, self._table.data_ptr(), position, self._scratch.data_ptr(),
+            0 if self._rows is None else self._rows.data_ptr(), torch.get_num_threads(),
+        )  # fmt: skip
+        return True
+
+
+def decode_plan(batch: int, layers: list, eps: float, n_head: int) -> DecodePlan | None:
+    """The DecodePlan of blocks given as (norms, linears, k, v, scales), each as decode_block takes them, for
+    `batch` images; None where any layer does not fit the kernel or they differ in shapes, dtypes or cache
+    layout."""
+    if not layers:
+        return None
+    fits = [_layer_fits(batch, n_head, *layer) for layer in layers]
+    if any(f is None for f in fits) or len(set(fits)) != 1:
+        return None
+    C, n_fc, int8, code, strides, length = fits[0]
+    table, keep = [], []
+    for norms, linears, k, v, scales in layers:
+        tensors = [*norms, *(t for w, b, _, s in linears for t in (w, b, s)), k, v, *(scales or (None, None))]
+        table += [0 if t is None else t.data_ptr() for t in tensors]
+        keep.append(tensors)
+    return DecodePlan(batch, C, n_head, eps, n_fc, int8, code, strides, length, table, keep)
+
+
+def _layer_fits(B: int, n_head: int, norms, linears, k, v, scales):
+    """(C, fc width, int8 weights, cache code, cache and scale strides, cache length) of one layer's
+    operands where the kernel takes them, else None."""
+    (qkv, _, qkv_n, _), (_, _, proj_n, _), (_, _, fc_n, _), (_, _, out_n, _) = linears
+    C = proj_n
     hs = C // n_head
-    (_, _, qkv_n, _), (_, _, proj_n, _), (_, _, fc_n, _), (_, _, out_n, _) = linears
-    int8 = linears[0][0].dtype == torch.int8
+    int8 = qkv.dtype == torch.int8
     if (
-        T != 1
+        B < 1
         or B > MAX_ROWS
         or C % n_head
         or hs % 8
-        or (qkv_n, proj_n, out_n) != (3 * C, C, C)
+        or (qkv_n, out_n) != (3 * C, C)
         or tuple(in_features(w) for w, *_ in linears) != (C, C, C, fc_n)
         or any(w.size(0) != (n + 15) // 16 or b.numel() < 16 * w.size(0) for w, b, n, _ in linears)
         or any((w.dtype == torch.int8) != int8 or (s is not None) != int8 for w, _, _, s in linears)
         or any(s is not None and s.numel() < 16 * w.size(0) for w, _, _, s in linears)
         or (int8 and fc_n % 8)
-        or x.dtype != torch.float32
-        or not x.is_contiguous()
         or (k.dtype not in CODES and k.dtype != torch.int8)
         or (k.dtype == torch.int8) != (scales is not None)
         or v.dtype != k.dtype
@@ -210,12 +272,12 @@ def decode_block(
         or v.shape != k.shape
         or k.stride() != v.stride()
         or k.stride(3) != 1
-        or not 0 <= position < k.size(2)
+        or k.size(2) < 1
         or any(g.dtype != torch.float32 or g.shape != (C,) or g.stride(0) != 1 for g in norms)
         or k.device.type != "cpu"
     ):
-        return False
-    code, ks, vs, s_sb, s_sh = CODES.get(k.dtype, INT8), 0, 0, 0, 0
+        return None
+    scale_strides = (0, 0)
     if scales is not None:
         k_scale, v_scale = scales
         if (
@@ -226,16 +288,7 @@ def decode_block(
             or k_scale.stride() != v_scale.stride()
             or k_scale.stride(2) != 1
         ):
-            return False
-        ks, vs, s_sb, s_sh = k_scale.data_ptr(), v_scale.data_ptr(), k_scale.stride(0), k_scale.stride(1)
-    scratch = torch.empty(B * (5 * C + fc_n))
-    rows = torch.empty(B * (2 * max(C, fc_n) + 4), dtype=torch.int8) if int8 else None
-    operands = [
-        p for w, b, _, s in linears for p in (w.data_ptr(), b.data_ptr(), 0 if s is None else s.data_ptr())
-    ]
-    _kernels.decode_block(
-        x.data_ptr(), B, C, n_head, norms[0].data_ptr(), norms[1].data_ptr(), eps, *operands, fc_n, int(int8),
-        k.data_ptr(), v.data_ptr(), k.stride(0), k.stride(1), k.stride(2), code, ks, vs, s_sb, s_sh, position,
-        scratch.data_ptr(), 0 if rows is None else rows.data_ptr(), torch.get_num_threads(),
-    )  # fmt: skip
-    return True
+            return None
+        scale_strides = (k_scale.stride(0), k_scale.stride(1))
+    code = CODES.get(k.dtype, INT8)
+    return C, fc_n, int8, code, (*k.stride()[:3], *scale_strides), k.size(2)
