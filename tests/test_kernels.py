@@ -182,6 +182,20 @@ def test_an_int8_packed_linear_sums_the_int8_products_exactly(activation):
 
 
 @needs_kernel
+def test_int8_packing_is_the_same_natively_and_in_pytorch(monkeypatch):
+    generator = torch.Generator().manual_seed(13)
+    for N, K, scale in [(1, 8, 1.0), (17, 40, 1.702), (515, 64, 1 / 1.702), (48, 1024, 0.5)]:
+        weight = torch.randn(N, 2 * K, generator=generator)[:, :K]  # rows strided
+        weight[0] = 0.0  # an all-zero column: scale 1, as quantize_int8 has it
+        native = kernels.pack_linear_int8(weight, scale)
+        with monkeypatch.context() as patch:
+            patch.setenv("IMAGEGPT_NATIVE_KERNELS", "0")
+            torch_packed = kernels.pack_linear_int8(weight, scale)
+        assert torch.equal(native[0], torch_packed[0]) and torch.equal(native[1], torch_packed[1])
+        assert native[1][0] == 1 and not native[1][N:].any()
+
+
+@needs_kernel
 def test_an_int8_packed_linear_is_close_to_the_float_one_and_any_thread_count_agrees():
     generator = torch.Generator().manual_seed(12)
     weight, x = torch.randn(96, 256, generator=generator), torch.randn(16, 256, generator=generator)

@@ -708,6 +708,59 @@ static PyObject *pack_linear(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* pack_linear_int8: weight (N, K) * scale, each row (an output column) quantized as quantize_row quantizes
+ * (imagegpt.kernels.quantize_int8's numbers), into column blocks of 16, each [K / 4][16][4] bytes, and the
+ * column scales; the padding columns are zeros with scale 0. K a multiple of 8. */
+static PyObject *pack_linear_int8(PyObject *self, PyObject *args) {
+    unsigned long long w, packed, scales;
+    int N, K;
+    Py_ssize_t ldw;
+    float scale;
+    if (!PyArg_ParseTuple(args, "KiinfKK", &w, &N, &K, &ldw, &scale, &packed, &scales)) return NULL;
+    if (!cpu_supported()) {
+        PyErr_SetString(PyExc_RuntimeError, "imagegpt._kernels needs an x86-64 CPU with AVX2, FMA and F16C");
+        return NULL;
+    }
+    if (N < 1 || K < 8 || K % 8 != 0 || ldw < K) {
+        PyErr_SetString(PyExc_ValueError, "pack_linear_int8: bad shape");
+        return NULL;
+    }
+#if IMAGEGPT_AVX2
+    const float *W = (const float *)(uintptr_t)w;
+    int8_t *P = (int8_t *)(uintptr_t)packed;
+    float *S = (float *)(uintptr_t)scales;
+    const int blocks = (N + 15) / 16;
+    int failed = 0;
+    Py_BEGIN_ALLOW_THREADS;
+#pragma omp parallel reduction(| : failed)
+    {
+        float *row = malloc((size_t)K * (sizeof(float) + 1)); /* a scaled weight row, then its int8 */
+        int8_t *q = (int8_t *)(row + K);
+        failed = row == NULL;
+#pragma omp for schedule(static)
+        for (int nb = 0; nb < blocks; nb++) {
+            if (row == NULL) continue;
+            int8_t *block = P + (Py_ssize_t)nb * K * 16;
+            for (int j = 0; j < 16; j++) {
+                const int n = 16 * nb + j;
+                if (n < N) {
+                    for (int k = 0; k < K; k++) row[k] = W[(Py_ssize_t)n * ldw + k] * scale;
+                    quantize_row(row, K, q, S + n);
+                } else {
+                    for (int k = 0; k < K; k++) q[k] = 0;
+                    S[n] = 0.0f;
+                }
+                for (int k = 0; k < K; k++) block[16 * (k & ~3) + 4 * j + (k & 3)] = q[k];
+            }
+        }
+        free(row);
+    }
+    Py_END_ALLOW_THREADS;
+    if (failed) return PyErr_NoMemory();
+#endif
+    Py_RETURN_NONE;
+}
+
 static PyObject *packed_linear(PyObject *self, PyObject *args) {
     unsigned long long x, packed, bias, out, scales;
     Py_ssize_t ldx, ldo;
@@ -849,6 +902,10 @@ static PyMethodDef methods[] = {
     {"pack_linear", pack_linear, METH_VARARGS,
      "pack_linear(weight, N, K, ldw, scale, packed): weight (N, K) * scale into column blocks of 16, "
      "[ceil(N / 16)][K][16] floats, zero-padded (see imagegpt.kernels)."},
+    {"pack_linear_int8", pack_linear_int8, METH_VARARGS,
+     "pack_linear_int8(weight, N, K, ldw, scale, packed, scales): weight (N, K) * scale quantized per row "
+     "into int8 column blocks of 16, [ceil(N / 16)][K / 4][16][4] bytes, and the rows' scales (see "
+     "imagegpt.kernels)."},
     {"packed_linear", packed_linear, METH_VARARGS,
      "packed_linear(x, ldx, M, K, packed, N, bias, act, out, ldo, scales, threads): out (M, N) = act(x (M, "
      "K) W^T + bias) on a packed weight and a bias padded to the blocks; act 0 none, 1 silu, 2 none added "
