@@ -2,6 +2,7 @@
 attention path, KV cache, losses, gradient checkpointing, and the fast paths (fused MLP scales, hand-written
 norm backward, bfloat16 on CPUs without bfloat16 units) checked against their plain definitions."""
 
+import gc
 import math
 
 import pytest
@@ -453,12 +454,16 @@ def test_a_decode_step_of_all_blocks_in_one_call_equals_block_by_block(
             steps.append([model(ids[:, t : t + 1], kv_cache=cache, start=t).logits for t in range(6, 9)])
             caches.append(cache)
         model.transformer.packed = stack
-    assert [p.layers for p in plans if p.layers > 1] == [3]  # one plan for the cache, reused by the 3 steps
-    for one, each in zip(*steps):
-        assert torch.equal(one, each)  # the same kernel code, block after block
     for layer in range(config.n_layer):
         assert torch.equal(caches[0].k[layer], caches[1].k[layer])
         assert torch.equal(caches[0].v[layer], caches[1].v[layer])
+    assert [p.layers for p in plans if p.layers > 1] == [3]  # one plan for the cache, reused by the 3 steps
+    assert len(stack.plans) == 1  # the plain run's cache never got one
+    del cache, caches[:]
+    gc.collect()
+    assert len(stack.plans) == 0  # a plan goes with its cache
+    for one, each in zip(*steps):
+        assert torch.equal(one, each)  # the same kernel code, block after block
 
 
 @needs_kernel

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -352,7 +353,6 @@ class KVCache:
         self.k = [new(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         self.v = [new(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         self.quantized = dtype == torch.int8
-        self.plans: dict = {}  # native decode plans over this cache, by the PackedStack that runs them
         if self.quantized:
             self.k_scale = [torch.ones(shape[:3], device=device) for _ in range(config.n_layer)]
             self.v_scale = [torch.ones(shape[:3], device=device) for _ in range(config.n_layer)]
@@ -503,19 +503,21 @@ class PackedStack:
     """Every block's decode step in one native call (kernels.DecodePlan), set by packed_weights() on the
     Transformer beside the PackedBlocks: one call and one parallel region per step instead of one per block
     (the blocks' Python alone was 3-6 ms of a 24 ms igpt-s step at batch 16). The plan is made once per
-    cache and kept in it (KVCache.plans)."""
+    cache; `plans` holds the caches weakly, so a plan goes with its cache, and all of them with the stack
+    when packed_weights() ends."""
 
     def __init__(self, blocks: list[PackedBlock]):
         self.blocks = blocks
+        self.plans: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # KVCache -> DecodePlan | None
 
     def __call__(self, x: torch.Tensor, kv_cache: KVCache, start: int) -> bool:
         """Run every block in place on x (B, 1, C); False, with nothing changed, where some block cannot take
         the native call (the caller runs the blocks one by one)."""
         if not (_packed_inference(x) and all(packed.usable() for packed in self.blocks)):
             return False
-        plan = kv_cache.plans.get(self, False)
+        plan = self.plans.get(kv_cache, False)
         if plan is False:  # not made yet for this cache; None: the kernel does not take it
-            plan = kv_cache.plans[self] = self._plan(x.size(0), kv_cache)
+            plan = self.plans[kv_cache] = self._plan(x.size(0), kv_cache)
         return plan is not None and plan(x, start)
 
     def _plan(self, batch: int, kv_cache: KVCache) -> kernels.DecodePlan | None:
