@@ -32,7 +32,7 @@ import torch
 
 from imagegpt import ImageGPT, kernels
 from imagegpt.device import autocast, resolve_dtype
-from imagegpt.model import KVCache, packed_weights
+from imagegpt.model import KVCache, cache_position_bytes, packed_weights
 from imagegpt.sampling import (
     decode_step,
     generate,
@@ -316,11 +316,8 @@ def flops(ours, args, cache_dtype, weight_dtype, stretch: int, peak_bf16, peak_f
         rate = 2 * batch * stretch / (first + last)
         how = f"estimated from the first and last {stretch} tokens, the last over a cache of random keys"
     achieved = 2 * params * rate
-    per_position = config.n_embd * torch.empty((), dtype=cache).element_size()
-    if cache == torch.int8:  # and a float32 scale per head
-        per_position += 4 * config.n_head
     weights = params * torch.empty((), dtype=weight).element_size()  # the weights are read at every step
-    kv_mean = 2 * config.n_layer * batch * (config.n_positions / 2) * per_position
+    kv_mean = batch * (config.n_positions / 2) * cache_position_bytes(config, cache)
     memory_rate = batch * bandwidth / (weights + kv_mean)
     print(
         f"  {rate:.1f} tokens/s ({how})\n"

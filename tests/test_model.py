@@ -232,6 +232,14 @@ def test_dropout_is_configurable_and_off_in_eval():
 # KV cache
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int8])
+def test_kv_cache_position_bytes_are_what_the_cache_allocates(dtype):
+    config = nano()
+    cache = KVCache(config, 3, 7, dtype=dtype)
+    tensors = cache.k + cache.v + (cache.k_scale + cache.v_scale if cache.quantized else [])
+    assert sum(t.nbytes for t in tensors) == 3 * 7 * model_module.cache_position_bytes(config, dtype)
+
+
 def test_kv_cache_forward_equals_full_forward():
     config = nano()
     model = randomised(ImageGPT(config)).eval()

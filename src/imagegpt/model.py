@@ -323,6 +323,14 @@ def dequantize_int8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return q.float() * scale[..., None]
 
 
+def cache_position_bytes(config: ImageGPTConfig, dtype: torch.dtype) -> int:
+    """Bytes of a KVCache for one image at one position, over all layers (int8: with its scales)."""
+    per_layer = config.n_embd * torch.empty((), dtype=dtype).element_size()
+    if dtype == torch.int8:  # and a float32 scale per head
+        per_layer += 4 * config.n_head
+    return 2 * config.n_layer * per_layer
+
+
 class KVCache:
     """Preallocated keys and values, one (B, nh, max_length, hs) tensor of each per layer.
 
@@ -522,7 +530,7 @@ class PackedStack:
 
     def _plan(self, batch: int, kv_cache: KVCache) -> kernels.DecodePlan | None:
         blocks = [packed.block for packed in self.blocks]
-        if len({(b.ln_1.eps, b.attn.n_head) for b in blocks}) != 1 or kv_cache.batch_size != batch:
+        if len({(b.ln_1.eps, b.attn.n_head) for b in blocks}) != 1:  # decode_plan takes one of each
             return None
         layers = [packed.operands(kv_cache) for packed in self.blocks]
         return kernels.decode_plan(batch, layers, blocks[0].ln_1.eps, blocks[0].attn.n_head)

@@ -7,7 +7,7 @@ torch.Generator (the exponential-race form of sampling, argmax(p / q) with q ~ E
 step never waits for the host and the same seed and settings give the same tokens on the same machine.
 
 On CPUs the native kernels of imagegpt.kernels carry the step where they run: attention over the cache (in
-float32, bfloat16 or float16 storage: `cache_dtype`) and, in float32, each block's whole step in one call on
+float32, bfloat16 or float16 storage: `cache_dtype`) and, in float32, all of a step's blocks in one call on
 weights packed once per generate() call (model.packed_weights), which also reads an int8 cache. Float32
 sampling gives the same numbers as the plain PyTorch path within float32 rounding; a half-precision or int8
 cache rounds the cached keys and values.
@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from . import kernels
 from .device import DTYPES, autocast, resolve_device, resolve_dtype
 from .errors import ArgumentError, CheckpointError, ConfigError
-from .model import ImageGPT, KVCache, can_pack, packed_weights
+from .model import ImageGPT, KVCache, cache_position_bytes, can_pack, packed_weights
 
 # The default batch holds at most this many bytes of KV cache (igpt-s in float32: 20 images of 32x32).
 CACHE_BUDGET_BYTES = 2 * 1024**3
@@ -217,10 +217,7 @@ def _dtype_in(table: dict[str, torch.dtype], name, argument: str) -> torch.dtype
 def default_batch_size(model: ImageGPT, rows: int, cache_dtype: torch.dtype) -> int:
     """The most rows (at most `rows`) whose KV cache fits in CACHE_BUDGET_BYTES."""
     c = model.config
-    per_position = c.n_embd * torch.empty((), dtype=cache_dtype).element_size()
-    if cache_dtype == torch.int8:  # and a float32 scale per head
-        per_position += 4 * c.n_head
-    per_row = 2 * c.n_layer * c.n_positions * per_position
+    per_row = c.n_positions * cache_position_bytes(c, cache_dtype)
     return max(1, min(rows, CACHE_BUDGET_BYTES // per_row))
 
 
@@ -297,9 +294,9 @@ def generate(
     native decode block runs (CPU float32); elsewhere every step reads it back as float32, which saves its
     memory but costs time. weight_dtype: "float32" (None) or "int8": the decode steps' linear layers on
     weights quantized per output column and inputs quantized per row, int8 products summed exactly in int32
-    (model.packed_weights); a quarter of the weights' memory traffic and about 1.3x the multiply rate of
-    float32 FMA on an AVX2 CPU, at a coarser rounding than an int8 cache. The prefill stays float32. CPU,
-    float32, no compile and batches of at most 64 only (ConfigError / ArgumentError otherwise).
+    (model.packed_weights); a quarter of the weights' memory traffic and about 1.5x the float32 multiply's
+    rate (a Zen 3 core, docs/performance.md), at a coarser rounding than an int8 cache. The prefill stays
+    float32. CPU, float32, no compile and batches of at most 64 only (ConfigError / ArgumentError otherwise).
     """
     check_sampling(temperature, top_k, top_p)
     config = model.config
