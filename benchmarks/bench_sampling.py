@@ -3,21 +3,23 @@
 Setup: igpt-s (76.7M parameters) with random weights, 1024-token (32x32) images, top-k 40, temperature 1; the
 same weights in both (transformers' model is saved and loaded into ours).
 
-1. Batch 16, ours against ImageGPTForCausalImageModeling.generate(do_sample=True, top_k=40). transformers
-   takes many minutes per batch of full images on a small CPU, so both are timed on the same two
-   stretches: the first S tokens from [SOS], and the last S tokens of the image given a (1024 - S)-token
-   prefix. The prefill of that prefix is timed on its own (a forward of [SOS] + prefix filling the cache, as
-   generate's first step does) and subtracted, so both stretches time decode steps only. A decode step's cost
-   grows linearly with its position (attention reads every cached key), so the mean of the two stretches'
-   step times is the mean step of a whole image: full-image tokens/s ~= 2 B / (a + b), a and b the seconds
-   per step of the two stretches.
-   --full also samples whole images with ours, to check that estimate against a measurement.
+1. Batch 16, ours against ImageGPTForCausalImageModeling.generate(do_sample=True, top_k=40), each
+   generating whole 1024-token images from [SOS] as a user would (ours: generate(), its weight packing and
+   cache set-up included). tokens/s = 16 x 1024 / the seconds of the whole call; the ratio is of those.
+   Also per stretch: tokens/s over the first and the last S tokens of an image. transformers' come from
+   the same whole-image run (a logits processor stamps the time of every step); ours are timed on their
+   own (the first S from [SOS], its set-up included; the last S after a prefill of 1024 - S tokens, decode
+   steps only). A decode step's cost grows linearly with its position (attention reads every cached key),
+   so 2 B / (a + b), a and b the seconds per step of the two stretches, estimates a whole image's rate:
+   printed beside the measured one to show how close the stretches come.
+   --quick (or --stretch S) times only the stretches (transformers too, the last S from a cache filled
+   untimed) and reports the estimate: whole images with transformers take ten minutes or more here.
 2. Batch 64, ours: achieved FLOP/s (2 x parameters FLOP per token) against the compute limit at the matmul
    peaks measured here (one big bfloat16 and one big float32 matmul), and against the memory-traffic limit
    (each decode step reads the weights and every cached key and value).
 
-    python benchmarks/bench_sampling.py            # S = 128; about an hour on a loaded 2-core CPU
-    python benchmarks/bench_sampling.py --quick    # S = 16, smaller peaks; a few minutes
+    python benchmarks/bench_sampling.py            # whole images, S = 128; about 30 minutes on a 2-core CPU
+    python benchmarks/bench_sampling.py --quick    # stretches of S = 16 only, smaller peaks; a few minutes
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ import tempfile
 import time
 
 import torch
+import transformers
+from packaging.version import Version
 
 from imagegpt import ImageGPT, kernels
 from imagegpt.device import autocast, resolve_dtype
@@ -43,6 +47,9 @@ from imagegpt.sampling import (
 )
 
 TOP_K = 40
+# generate()'s name for a filled cache: transformers 5.24 (checked) takes `cache` and deprecates
+# `past_key_values`, which earlier versions take
+CACHE_KWARG = "cache" if Version(transformers.__version__) >= Version("5.24") else "past_key_values"
 
 
 def matmul_peak(dtype: torch.dtype, n: int, seconds: float) -> float:
@@ -140,11 +147,35 @@ class Ours:
             )
         )  # fmt: skip
 
+    def whole(self, batch: int, n_positions: int) -> tuple[float, None]:
+        """Seconds of generate() for `batch` whole images from [SOS]; no per-step times."""
+        return self.first(batch, n_positions), None
+
     def last(self, inputs: torch.Tensor, tokens: int) -> float:
         return ours_decode(
             self.model, inputs, tokens, self.dtype, self.compile, cache_dtype=self.cache_dtype,
             weight_dtype=self.weight_dtype,
         )  # fmt: skip
+
+
+class StepClock(transformers.LogitsProcessor):
+    """A logits processor that changes nothing and notes the time of each call: generate() calls it once per
+    generated token, so the differences of its stamps are the decode steps' durations."""
+
+    def __init__(self):
+        self.stamps: list[float] = []
+
+    def __call__(self, input_ids, scores):
+        self.stamps.append(time.perf_counter())
+        return scores
+
+
+def stretch_rates(stamps: list[float], batch: int, stretch: int) -> tuple[float, float]:
+    """tokens/s over the first and the last `stretch` decode steps between successive stamps."""
+    steps = [b - a for a, b in zip(stamps, stamps[1:])]
+    if len(steps) < stretch:
+        raise ValueError(f"{len(steps)} timed steps, fewer than a stretch of {stretch}")
+    return batch * stretch / sum(steps[:stretch]), batch * stretch / sum(steps[-stretch:])
 
 
 class Transformers:
@@ -154,16 +185,24 @@ class Transformers:
         self.model = model
         self.sos = model.config.vocab_size - 1
 
-    def generate(self, inputs: torch.Tensor, tokens: int, cache=None) -> None:
+    def generate(self, inputs: torch.Tensor, tokens: int, cache=None, clock=None) -> None:
+        processors = transformers.LogitsProcessorList([clock] if clock is not None else [])
+        extra = {} if cache is None else {CACHE_KWARG: cache}
         with torch.no_grad():
             self.model.generate(
-                input_ids=inputs, attention_mask=torch.ones_like(inputs), past_key_values=cache,
-                max_length=inputs.size(1) + tokens, do_sample=True, top_k=TOP_K, temperature=1.0, top_p=1.0,
-                pad_token_id=self.sos,
+                input_ids=inputs, attention_mask=torch.ones_like(inputs), max_length=inputs.size(1) + tokens,
+                do_sample=True, top_k=TOP_K, temperature=1.0, top_p=1.0, pad_token_id=self.sos,
+                logits_processor=processors, **extra,
             )  # fmt: skip
 
     def first(self, batch: int, tokens: int) -> float:
         return timed(lambda: self.generate(torch.full((batch, 1), self.sos), tokens))
+
+    def whole(self, batch: int, n_positions: int) -> tuple[float, list[float]]:
+        """Seconds of generate() for `batch` whole images from [SOS], and the time stamp of every step."""
+        clock = StepClock()
+        seconds = timed(lambda: self.generate(torch.full((batch, 1), self.sos), n_positions, clock=clock))
+        return seconds, clock.stamps
 
     def last(self, inputs: torch.Tensor, tokens: int) -> float:
         """generate() continuing from a cache that holds all inputs but the last (filled untimed): every
@@ -173,31 +212,50 @@ class Transformers:
         return timed(lambda: self.generate(inputs, tokens, cache))
 
 
-def measure(sampler, batch: int, stretch: int, n_positions: int, clusters: int) -> dict:
-    """Tokens/s over the first and the last `stretch` tokens of an image, and the full-image estimate."""
-    first = sampler.first(batch, stretch)
-    print(f"  {sampler.name:24s} first {stretch} tokens: {first:8.1f} s", flush=True)
-    sos = torch.full((batch, 1), clusters)  # SOS = the number of clusters
-    inputs = torch.cat([sos, random_prefix(batch, n_positions - stretch, clusters)], dim=1)
-    last = sampler.last(inputs, stretch)
-    print(f"  {sampler.name:24s} last {stretch} tokens:  {last:8.1f} s (decode steps only)", flush=True)
-    a, b = first / stretch, last / stretch  # seconds per step
-    return {"first": batch / a, "last": batch / b, "full": 2 * batch / (a + b)}
+def measure(sampler, batch: int, stretch: int, n_positions: int, clusters: int, whole: bool) -> dict:
+    """tokens/s over the first and the last `stretch` tokens of an image and their whole-image estimate
+    ("estimate"); with `whole`, also measured over whole images ("whole")."""
+    result = {}
+    stamps = None
+    if whole:
+        seconds, stamps = sampler.whole(batch, n_positions)
+        result["whole"] = batch * n_positions / seconds
+        print(f"  {sampler.name:40s} whole images: {seconds:8.1f} s", flush=True)
+    if stamps is not None:  # the stretches from the whole run's steps
+        result["first"], result["last"] = stretch_rates(stamps, batch, stretch)
+    else:
+        first = sampler.first(batch, stretch)
+        print(f"  {sampler.name:40s} first {stretch} tokens: {first:8.1f} s", flush=True)
+        sos = torch.full((batch, 1), clusters)  # SOS = the number of clusters
+        inputs = torch.cat([sos, random_prefix(batch, n_positions - stretch, clusters)], dim=1)
+        last = sampler.last(inputs, stretch)
+        print(f"  {sampler.name:40s} last {stretch} tokens:  {last:8.1f} s (decode steps only)", flush=True)
+        result["first"], result["last"] = batch * stretch / first, batch * stretch / last
+    a, b = batch / result["first"], batch / result["last"]  # seconds per step
+    result["estimate"] = 2 * batch / (a + b)
+    return result
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--quick", action="store_true", help="stretches of 16 tokens and small peak runs")
-    parser.add_argument("--stretch", type=int, default=None, help="tokens per timed stretch (default 128)")
+    parser.add_argument(
+        "--quick", action="store_true", help="stretches of 16 tokens only (no whole images), small peak runs"
+    )
+    parser.add_argument(
+        "--stretch", type=int, default=None,
+        help="tokens per timed stretch (default 128); given, only the stretches are timed (no whole images)",
+    )  # fmt: skip
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--flops-batch", type=int, default=64)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument(
         "--dtype", default="auto", help="our autocast dtype (auto = bfloat16 where supported)"
     )
-    parser.add_argument("--full", action="store_true", help="also sample whole batches of images with ours")
+    parser.add_argument(
+        "--full", action="store_true", help="section 2 on whole images too (default: its stretches' estimate)"
+    )
     parser.add_argument("--compile", action="store_true", help="also time our compiled decode step")
     parser.add_argument("--skip-transformers", action="store_true")
     parser.add_argument(
@@ -218,10 +276,9 @@ def main() -> None:
         (None if name == "auto" else name, "int8") for name in args.int8_weights_with.split(",") if name
     ]
     stretch = args.stretch or (16 if args.quick else 128)
+    whole = not args.quick and args.stretch is None
     if args.threads:
         torch.set_num_threads(args.threads)
-
-    import transformers
 
     torch.manual_seed(0)
     hf_config = transformers.ImageGPTConfig(
@@ -254,7 +311,8 @@ def main() -> None:
         flush=True,
     )
 
-    print(f"\n1. batch {args.batch}, stretches of {stretch} tokens", flush=True)
+    what = "whole images and stretches" if whole else "stretches"
+    print(f"\n1. batch {args.batch}, {what} of {stretch} tokens", flush=True)
     samplers = [Ours(ours, args.dtype, False, cache, weights) for cache, weights in variants]
     if args.compile:
         samplers.append(Ours(ours, args.dtype, True))
@@ -263,31 +321,33 @@ def main() -> None:
         print(f"  compiling our decode step took {compiling:.0f} s (not counted below)", flush=True)
     if not args.skip_transformers:
         samplers.append(Transformers(hf))
-    results = {
-        s.name: measure(s, args.batch, stretch, config.n_positions, config.n_clusters) for s in samplers
-    }
-    print(f"\n  {'tokens/s':34s} {'first':>9s} {'last':>9s} {'full image (est.)':>18s}")
-    for name, r in results.items():
-        print(f"  {name:34s} {r['first']:9.1f} {r['last']:9.1f} {r['full']:18.1f}")
-    if "transformers" in results:
-        hf_r = results["transformers"]
-        for name, r in results.items():
-            if name != "transformers":
-                print(
-                    f"  ratio {name} / transformers: first {r['first'] / hf_r['first']:.1f}x, last "
-                    f"{r['last'] / hf_r['last']:.1f}x, full image (est.) {r['full'] / hf_r['full']:.1f}x"
-                )
-    if args.full:
-        count = args.batch
-        seconds = timed(lambda: generate(ours, torch.empty(count, 0, dtype=torch.long), top_k=TOP_K, seed=0,
-                                         batch_size=count, dtype=args.dtype))  # fmt: skip
-        print(
-            f"  imagegpt whole images, batch {count}: {count * config.n_positions / seconds:.1f} tokens/s "
-            f"measured (estimate above {results['imagegpt']['full']:.1f})"
-        )
+    shape = (args.batch, stretch, config.n_positions, config.n_clusters)
+    results = {s.name: measure(s, *shape, whole) for s in samplers}
+    report(results, stretch)
 
     for cache_dtype, weight_dtype in variants:
         flops(ours, args, cache_dtype, weight_dtype, stretch, peak_bf16, peak_f32, bandwidth)
+
+
+def report(results: dict, stretch: int) -> None:
+    """Section 1's table and the ratios to transformers: of whole images where measured, else the estimate."""
+    key = "whole" if all("whole" in r for r in results.values()) else "estimate"
+    print(f"\n  {'tokens/s':40s} {'first ' + str(stretch):>9s} {'last ' + str(stretch):>9s} "
+          f"{'whole (est.)':>13s} {'whole':>9s}")  # fmt: skip
+    for name, r in results.items():
+        measured = f"{r['whole']:9.1f}" if "whole" in r else f"{'-':>9s}"
+        print(f"  {name:40s} {r['first']:9.1f} {r['last']:9.1f} {r['estimate']:13.1f} {measured}")
+    if "transformers" not in results:
+        return
+    hf_r = results["transformers"]
+    label = "whole images" if key == "whole" else "whole image (est.)"
+    for name, r in results.items():
+        if name != "transformers":
+            first, last = r["first"] / hf_r["first"], r["last"] / hf_r["last"]
+            print(
+                f"  ratio {name} / transformers: {label} {r[key] / hf_r[key]:.1f}x "
+                f"(first {stretch} {first:.1f}x, last {stretch} {last:.1f}x)"
+            )
 
 
 def flops(ours, args, cache_dtype, weight_dtype, stretch: int, peak_bf16, peak_f32, bandwidth) -> None:
