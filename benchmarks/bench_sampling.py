@@ -178,6 +178,13 @@ def stretch_rates(stamps: list[float], batch: int, stretch: int) -> tuple[float,
     return batch * stretch / sum(steps[:stretch]), batch * stretch / sum(steps[-stretch:])
 
 
+def part_rates(stamps: list[float], batch: int, parts: int = 4) -> list[float]:
+    """tokens/s over `parts` equal runs of the decode steps between successive stamps, in order."""
+    steps = [b - a for a, b in zip(stamps, stamps[1:])]
+    bounds = [len(steps) * i // parts for i in range(parts + 1)]
+    return [batch * (hi - lo) / sum(steps[lo:hi]) for lo, hi in zip(bounds, bounds[1:])]
+
+
 class Transformers:
     name = "transformers"
 
@@ -223,6 +230,8 @@ def measure(sampler, batch: int, stretch: int, n_positions: int, clusters: int, 
         print(f"  {sampler.name:40s} whole images: {seconds:8.1f} s", flush=True)
     if stamps is not None:  # the stretches from the whole run's steps
         result["first"], result["last"] = stretch_rates(stamps, batch, stretch)
+        quarters = ", ".join(f"{rate:.1f}" for rate in part_rates(stamps, batch))
+        print(f"  {sampler.name:40s} tokens/s by quarter of the image: {quarters}", flush=True)
     else:
         first = sampler.first(batch, stretch)
         print(f"  {sampler.name:40s} first {stretch} tokens: {first:8.1f} s", flush=True)

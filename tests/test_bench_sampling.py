@@ -38,6 +38,8 @@ def test_stretch_rates_are_of_the_first_and_last_steps(bench):
     assert first == pytest.approx(2 * 2 / 3) and last == pytest.approx(2 * 2 / 7)
     with pytest.raises(ValueError, match="fewer than a stretch"):
         bench.stretch_rates([0.0, 1.0], batch=2, stretch=2)
+    # the same steps in two halves: 1 + 2 s, then 3 + 4 s
+    assert bench.part_rates([0.0, 1.0, 3.0, 6.0, 10.0], batch=2, parts=2) == pytest.approx([4 / 3, 4 / 7])
 
 
 def test_whole_images_for_both_and_the_ratio(bench, models, capsys):
@@ -52,7 +54,7 @@ def test_whole_images_for_both_and_the_ratio(bench, models, capsys):
         assert set(r) == {"whole", "first", "last", "estimate"} and min(r.values()) > 0
     bench.report(results, 4)
     out = capsys.readouterr().out
-    assert "ratio imagegpt / transformers: whole images" in out
+    assert "ratio imagegpt / transformers: whole images" in out and "by quarter of the image" in out
 
 
 def test_stretches_only_report_the_estimate(bench, models, capsys):
