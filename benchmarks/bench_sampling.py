@@ -9,16 +9,20 @@ same weights in both (transformers' model is saved and loaded into ours).
    Also per stretch: tokens/s over the first and the last S tokens of an image. transformers' come from
    the same whole-image run (a logits processor stamps the time of every step); ours are timed on their
    own (the first S from [SOS], its set-up included; the last S after a prefill of 1024 - S tokens, decode
-   steps only). A decode step's cost grows linearly with its position (attention reads every cached key),
-   so 2 B / (a + b), a and b the seconds per step of the two stretches, estimates a whole image's rate:
-   printed beside the measured one to show how close the stretches come.
+   steps only). If a step's cost grew linearly with its position, 2 B / (a + b), a and b the seconds per
+   step of the two stretches, would be a whole image's rate: it is printed beside the measured one, and
+   for transformers it is not (its steps slow down faster than that late in an image).
+   glibc's allocator is tuned for the whole process first (tune_malloc; --default-malloc leaves it): each
+   of transformers' steps allocates an ever larger cache, and with the defaults its rate swings up to 2x
+   with the allocator's state. Tuned, transformers is at its fastest measured here; ours barely notices.
    --quick (or --stretch S) times only the stretches (transformers too, the last S from a cache filled
-   untimed) and reports the estimate: whole images with transformers take ten minutes or more here.
+   untimed) and reports the estimate: whole images with transformers take six minutes or more here.
 2. Batch 64, ours: achieved FLOP/s (2 x parameters FLOP per token) against the compute limit at the matmul
    peaks measured here (one big bfloat16 and one big float32 matmul), and against the memory-traffic limit
-   (each decode step reads the weights and every cached key and value).
+   (each decode step reads the weights and every cached key and value). Estimated from its two stretches;
+   --full times whole images instead.
 
-    python benchmarks/bench_sampling.py            # whole images, S = 128; about 30 minutes on a 2-core CPU
+    python benchmarks/bench_sampling.py            # whole images, S = 128; about 25 minutes on a 2-core CPU
     python benchmarks/bench_sampling.py --quick    # stretches of S = 16 only, smaller peaks; a few minutes
 """
 
@@ -26,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import platform
 import tempfile
 import time
@@ -73,6 +78,22 @@ def read_bandwidth(gigabytes: float) -> float:
         x.sum()
         best = min(best, time.perf_counter() - start)
     return x.numel() * 4 / best
+
+
+def tune_malloc() -> bool:
+    """glibc's allocator with a fixed 32 MiB mmap threshold and no trimming below 2 GiB (mallopt), for the
+    whole process; False where that is not available. Each of transformers' decode steps allocates a new
+    and larger cache; with glibc's defaults (a threshold that moves with what was last freed, memory handed
+    back as soon as it is free) those allocations are fresh pages to fault in, and its rate swung from 25.6
+    to 53.2 tokens/s here with the allocator's state (docs/performance.md). Tuned, it is at its fastest
+    measured, whatever ran before it. Our sampler preallocates its cache and barely notices."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    libc = ctypes.CDLL("libc.so.6")
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # <malloc.h>
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, 32 * 1024**2)) and bool(
+        libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1)
+    )
 
 
 def timed(fn) -> float:
@@ -268,6 +289,10 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="also time our compiled decode step")
     parser.add_argument("--skip-transformers", action="store_true")
     parser.add_argument(
+        "--default-malloc", action="store_true",
+        help="leave glibc's allocator as it is (default: tune_malloc, transformers' fastest case)",
+    )  # fmt: skip
+    parser.add_argument(
         "--cache-dtypes",
         default="auto,bfloat16,int8",
         help="our KV cache dtypes to time, comma-separated; auto = the compute dtype's, the exact default "
@@ -286,6 +311,7 @@ def main() -> None:
     ]
     stretch = args.stretch or (16 if args.quick else 128)
     whole = not args.quick and args.stretch is None
+    tuned = not args.default_malloc and tune_malloc()
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -305,7 +331,8 @@ def main() -> None:
         f"torch {torch.__version__}, transformers {transformers.__version__}, "
         f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}; "
         f"our compute dtype {str(dtype).removeprefix('torch.')}; native decode kernel "
-        f"{'on' if kernels.available() else 'off (SDPA)'}",
+        f"{'on' if kernels.available() else 'off (SDPA)'}; allocator "
+        f"{'glibc, mmap threshold 32 MiB, no trim (tune_malloc)' if tuned else 'as it is'}",
         flush=True,
     )
 
@@ -322,15 +349,16 @@ def main() -> None:
 
     what = "whole images and stretches" if whole else "stretches"
     print(f"\n1. batch {args.batch}, {what} of {stretch} tokens", flush=True)
-    # transformers first, in a fresh process: its decode steps allocate a new, larger cache each time, so
-    # its speed depends on the allocator's state, which it then finds untouched by our runs
-    samplers = [] if args.skip_transformers else [Transformers(hf)]
-    samplers += [Ours(ours, args.dtype, False, cache, weights) for cache, weights in variants]
+    # transformers last: with the allocator as it is (--default-malloc) it runs faster after our runs have
+    # freed their caches (glibc's mmap threshold raised) than first in a fresh process (tune_malloc)
+    samplers = [Ours(ours, args.dtype, False, cache, weights) for cache, weights in variants]
     if args.compile:
         samplers.append(Ours(ours, args.dtype, True))
         warm = torch.full((args.batch, 2), config.sos_id)
         compiling = timed(lambda: ours_decode(ours, warm, 2, args.dtype, True, random_cache=True))
         print(f"  compiling our decode step took {compiling:.0f} s (not counted below)", flush=True)
+    if not args.skip_transformers:
+        samplers.append(Transformers(hf))
     shape = (args.batch, stretch, config.n_positions, config.n_clusters)
     results = {s.name: measure(s, *shape, whole) for s in samplers}
     report(results, stretch)

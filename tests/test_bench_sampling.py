@@ -2,6 +2,7 @@
 transformers' per-step stamps, the stretches and the table (the script times igpt-s for half an hour)."""
 
 import importlib.util
+import platform
 from pathlib import Path
 
 import pytest
@@ -40,6 +41,11 @@ def test_stretch_rates_are_of_the_first_and_last_steps(bench):
         bench.stretch_rates([0.0, 1.0], batch=2, stretch=2)
     # the same steps in two halves: 1 + 2 s, then 3 + 4 s
     assert bench.part_rates([0.0, 1.0, 3.0, 6.0, 10.0], batch=2, parts=2) == pytest.approx([4 / 3, 4 / 7])
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
+def test_the_allocator_is_tuned_with_glibc(bench):
+    assert bench.tune_malloc() is True
 
 
 def test_whole_images_for_both_and_the_ratio(bench, models, capsys):
