@@ -14,7 +14,7 @@ same weights in both (transformers' model is saved and loaded into ours).
    for transformers it is not (its steps slow down faster than that late in an image).
    glibc's allocator is tuned for the whole process first (tune_malloc; --default-malloc leaves it): each
    of transformers' steps allocates an ever larger cache, and with the defaults its rate swings up to 2x
-   with the allocator's state. Tuned, transformers is at its fastest measured here; ours barely notices.
+   with the allocator's state. Tuned, transformers is at its fastest measured here (ours preallocates).
    --quick (or --stretch S) times only the stretches (transformers too, the last S from a cache filled
    untimed) and reports the estimate: whole images with transformers take six minutes or more here.
 2. Batch 64, ours: achieved FLOP/s (2 x parameters FLOP per token) against the compute limit at the matmul
@@ -86,7 +86,8 @@ def tune_malloc() -> bool:
     and larger cache; with glibc's defaults (a threshold that moves with what was last freed, memory handed
     back as soon as it is free) those allocations are fresh pages to fault in, and its rate swung from 25.6
     to 53.2 tokens/s here with the allocator's state (docs/performance.md). Tuned, it is at its fastest
-    measured, whatever ran before it. Our sampler preallocates its cache and barely notices."""
+    measured, whatever ran before it. Our sampler preallocates its cache (its rates tuned lay within those
+    untuned)."""
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False
     libc = ctypes.CDLL("libc.so.6")
