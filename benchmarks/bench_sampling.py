@@ -86,8 +86,8 @@ def tune_malloc() -> bool:
     and larger cache; with glibc's defaults (a threshold that moves with what was last freed, memory handed
     back as soon as it is free) those allocations are fresh pages to fault in, and its rate swung from 25.6
     to 53.2 tokens/s here with the allocator's state (docs/performance.md). Tuned, it is at its fastest
-    measured, whatever ran before it. Our sampler preallocates its cache (its rates tuned lay within those
-    untuned)."""
+    measured, whatever ran before it. Our sampler preallocates its cache: tuned, its rates were within or up
+    to 3% above the range of three untuned runs."""
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False
     libc = ctypes.CDLL("libc.so.6")
@@ -192,17 +192,20 @@ class StepClock(transformers.LogitsProcessor):
         return scores
 
 
-def stretch_rates(stamps: list[float], batch: int, stretch: int) -> tuple[float, float]:
-    """tokens/s over the first and the last `stretch` decode steps between successive stamps."""
-    steps = [b - a for a, b in zip(stamps, stamps[1:])]
+def step_seconds(stamps: list[float]) -> list[float]:
+    """The decode steps' durations: the differences of successive stamps."""
+    return [b - a for a, b in zip(stamps, stamps[1:])]
+
+
+def stretch_rates(steps: list[float], batch: int, stretch: int) -> tuple[float, float]:
+    """tokens/s over the first and the last `stretch` of the steps' durations."""
     if len(steps) < stretch:
         raise ValueError(f"{len(steps)} timed steps, fewer than a stretch of {stretch}")
     return batch * stretch / sum(steps[:stretch]), batch * stretch / sum(steps[-stretch:])
 
 
-def part_rates(stamps: list[float], batch: int, parts: int = 4) -> list[float]:
-    """tokens/s over `parts` equal runs of the decode steps between successive stamps, in order."""
-    steps = [b - a for a, b in zip(stamps, stamps[1:])]
+def part_rates(steps: list[float], batch: int, parts: int = 4) -> list[float]:
+    """tokens/s over `parts` equal runs of the steps' durations, in order."""
     bounds = [len(steps) * i // parts for i in range(parts + 1)]
     return [batch * (hi - lo) / sum(steps[lo:hi]) for lo, hi in zip(bounds, bounds[1:])]
 
@@ -251,8 +254,9 @@ def measure(sampler, batch: int, stretch: int, n_positions: int, clusters: int, 
         result["whole"] = batch * n_positions / seconds
         print(f"  {sampler.name:40s} whole images: {seconds:8.1f} s", flush=True)
     if stamps is not None:  # the stretches from the whole run's steps
-        result["first"], result["last"] = stretch_rates(stamps, batch, stretch)
-        quarters = ", ".join(f"{rate:.1f}" for rate in part_rates(stamps, batch))
+        steps = step_seconds(stamps)
+        result["first"], result["last"] = stretch_rates(steps, batch, stretch)
+        quarters = ", ".join(f"{rate:.1f}" for rate in part_rates(steps, batch))
         print(f"  {sampler.name:40s} tokens/s by quarter of the image: {quarters}", flush=True)
     else:
         first = sampler.first(batch, stretch)
@@ -350,8 +354,8 @@ def main() -> None:
 
     what = "whole images and stretches" if whole else "stretches"
     print(f"\n1. batch {args.batch}, {what} of {stretch} tokens", flush=True)
-    # transformers last: with the allocator as it is (--default-malloc) it runs faster after our runs have
-    # freed their caches (glibc's mmap threshold raised) than first in a fresh process (tune_malloc)
+    # transformers last: with the allocator left as it is (--default-malloc) it ran faster after our runs had
+    # freed their caches (glibc's mmap threshold raised) than first in a fresh process
     samplers = [Ours(ours, args.dtype, False, cache, weights) for cache, weights in variants]
     if args.compile:
         samplers.append(Ours(ours, args.dtype, True))
@@ -400,14 +404,12 @@ def flops(ours, args, cache_dtype, weight_dtype, stretch: int, peak_bf16, peak_f
         f"{str(weight).removeprefix('torch.')} weights",
         flush=True,
     )
+    sampler = Ours(ours, args.dtype, False, cache_dtype, weight_dtype)
     if args.full:
-        prefixes = torch.empty(batch, 0, dtype=torch.long)
-        seconds = timed(lambda: generate(ours, prefixes, top_k=TOP_K, seed=0, batch_size=batch,
-                                         dtype=args.dtype, cache_dtype=cache_dtype,
-                                         weight_dtype=weight_dtype))  # fmt: skip
+        seconds, _ = sampler.whole(batch, config.n_positions)
         rate, how = batch * config.n_positions / seconds, "measured on whole images"
     else:
-        first = Ours(ours, args.dtype, False, cache_dtype, weight_dtype).first(batch, stretch)
+        first = sampler.first(batch, stretch)
         late = torch.full((batch, config.n_positions - stretch + 1), config.sos_id)
         last = ours_decode(ours, late, stretch, args.dtype, random_cache=True, cache_dtype=cache_dtype,
                            weight_dtype=weight_dtype)  # fmt: skip

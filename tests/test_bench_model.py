@@ -1,23 +1,15 @@
 """benchmarks/bench_model.py's measuring code, in-process on a nano model (the script runs each case in a
 fresh subprocess, too slow for the test suite)."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 
 pytest.importorskip("transformers")
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_model.py"
-
 
 @pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("bench_model", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def bench(load_benchmark):
+    return load_benchmark("bench_model")
 
 
 @pytest.mark.slow

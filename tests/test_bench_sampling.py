@@ -1,7 +1,6 @@
 """benchmarks/bench_sampling.py's measuring code on a nano model: whole images for both samplers,
-transformers' per-step stamps, the stretches and the table (the script times igpt-s for half an hour)."""
+transformers' per-step stamps, the stretches and the table (the script times igpt-s for ~25 minutes)."""
 
-import importlib.util
 import platform
 import subprocess
 import sys
@@ -18,11 +17,8 @@ SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_sampling.py
 
 
 @pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("bench_sampling", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def bench(load_benchmark):
+    return load_benchmark("bench_sampling")
 
 
 @pytest.fixture(scope="module")
@@ -37,21 +33,20 @@ def models(tmp_path_factory):
 
 def test_stretch_rates_are_of_the_first_and_last_steps(bench):
     # steps of 1, 2, 3 and 4 s between five stamps; batch 2
-    first, last = bench.stretch_rates([0.0, 1.0, 3.0, 6.0, 10.0], batch=2, stretch=2)
+    steps = bench.step_seconds([0.0, 1.0, 3.0, 6.0, 10.0])
+    assert steps == [1.0, 2.0, 3.0, 4.0]
+    first, last = bench.stretch_rates(steps, batch=2, stretch=2)
     assert first == pytest.approx(2 * 2 / 3) and last == pytest.approx(2 * 2 / 7)
     with pytest.raises(ValueError, match="fewer than a stretch"):
-        bench.stretch_rates([0.0, 1.0], batch=2, stretch=2)
+        bench.stretch_rates([1.0], batch=2, stretch=2)
     # the same steps in two halves: 1 + 2 s, then 3 + 4 s
-    assert bench.part_rates([0.0, 1.0, 3.0, 6.0, 10.0], batch=2, parts=2) == pytest.approx([4 / 3, 4 / 7])
+    assert bench.part_rates(steps, batch=2, parts=2) == pytest.approx([4 / 3, 4 / 7])
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
 def test_the_allocator_is_tuned_with_glibc():
     # in a process of its own: the tuning lasts for the process
-    code = (
-        f"import importlib.util; spec = importlib.util.spec_from_file_location('b', {str(SCRIPT)!r}); "
-        "b = importlib.util.module_from_spec(spec); spec.loader.exec_module(b); print(b.tune_malloc())"
-    )
+    code = f"import runpy; print(runpy.run_path({str(SCRIPT)!r})['tune_malloc']())"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "True"
