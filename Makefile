@@ -10,6 +10,7 @@ demo: setup
 test: setup
 	.venv/bin/python -m ruff check .
 	.venv/bin/python -m pytest
+	bash scripts/test-other-cpu.sh
 
 bench: setup
 	.venv/bin/python benchmarks/bench_model.py

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -186,23 +185,6 @@ def run_in_subprocess(spec: dict, budget: float) -> dict:
     return {**result, "seconds": None, "lower_bound_seconds": budget}
 
 
-def describe_cpu() -> str:
-    import torch
-
-    flags = ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "")
-    except OSError:
-        pass
-    names = [n for n in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f" {n}" in flags]
-    native = bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    return (
-        f"{platform.machine()}, {os.cpu_count()} CPUs, flags: {' '.join(names) or '?'}; "
-        f"native bfloat16 matrix multiply: {'yes' if native else 'no'}"
-    )
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -233,6 +215,7 @@ def main(argv=None) -> int:
     import transformers
 
     from imagegpt import ImageGPTConfig
+    from imagegpt.device import describe_cpu
 
     config = ImageGPTConfig.from_preset(args.preset, resolution=args.resolution)
     tokens = args.batch * config.n_positions

@@ -57,7 +57,9 @@ def main() -> None:
 
     pixels, clusters, n_images = (100_000, 64, 64) if args.quick else (1_000_000, 512, 1024)
     rng = np.random.default_rng(0)
-    print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+    from imagegpt.device import describe_cpu
+
+    print(f"CPU: {describe_cpu()}; load average {os.getloadavg()[0]:.1f}")
 
     pictures = photos()
     photo_pixels = np.concatenate([image.reshape(-1, 3) for image in pictures])

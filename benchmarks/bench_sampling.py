@@ -40,7 +40,7 @@ import transformers
 from packaging.version import Version
 
 from imagegpt import ImageGPT, kernels
-from imagegpt.device import autocast, resolve_dtype
+from imagegpt.device import autocast, describe_cpu, resolve_dtype
 from imagegpt.model import KVCache, cache_position_bytes, packed_weights
 from imagegpt.sampling import (
     decode_step,
@@ -334,7 +334,7 @@ def main() -> None:
     print(
         f"igpt-s: {params / 1e6:.1f}M parameters, {config.n_positions} tokens per image, top-k {TOP_K}; "
         f"torch {torch.__version__}, transformers {transformers.__version__}, "
-        f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}; "
+        f"{torch.get_num_threads()} threads\nCPU: {describe_cpu()}\n"
         f"our compute dtype {str(dtype).removeprefix('torch.')}; native decode kernel "
         f"{'on' if kernels.available() else 'off (SDPA)'}; allocator "
         f"{'glibc, mmap threshold 32 MiB, no trim (tune_malloc)' if tuned else 'as it is'}",

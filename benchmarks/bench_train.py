@@ -17,7 +17,7 @@ import time
 import torch
 
 from imagegpt import ImageGPT, ImageGPTConfig
-from imagegpt.device import DTYPES, bf16_supported, resolve_device
+from imagegpt.device import DTYPES, describe_cpu, resolve_device
 from imagegpt.train import image_loss
 from imagegpt.trainer import make_optimizer, optimizer_step
 
@@ -68,8 +68,7 @@ def main() -> None:
     config = ImageGPTConfig.from_preset(args.preset, resolution=args.resolution, clusters=args.clusters)
     print(
         f"{args.preset}: {config.num_parameters() / 1e6:.1f}M parameters, {config.n_positions} tokens per "
-        f"image, batch {args.batch_size}, {device}, {torch.get_num_threads()} threads; native bfloat16: "
-        f"{bf16_supported(device)}"
+        f"image, batch {args.batch_size}, {device}, {torch.get_num_threads()} threads\nCPU: {describe_cpu()}"
     )
     results = {}
     for name in args.dtypes.split(","):

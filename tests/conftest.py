@@ -32,3 +32,21 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(params=[False, True], ids=["no-bf16-units", "bf16-units"])
+def cpu_bf16(request, monkeypatch):
+    """Both sides of the CPU's bfloat16 detection (imagegpt.device.cpu_has_bf16), whatever this CPU has."""
+    monkeypatch.setenv("IMAGEGPT_CPU_BF16", "1" if request.param else "0")
+    return request.param
+
+
+@pytest.fixture(params=[False, True], ids=["no-native-kernels", "native-kernels"])
+def native_kernels(request, monkeypatch):
+    """Both sides of the native kernels' switch; the kernels' side is skipped where they do not run."""
+    from imagegpt import kernels
+
+    monkeypatch.setenv("IMAGEGPT_NATIVE_KERNELS", "1" if request.param else "0")
+    if request.param and not kernels.available():
+        pytest.skip("the native kernels do not run here (not built, or the CPU lacks AVX2/FMA/F16C)")
+    return request.param

@@ -3,6 +3,7 @@ keys and values for every dtype, layout and thread count, and declined where it 
 
 from __future__ import annotations
 
+import os
 import platform
 import sys
 from pathlib import Path
@@ -37,7 +38,8 @@ needs_kernel = pytest.mark.skipif(not kernels.available(), reason="the native ke
 def test_the_kernel_is_built_and_runs_where_it_can():
     # setup.py builds it as optional: a broken build would otherwise pass unnoticed, with SDPA everywhere
     assert kernels._kernels is not None, "imagegpt._kernels was not built; reinstall with a C compiler"
-    assert kernels.available()
+    assert kernels._supported()
+    assert kernels.available() is (os.environ.get("IMAGEGPT_NATIVE_KERNELS") != "0")
 
 
 def query_and_cache(B, nh, hs, S, dtype, seed, spare=5, scale=1.0):
@@ -216,3 +218,25 @@ def test_an_int8_packed_linear_is_close_to_the_float_one_and_any_thread_count_ag
     assert 0 < error < 0.02
     with pytest.raises(ValueError, match="multiple of 8"):
         kernels.pack_linear_int8(torch.randn(4, 12))
+
+
+def test_without_the_extension_sampling_runs_on_pytorch_and_int8_weights_are_refused(monkeypatch):
+    """An install where imagegpt._kernels was not built (no C compiler, aarch64): the same calls work."""
+    from imagegpt import ImageGPT, ImageGPTConfig
+    from imagegpt.errors import ConfigError
+    from imagegpt.sampling import sample
+
+    monkeypatch.setattr(kernels, "_kernels", None)
+    kernels._supported.cache_clear()
+    try:
+        assert not kernels.available()
+        q, k, v = query_and_cache(2, 2, 8, 5, torch.float32, seed=3)
+        assert kernels.decode_attention(q, k, v) is None
+        torch.manual_seed(0)
+        model = ImageGPT(ImageGPTConfig(vocab_size=9, n_positions=16, n_embd=16, n_layer=2, n_head=2))
+        ids = sample(model, 2, seed=0, top_k=3)
+        assert ids.shape == (2, 16) and torch.equal(ids, sample(model, 2, seed=0, top_k=3, dtype="float32"))
+        with pytest.raises(ConfigError, match="not available here"):
+            sample(model, 1, weight_dtype="int8")
+    finally:
+        kernels._supported.cache_clear()

@@ -284,7 +284,7 @@ def test_gradient_checkpointing_gives_identical_gradients():
 def test_bfloat16_autocast_without_bfloat16_units_matches_native_kernels(monkeypatch):
     """The emulated bfloat16 linear layer gives autocast's numbers: the same forward as PyTorch's own bfloat16
     kernels, gradients within bfloat16 rounding."""
-    monkeypatch.setattr(model_module, "_cpu_has_bf16", lambda: False)
+    monkeypatch.setenv("IMAGEGPT_CPU_BF16", "0")
     torch.manual_seed(0)
     x = torch.randn(2, 9, 24, requires_grad=True)
     weight = torch.randn(16, 24, requires_grad=True)
@@ -311,7 +311,7 @@ def test_bfloat16_autocast_model_is_close_to_float32(monkeypatch):
     reference.backward()
     grads = [p.grad.clone() for p in model.parameters()]
     for emulate in (True, False):
-        monkeypatch.setattr(model_module, "_cpu_has_bf16", lambda emulate=emulate: not emulate)
+        monkeypatch.setenv("IMAGEGPT_CPU_BF16", "0" if emulate else "1")
         model.zero_grad()
         with torch.autocast("cpu", dtype=torch.bfloat16):
             loss = model.image_loss(ids)
@@ -336,7 +336,7 @@ def test_linear_with_recomputed_silu_matches_autograd_of_the_definition():
 
 
 def test_bfloat16_emulation_with_silu_matches_native_kernels(monkeypatch):
-    monkeypatch.setattr(model_module, "_cpu_has_bf16", lambda: False)
+    monkeypatch.setenv("IMAGEGPT_CPU_BF16", "0")
     torch.manual_seed(1)
     h = torch.randn(5, 32).bfloat16().requires_grad_()  # the bfloat16 output of c_fc under autocast
     weight = torch.randn(8, 32, requires_grad=True)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from imagegpt import ImageGPT, ImageGPTConfig, kernels
+from imagegpt import ImageGPT, ImageGPTConfig, kernels, sampling
 from imagegpt.errors import ArgumentError, CheckpointError, ConfigError
 from imagegpt.model import KVCache, sos_inputs
 from imagegpt.palette import Palette
@@ -137,7 +137,25 @@ def test_a_half_precision_cache_holds_the_rounded_keys_and_values(monkeypatch, n
     assert 0 < error < {"bfloat16": 5e-3, "float16": 5e-4, "int8": 1e-2}[cache_dtype]
 
 
-def test_cache_dtype_sets_the_cache_and_the_default_batch(monkeypatch):
+def test_sampling_defaults_to_exact_float32_on_any_cpu(monkeypatch, cpu_bf16):
+    """dtype="auto" samples in float32 whether or not the CPU has bfloat16 units (imagegpt.device)."""
+    model = tiny_model(33, std=0.1)
+    used = []
+    real = sampling.autocast
+    monkeypatch.setattr(sampling, "autocast", lambda device, dtype: used.append(dtype) or real(device, dtype))
+    ids = sample(model, 2, seed=4, top_k=4)
+    assert set(used) == {torch.float32}
+    assert torch.equal(ids, sample(model, 2, seed=4, top_k=4, dtype="float32"))
+    used.clear()
+    if cpu_bf16:  # named, bfloat16 is honoured where the units are
+        sample(model, 1, seed=4, top_k=4, dtype="bfloat16")
+        assert set(used) == {torch.bfloat16}
+    else:
+        with pytest.raises(ArgumentError, match="bfloat16 is not supported on cpu"):
+            sample(model, 1, dtype="bfloat16")
+
+
+def test_cache_dtype_sets_the_cache_and_the_default_batch(monkeypatch, cpu_bf16):
     model = tiny_model(34, std=0.1)
     made = []
     monkeypatch.setattr(
@@ -471,7 +489,7 @@ def test_bad_ids_are_refused():
 
 
 @pytest.mark.skipif(not kernels.available(), reason="int8 weights run in the native kernels only")
-def test_int8_weights_reach_every_decode_step_and_reproduce(monkeypatch):
+def test_int8_weights_reach_every_decode_step_and_reproduce(monkeypatch, cpu_bf16):
     model = tiny_model(35, std=0.1)
     seen = []
     real = kernels.DecodePlan.__call__

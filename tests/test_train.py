@@ -93,10 +93,11 @@ def test_a_run_writes_everything_other_commands_and_transformers_load(tmp_path):
         torch.testing.assert_close(hf(ids).logits, model.eval()(ids).logits, rtol=1e-4, atol=1e-5)
 
 
-def test_an_interrupted_run_resumes_to_exactly_the_same_losses(tmp_path):
+def test_an_interrupted_run_resumes_to_exactly_the_same_losses(tmp_path, cpu_bf16):
     """SIGTERM after step 3 (dropout on, so the RNG state matters), then --resume: every loss of the
-    uninterrupted run is reproduced bit for bit, and so are the final weights."""
-    changes = dict(dropout=0.1, steps=7, eval_every=2, save_every=5)
+    uninterrupted run is reproduced bit for bit, and so are the final weights, in the default dtype on
+    either side of the bfloat16 detection (bfloat16 autocast with bfloat16 units, float32 without)."""
+    changes = dict(dropout=0.1, steps=7, eval_every=2, save_every=5, dtype="auto")
     whole = train(options(tmp_path / "whole", **changes))
 
     def terminate_after_3(step, record, model):
@@ -110,6 +111,7 @@ def test_an_interrupted_run_resumes_to_exactly_the_same_losses(tmp_path):
     torch.manual_seed(1234)  # a resumed process starts from another RNG state
     second = train(resume_options(tmp_path / "split", progress=False), resume=True)
     assert second.step == 7 and not second.stopped
+    assert whole.dtype == second.dtype == ("bfloat16" if cpu_bf16 else "float32")
     assert losses(tmp_path / "split") == losses(tmp_path / "whole")  # exact
     assert losses(tmp_path / "split", "val") == losses(tmp_path / "whole", "val")
     torch.testing.assert_close(

@@ -341,6 +341,7 @@ def finetune(
         "seed": seed,
         "data_options": data_options or {},
         "clip": clip,
+        "dtype": dtype if isinstance(dtype, str) or dtype is None else str(dtype).removeprefix("torch."),
     }
     if resume:
         prepare_run_dir(out, {}, resume=True, write=False)  # a clear error if there is no run
@@ -362,7 +363,7 @@ def finetune(
     a = args
     clip = a["clip"]
     device = resolve_device(device)
-    dtype = resolve_dtype(dtype, device)
+    dtype = resolve_dtype(a["dtype"], device, training=True)
     augment = default_augment(a["data"]) if a["augment"] is None else bool(a["augment"])
 
     model_dir = latest_model_dir(a["model_dir"])

@@ -18,7 +18,6 @@ conversion is a transpose of the linear weights and nothing else.
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 import weakref
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ from torch.utils.checkpoint import checkpoint
 
 from . import kernels
 from .config import ImageGPTConfig
+from .device import cpu_has_bf16
 from .kernels import quantize_int8
 
 
@@ -47,18 +47,13 @@ def sos_inputs(ids: torch.Tensor, sos_id: int) -> torch.Tensor:
 # bfloat16 activations.
 
 
-@functools.cache
-def _cpu_has_bf16() -> bool:
-    return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-
-
 def _emulate_bf16(x: torch.Tensor) -> bool:
     """True under CPU bfloat16 autocast on a CPU without bfloat16 units."""
     return (
         x.device.type == "cpu"
         and torch.is_autocast_enabled("cpu")
         and torch.get_autocast_dtype("cpu") == torch.bfloat16
-        and not _cpu_has_bf16()
+        and not cpu_has_bf16()
     )
 
 

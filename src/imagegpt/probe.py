@@ -199,7 +199,7 @@ def extract_features(
         form `processor.encode` reads (then `processor` is required).
     layers: 'all', 'middle', an int, a list, or '0,3,5'.
     device: where to run; None keeps the model where it is (the model is moved otherwise).
-    dtype: autocast dtype; None or 'auto' = bfloat16 where supported, else float32.
+    dtype: autocast dtype; None or 'auto' = float32 (imagegpt.device).
     cache_dir: if given, features are cached there per layer, keyed by the model's weights, the token ids and
         the dtype, so a second call (or another layer selection) reuses what was computed.
     """

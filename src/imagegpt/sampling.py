@@ -284,7 +284,7 @@ def generate(
     generated batch_size at a time (default: as many as fit CACHE_BUDGET_BYTES of KV cache), all drawing from
     one torch.Generator seeded with `seed` (None: a fresh random seed), so the same seed, settings and batch
     size give the same tokens on the same machine. dtype: the autocast compute dtype; None or "auto" =
-    bfloat16 where the device supports it (imagegpt.device), else float32. progress: show a tqdm bar (a string
+    float32 on every device (imagegpt.device), "bfloat16" only when named. progress: show a tqdm bar (a string
     sets its label). length: stop after this many tokens per row (P <= length <= n_positions), e.g. to time
     the first rows. cache_dtype: the KV cache's storage, "float32", "bfloat16", "float16" or "int8" (None: the
     compute dtype's, so float32 sampling is exact); a half-precision cache halves its memory and, on CPUs

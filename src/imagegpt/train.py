@@ -163,6 +163,7 @@ class TrainResult:
     val_loss: float | None  # nats per token on the validation split, at the last evaluation
     val_bits_per_dim: float | None
     tokens_per_second: float | None
+    dtype: str | None = None  # the compute dtype the run's steps used ("float32", "bfloat16", ...)
 
 
 def image_loss(model: nn.Module, ids: torch.Tensor, sos_id: int) -> torch.Tensor:
@@ -247,7 +248,7 @@ def _train(options: TrainOptions, resume: bool, dist: Distributed, on_step) -> T
     from .processor import ImageProcessor
 
     device = dist.device
-    dtype = resolve_dtype(options.dtype, device)
+    dtype = resolve_dtype(options.dtype, device, training=True)
     run_dir = Path(options.out)
     checkpoints = run_dir / CHECKPOINTS_DIR
     data_options = _data_options(options)
@@ -482,4 +483,5 @@ def _train(options: TrainOptions, resume: bool, dist: Distributed, on_step) -> T
         val_loss=val_loss,
         val_bits_per_dim=val_bpd,
         tokens_per_second=rate,
+        dtype=str(dtype).removeprefix("torch."),
     )

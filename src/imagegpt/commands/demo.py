@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import fields
 
-from ._options import add_device_options
+from ._options import AUTO_TRAINING, add_device_options
 
 
 def register(subparsers) -> None:
@@ -43,7 +43,8 @@ def register(subparsers) -> None:
     parser.add_argument("--no-probe", action="store_true", help="skip the linear probes")
     parser.add_argument("--overwrite", action="store_true", help="replace a finished demo in --out")
     parser.add_argument("--quiet", action="store_true", help="no progress output, only the summary")
-    add_device_options(parser)
+    auto = f"training in {AUTO_TRAINING}; evaluation, sampling and probes in float32"
+    add_device_options(parser, auto=auto)
     parser.set_defaults(func=run)
 
 

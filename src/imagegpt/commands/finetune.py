@@ -78,7 +78,7 @@ def register(subparsers) -> None:
     parser.add_argument(
         "--stop-after", type=int, default=None, metavar="N", help="stop after N steps; continue with --resume"
     )
-    add_device_options(parser)
+    add_device_options(parser, training=True)
     parser.set_defaults(func=run)
 
 

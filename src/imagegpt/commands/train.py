@@ -137,7 +137,7 @@ def register(subparsers) -> None:
     )
     run.add_argument("--stop-after", type=int, help="stop (with a checkpoint) after N steps of this session")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
-    add_device_options(parser)
+    add_device_options(parser, training=True)
     parser.set_defaults(func=run_train, device=None, dtype=None)
 
 
