@@ -286,7 +286,7 @@ def main() -> None:
     parser.add_argument("--flops-batch", type=int, default=64)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument(
-        "--dtype", default="auto", help="our autocast dtype (auto = bfloat16 where supported)"
+        "--dtype", default="auto", help="our autocast dtype (auto = float32, the sampling default)"
     )
     parser.add_argument(
         "--full", action="store_true", help="section 2 on whole images too (default: its stretches' estimate)"
