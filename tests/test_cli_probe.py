@@ -60,7 +60,7 @@ def test_probe_command_writes_a_table_json_and_plot(model_dir, tmp_path, capsys)
     assert [row["layer"] for row in report["rows"]] == [0, 1, 2]
     assert report["baseline"]["layer"] == "pixels" and report["baseline"]["test_accuracy"] > 0.8
     assert report["sizes"] == {"train": 1437, "val": 180, "test": 180}
-    assert all(row["C"] in (0.01, 1.0) for row in report["rows"])
+    assert all(row["C"] in (0.01, 1.0, *row["extended"]) for row in report["rows"])
     assert (out / "probe.png").read_bytes()[:4] == b"\x89PNG"
     assert "raw pixels" in stdout and "palette-quantised" in stdout and "<- best on val" in stdout
     assert (

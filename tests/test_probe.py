@@ -10,6 +10,7 @@ from imagegpt import ImageGPT, ImageGPTClassifier, ImageGPTConfig
 from imagegpt.errors import ArgumentError, DataError, ImageInputError
 from imagegpt.model import sos_inputs
 from imagegpt.probe import (
+    DEFAULT_CS,
     extract_features,
     fit_probe,
     format_report,
@@ -219,10 +220,46 @@ def test_fit_probe_chooses_C_on_validation():
     x = rng.normal(size=(300, 20))
     y = (x[:, 0] + 0.5 * rng.normal(size=300) > 0).astype(int)
     result = fit_probe(x[:100], y[:100], x[100:200], y[100:200], x[200:], y[200:], Cs=(1e-4, 1e-2, 1.0))
-    assert set(result.val_accuracies) == {1e-4, 1e-2, 1.0}
+    assert set(result.val_accuracies) == {1e-4, 1e-2, 1.0, *result.extended}
     assert result.val_accuracy == max(result.val_accuracies.values())
     assert min(c for c, acc in result.val_accuracies.items() if acc == result.val_accuracy) == result.C
     assert result.test_accuracy > 0.75
+
+
+def test_the_grid_grows_past_an_end_that_wins():
+    """A separable problem whose best C (1000) lies beyond the default grid (up to 100): the grid is extended
+    upwards a decade at a time while validation improves, and stops at the first decade that does not."""
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(900, 30))
+    y = (x @ rng.normal(size=30) > 0).astype(int)
+    result = fit_probe(x[:300], y[:300], x[300:600], y[300:600], x[600:], y[600:])
+    assert result.extended == pytest.approx([1e3, 1e4])
+    assert pytest.approx(1e3) == result.C and result.val_accuracy > result.val_accuracies[100.0]
+    assert sorted(result.val_accuracies) == sorted([*DEFAULT_CS, *result.extended])
+    # at most GRID_EXTENSIONS decades: a narrow grid of strong regularisation grows by four and stops
+    narrow = fit_probe(x[:300], y[:300], x[300:600], y[300:600], Cs=(1e-3, 1e-2))
+    assert narrow.extended == pytest.approx([0.1, 1.0, 10.0, 100.0]) and pytest.approx(100.0) == narrow.C
+
+
+def test_the_grid_grows_downwards_when_its_strongest_end_wins():
+    """Labels that are noise with a majority class: the strongest regularisation wins (predict the majority),
+    and the grid goes on below its weakest end. A one-C grid is the caller's choice and never grows."""
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(300, 60))
+    y = (rng.random(300) < 0.25).astype(int)
+    result = fit_probe(x[:100], y[:100], x[100:200], y[100:200], Cs=(10.0, 100.0))
+    assert result.C < 10.0 and result.extended[0] == pytest.approx(1.0)
+    assert fit_probe(x[:100], y[:100], x[100:200], y[100:200], Cs=(100.0,)).extended == []
+
+
+def test_the_report_says_where_the_grid_was_extended(tmp_path):
+    model = tiny_model(n_layer=1)
+    ids, labels = toy_task(model.config, 240, n_classes=2)
+    splits = (ids[:120], labels[:120]), (ids[120:180], labels[120:180]), (ids[180:], labels[180:])
+    report = run_probe(model, None, *splits, layers="all", baseline=False, dtype="float32", Cs=(1e-7, 1e-6))
+    text = format_report(report)
+    assert "the C grid (1e-07..1e-06) was extended where its end won: 0 to C=" in text
+    assert json.loads(json.dumps(report))["rows"][0]["extended"]
 
 
 def test_probe_without_labels_is_an_error():

@@ -250,6 +250,7 @@ class ProbeResult:
     test_accuracy: float | None
     val_accuracies: dict[float, float] = field(default_factory=dict)
     train_accuracy: float | None = None
+    extended: list[float] = field(default_factory=list)  # Cs tried past the grid's end (_extend_grid)
 
 
 def _check_labels(labels, what: str) -> np.ndarray:
@@ -298,14 +299,24 @@ def fit_probe(
     # thread only adds synchronisation (digits, 1437 x 192: 45x slower with 2 threads on a busy 2-core CPU).
     blas_threads = 1 if train_x.size < SMALL_PROBLEM else None
     best, val_accuracies = None, {}
-    for C in sorted(float(c) for c in Cs):
+
+    def fit(C: float) -> bool:
+        """Fit at C (warm-started from the last fit); True when it beats the best so far on validation."""
+        nonlocal best
         classifier.set_params(C=C)
         with warnings.catch_warnings(), threadpool_limits(blas_threads, user_api="blas"):
             warnings.simplefilter("ignore", ConvergenceWarning)
             classifier.fit(train_x, train_labels)
         val_accuracies[C] = float(classifier.score(val_x, val_labels))
-        if best is None or val_accuracies[C] > val_accuracies[best[0]]:
+        better = best is None or val_accuracies[C] > val_accuracies[best[0]]
+        if better:
             best = (C, copy.deepcopy(classifier))
+        return better
+
+    grid = sorted({float(c) for c in Cs})
+    for C in grid:
+        fit(C)
+    extended = _extend_grid(fit, best[0], grid) if len(grid) > 1 else []
     C, chosen = best
     test_accuracy = None
     if test_features is not None:
@@ -317,7 +328,28 @@ def fit_probe(
         test_accuracy=test_accuracy,
         val_accuracies=val_accuracies,
         train_accuracy=float(chosen.score(train_x, train_labels)),
+        extended=extended,
     )
+
+
+GRID_STEP = 10.0  # an extension of the C grid goes one decade at a time...
+GRID_EXTENSIONS = 4  # ...for at most this many decades past the grid's end
+
+
+def _extend_grid(fit, best_C: float, grid: list[float]) -> list[float]:
+    """When the best C is at an end of the grid, go on past that end a decade at a time while validation
+    improves (at most GRID_EXTENSIONS decades): an edge winner means the grid did not bracket the optimum.
+    Returns the Cs added."""
+    if best_C not in (grid[0], grid[-1]):
+        return []
+    factor = GRID_STEP if best_C == grid[-1] else 1 / GRID_STEP
+    added, C = [], best_C
+    for _ in range(GRID_EXTENSIONS):
+        C *= factor
+        added.append(C)
+        if not fit(C):
+            break
+    return added
 
 
 def labels_per_class_subset(labels, k: int, seed: int) -> np.ndarray:
@@ -526,7 +558,26 @@ def format_report(report: dict) -> str:
         lines.append(
             line(report["palette_baseline"], "  (... on the palette-quantised pixels the model reads)")
         )
+    extended = grid_extensions(report)
+    if extended:
+        grid = report["C_grid"]
+        moves = ", ".join(f"{name} to C={C:g}" for name, C in extended.items())
+        lines.append(f"the C grid ({grid[0]:g}..{grid[-1]:g}) was extended where its end won: {moves}")
     return "\n".join(lines)
+
+
+def grid_extensions(report: dict) -> dict[str, float]:
+    """Row name -> the farthest C tried past the grid's end (over a row's seeds in low-data mode)."""
+    rows = [*report["rows"], report["concat"], report["baseline"], report.get("palette_baseline")]
+    farthest = {}
+    for row in filter(None, rows):
+        for run in row.get("runs", [row]):
+            if run.get("extended"):
+                C = run["extended"][-1]
+                previous = farthest.get(str(row["layer"]))
+                if previous is None or abs(math.log10(C)) > abs(math.log10(previous)):
+                    farthest[str(row["layer"])] = C
+    return farthest
 
 
 def plot_report(report: dict, path: str | os.PathLike) -> None:
