@@ -201,3 +201,30 @@ def test_a_run_directory_is_never_overwritten(tmp_path):
     train(options(tmp_path / "run", steps=1, eval_every=0))
     with pytest.raises(ArgumentError, match="already holds a run"):
         train(options(tmp_path / "run", steps=1))
+
+
+def test_kept_steps_are_log_spaced_and_end_at_the_last_step():
+    from imagegpt.train import kept_steps
+
+    assert kept_steps(640, 0) == []
+    assert kept_steps(640, 1) == [640]
+    assert kept_steps(640, 7) == [10, 20, 40, 80, 160, 320, 640]
+    assert kept_steps(5, 6) == [1, 2, 3, 4, 5]  # coinciding steps are kept once
+
+
+def test_keep_checkpoints_keeps_loadable_models_at_those_steps_through_a_resume(tmp_path):
+    from imagegpt.train import kept_checkpoints, kept_steps
+
+    run = tmp_path / "run"
+    first = train(options(run, steps=8, keep_checkpoints=4, stop_after=3))
+    assert first.stopped
+    assert list(kept_checkpoints(run)) == [s for s in kept_steps(8, 4) if s <= 3]
+    train(resume_options(run, progress=False), resume=True)
+    kept = kept_checkpoints(run)
+    assert list(kept) == kept_steps(8, 4) == [1, 2, 4, 8]
+    final = ImageGPT.from_pretrained(run / "model").state_dict()
+    torch.testing.assert_close(ImageGPT.from_pretrained(kept[8]).state_dict(), final, rtol=0, atol=0)
+    assert not torch.equal(ImageGPT.from_pretrained(kept[1]).lm_head.weight, final["lm_head.weight"])
+    assert (kept[2] / "preprocessor_config.json").is_file()
+    with pytest.raises(ArgumentError, match="--keep-checkpoints must be an integer >= 0"):
+        train(options(tmp_path / "bad", keep_checkpoints=-1))

@@ -73,6 +73,8 @@ class TrainOptions:
     the validation images of the periodic evaluations (0: all); the final one uses the whole split.
     data_options go to imagegpt.data.load_dataset (n, limit, val_fraction, ...); data_seed fixes the split.
     fsdp: under torchrun, shard weights, gradients and optimizer state over the ranks (FSDP2) instead of DDP.
+    keep_checkpoints: also keep the model at this many log-spaced steps (kept_steps), the last step among
+    them, as checkpoints/step-NNNNNNN model directories: what `imagegpt study` probes.
     """
 
     data: str = "shapes"
@@ -103,6 +105,7 @@ class TrainOptions:
     cache_dir: str | None = None
     progress: bool = True
     stop_after: int | None = None
+    keep_checkpoints: int = 0
 
     def validate(self) -> None:
         positive = ("steps", "batch_size", "accumulate", "palette_pixels")
@@ -111,7 +114,8 @@ class TrainOptions:
                 raise ArgumentError(
                     f"--{name.replace('_', '-')} must be a positive integer, got {getattr(self, name)}"
                 )
-        for name in ("warmup", "eval_every", "save_every", "eval_images", "seed", "data_seed"):
+        counts = ("warmup", "eval_every", "save_every", "eval_images", "seed", "data_seed")
+        for name in (*counts, "keep_checkpoints"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 raise ArgumentError(
                     f"--{name.replace('_', '-')} must be an integer >= 0, got {getattr(self, name)}"
@@ -151,6 +155,27 @@ def resume_options(run_dir: str | Path, **overrides) -> TrainOptions:
         setattr(options, k, v)
     options.out = str(run_dir)
     return options
+
+
+KEPT_PREFIX = "step-"
+
+
+def kept_steps(total: int, count: int) -> list[int]:
+    """`count` steps up to `total`, log-spaced from total/64 (fewer where they coincide), the last total."""
+    if count < 2:
+        return [total] * count
+    first = max(1.0, total / 64)
+    return sorted({int(round(s)) for s in np.geomspace(first, total, count)})
+
+
+def kept_checkpoints(run_dir: str | Path) -> dict[int, Path]:
+    """step -> model directory of the checkpoints a run kept (TrainOptions.keep_checkpoints), by step."""
+    found = {}
+    for path in (Path(run_dir) / CHECKPOINTS_DIR).glob(f"{KEPT_PREFIX}*"):
+        step = path.name.removeprefix(KEPT_PREFIX)
+        if step.isdigit() and (path / "config.json").is_file():
+            found[int(step)] = path
+    return dict(sorted(found.items()))
 
 
 @dataclass
@@ -382,6 +407,15 @@ def _train(options: TrainOptions, resume: bool, dist: Distributed, on_step) -> T
             plot_metrics(run_dir / METRICS_FILE, run_dir / CURVE_FILE)
         dist.barrier()
 
+    keep = set(kept_steps(options.steps, options.keep_checkpoints))
+
+    def keep_model(at_step: int) -> None:
+        whole = whole_model()
+        if dist.is_main:
+            name = f"{KEPT_PREFIX}{at_step:07d}"
+            save_checkpoint(checkpoints, whole, None, processor=processor, name=name)
+        dist.barrier()
+
     say = print if options.progress and dist.is_main else (lambda *a, **k: None)
     if not resume:
         say(
@@ -440,6 +474,8 @@ def _train(options: TrainOptions, resume: bool, dist: Distributed, on_step) -> T
                     tok_s=f"{rate:,.0f}",
                     refresh=False,
                 )
+                if step in keep:
+                    keep_model(step)
                 if on_step is not None:
                     on_step(step, record, model)
                 if options.eval_every and step % options.eval_every == 0 and step < options.steps:

@@ -42,6 +42,7 @@ TRAIN_ARGUMENTS = (
     "data_seed",
     "cache_dir",
     "stop_after",
+    "keep_checkpoints",
 )
 
 
@@ -134,6 +135,12 @@ def register(subparsers) -> None:
         "--save-every",
         type=int,
         help=f"steps between checkpoints (default {defaults['save_every']}; 0: at the end)",
+    )
+    run.add_argument(
+        "--keep-checkpoints",
+        type=int,
+        metavar="N",
+        help="also keep the model at N log-spaced steps (checkpoints/step-NNNNNNN), for `imagegpt study`",
     )
     run.add_argument("--stop-after", type=int, help="stop (with a checkpoint) after N steps of this session")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
