@@ -116,7 +116,9 @@ def load_dataset(spec: str | Path, split: str = "train", seed: int = 0, **option
 
     if isinstance(spec, str) and spec in BUILTINS:
         loader = {"digits": load_digits, "shapes": load_shapes, "photos": load_photos}[spec]
-        allowed = {} if spec == "digits" else {"n": 6000, "resolution": 32}
+        allowed = {"digits": {}, "photos": {"n": 6000, "resolution": 32}}.get(
+            spec, {"n": 6000, "resolution": 32, "colour": "random"}
+        )
         dataset = loader(test_fraction=test_fraction, **common, **check_options(spec, options, allowed))
     else:
         if not isinstance(spec, (str, Path)):

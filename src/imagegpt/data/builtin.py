@@ -17,6 +17,7 @@ import warnings
 
 import numpy as np
 
+from ..errors import DataError
 from .dataset import (
     GENERATE_STREAM,
     ImageDataset,
@@ -116,9 +117,29 @@ def _distance_to_segment(points: np.ndarray, a: np.ndarray, b: np.ndarray) -> np
     return np.linalg.norm(points - (a + t[:, None] * ab), axis=1)
 
 
-def generate_shapes(n: int, resolution: int, seed: int, chunk: int = 1024) -> tuple[np.ndarray, np.ndarray]:
-    """n images uint8 [n, R, R, 3] and their shape labels int64 [n]; deterministic for a seed."""
+SHAPE_COLOURS = ("random", "mono")
+
+
+def mono_colours(params: dict[str, np.ndarray], seed: int) -> dict[str, np.ndarray]:
+    """The same shapes in light grey on a dark, gently graded grey background: a task about form alone."""
+    rng = np.random.default_rng([seed, GENERATE_STREAM, 1])
+    n = len(params["labels"])
+    near = rng.uniform(0, 60, (n, 1))
+    far = np.clip(near + rng.uniform(-30, 30, (n, 1)), 0, 255)
+    grey = {"foreground": np.full((n, 3), 235.0), "near": near.repeat(3, 1), "far": far.repeat(3, 1)}
+    return {**params, **grey}
+
+
+def generate_shapes(
+    n: int, resolution: int, seed: int, chunk: int = 1024, colour: str = "random"
+) -> tuple[np.ndarray, np.ndarray]:
+    """n images uint8 [n, R, R, 3] and their shape labels int64 [n]; deterministic for a seed.
+
+    colour: "random" (random colours on a random gradient) or "mono" (mono_colours; positions, sizes and
+    rotations are the same as with "random")."""
     params = shape_parameters(n, resolution, seed)
+    if colour == "mono":
+        params = mono_colours(params, seed)
     return render_shapes(params, resolution, chunk), params["labels"]
 
 
@@ -164,16 +185,26 @@ def render_shapes(params: dict[str, np.ndarray], resolution: int, chunk: int = 1
 
 
 def load_shapes(
-    split: str, seed: int, val_fraction: float, test_fraction: float, n: int = 6000, resolution: int = 32
+    split: str,
+    seed: int,
+    val_fraction: float,
+    test_fraction: float,
+    n: int = 6000,
+    resolution: int = 32,
+    colour: str = "random",
 ) -> ImageDataset:
     n = check_positive_int("shapes option n", n)
     resolution = check_positive_int("shapes option resolution", resolution, minimum=4)
-    images, labels = generate_shapes(n, resolution, seed)
+    if colour not in SHAPE_COLOURS:
+        raise DataError(f"shapes option colour must be one of {', '.join(SHAPE_COLOURS)}, got {colour!r}")
+    images, labels = generate_shapes(n, resolution, seed, colour=colour)
     index = split_indices(n, split, seed, val_fraction, test_fraction)
     if len(index) == 0:
         raise empty_split_error(f"shapes(n={n})", split)
     options = {"n": n, "resolution": resolution, "seed": seed, "val_fraction": val_fraction}
     options["test_fraction"] = test_fraction
+    if colour != "random":  # the default keeps the names (and token caches) of earlier versions
+        options["colour"] = colour
     return ImageDataset(images[index], labels[index], list(SHAPE_NAMES), _name("shapes", options, split))
 
 
