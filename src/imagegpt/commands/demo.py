@@ -23,6 +23,9 @@ def register(subparsers) -> None:
     )
     parser.add_argument("--out", default=defaults["out"], help=f"output folder (default {defaults['out']})")
     parser.add_argument("--data", default=defaults["data"], help="built-in dataset: shapes, digits or photos")
+    parser.add_argument(
+        "--colour", default=defaults["colour"], choices=["mono", "random"], help="shapes' colours (mono)"
+    )
     names = (
         "resolution",
         "images",
@@ -54,6 +57,7 @@ def run(args) -> int:
     options = DemoOptions(
         out=args.out,
         data=args.data,
+        colour=args.colour,
         resolution=args.resolution,
         images=args.images,
         clusters=args.clusters,
