@@ -52,18 +52,17 @@ class Stops:
 class Handlers:
     """What the page's events call, bound to one served model."""
 
-    def __init__(self, served: core.Served, out_dir: str | None = None):
+    def __init__(self, served: core.Served, out_dir: str | None = None, uploads: list[str] | None = None):
+        """out_dir: where finished grids are written for download; uploads: the folders files are read
+        from (default: gradio's upload folder, where the page's uploads and chosen examples land)."""
         self.served = served
         self.out_dir = Path(out_dir or tempfile.mkdtemp(prefix="imagegpt-app-"))
+        self.uploads = uploads or [gr.utils.get_upload_folder()]
         self.stops = Stops()
-
-    def uploads(self) -> list[str]:
-        """Where the page's uploads (and chosen examples) live: the only place files are read from."""
-        return [gr.utils.get_upload_folder()]
 
     def _read(self, image) -> tuple:
         path = image.get("path") if isinstance(image, dict) else None
-        return core.model_input(self.served, core.read_upload(path, self.uploads()))
+        return core.model_input(self.served, core.read_upload(path, self.uploads))
 
     def view(self, image, keep):
         """The input as the model sees it, and a status line (the message, when the image is refused)."""
