@@ -240,3 +240,14 @@ def test_one_generation_at_a_time_in_a_bounded_queue_shared_by_both_tabs(served)
     assert len(generating) == 2
     assert {(fn.concurrency_id, fn.concurrency_limit) for fn in generating} == {("generation", 1)}
     assert page._queue.max_size == QUEUE_SIZE
+
+
+def test_small_models_generate_on_one_thread_unless_told(served):
+    from imagegpt.commands.app import generation_threads
+
+    assert generation_threads(served.model, None) == 1
+    assert generation_threads(served.model, 3) == 3
+    big = torch.nn.Linear(4000, 3000)  # 12M parameters
+    assert generation_threads(big, None) is None
+    with pytest.raises(ArgumentError, match="--threads"):
+        generation_threads(served.model, 0)

@@ -27,6 +27,13 @@ def register(subparsers) -> None:
         "--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)"
     )
     parser.add_argument("--port", type=int, default=7860, help="port (default 7860)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads for generation (default: 1 for models under 10M parameters, such as the demo's, "
+        "whose steps are too small to share; PyTorch's default otherwise)",
+    )
     add_device_options(parser)
     parser.set_defaults(func=run)
 
@@ -40,11 +47,16 @@ def run(args) -> int:
         if "gradio" not in str(e):
             raise
         raise ArgumentError("the app needs gradio: pip install 'imagegpt[app]'") from e
+    import torch
+
     from ..app.core import load_served
 
     if not 0 < args.port < 65536:
         raise ArgumentError(f"--port must be in 1..65535, got {args.port}")
     served = load_served(args.model, device=args.device, dtype=args.dtype)
+    threads = generation_threads(served.model, args.threads)
+    if threads is not None:
+        torch.set_num_threads(threads)
     try:
         blocks = page.build(served)
         url = page.launch(blocks, args.host, args.port)
@@ -59,3 +71,18 @@ def run(args) -> int:
         )
     blocks.block_thread()  # until Ctrl-C
     return 0
+
+
+SMALL_MODEL = 10_000_000  # parameters: below this a decode step is too small to split between threads
+
+
+def generation_threads(model, threads: int | None) -> int | None:
+    """The threads to set for generation: `threads` when given, 1 for a small model, else None (keep
+    PyTorch's)."""
+    from ..errors import ArgumentError
+
+    if threads is not None:
+        if threads < 1:
+            raise ArgumentError(f"--threads must be at least 1, got {threads}")
+        return threads
+    return 1 if sum(p.numel() for p in model.parameters()) < SMALL_MODEL else None
