@@ -163,8 +163,7 @@ def test_streaming_yields_each_decoded_row_and_ends_with_completes_tokens(served
     last, fraction = updates[-1]
     assert fraction == 1.0 and torch.equal(last, complete(served.model, ids, 2, n=3, seed=4))
     drawn = [int((tokens >= 0).sum()) for tokens, _ in updates]
-    assert drawn == sorted(drawn) and drawn[0] < drawn[-1] == 3 * 64  # rows appear as they are decoded
-    assert all(count % (3 * SIDE) == 0 for count in drawn)
+    assert drawn == list(range(3 * 2 * SIDE + 3 * SIDE, 3 * 64 + 1, 3 * SIDE))  # a row at a time
 
 
 def test_the_stop_flag_ends_the_work_within_a_token(served):
@@ -251,3 +250,10 @@ def test_small_models_generate_on_one_thread_unless_told(served):
     assert generation_threads(big, None) is None
     with pytest.raises(ArgumentError, match="--threads"):
         generation_threads(served.model, 0)
+
+
+def test_the_status_line_shows_a_progress_bar():
+    from imagegpt.app.page import progress_bar
+
+    assert progress_bar(0.5, width=4) == "`██░░` 50%"
+    assert progress_bar(1.0, width=4) == "`████` 100%"

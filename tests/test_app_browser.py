@@ -194,3 +194,14 @@ def test_the_sample_tab_grows_samples_and_the_model_tab_shows_the_palette(browse
     wait_for(browser, lambda d: "parameters" in text_of(d, "#model-facts"), "the model's facts")
     browser.save_screenshot(str(shots / "3-model.png"))
     assert "8x8" in text_of(browser, "#model-facts")
+
+
+def test_an_example_is_picked_and_completed(browser, app_url, tmp_path):
+    shots = tmp_path / "screenshots"
+    open_page(browser, app_url, shots)
+    find(browser, "#examples button.thumbnail-item").click()
+    wait_for(browser, lambda d: "rows are kept" in text_of(d, "#view-status"), "the example's view")
+    find(browser, "#complete-button").click()
+    wait_for(browser, lambda d: "Done" in text_of(d, "#complete-status"), "the completions")
+    browser.save_screenshot(str(shots / "2-example-completed.png"))
+    assert fetch_png(browser, "#complete-result img").shape == (4 + 132, 4 + 6 * 132, 3)

@@ -309,7 +309,8 @@ def stream(
         if stop.is_set():
             raise Stopped
         k = new.size(1)
-        if k % every == 0 or prefixes.size(1) + k == n_positions:
+        row_done, batch_done = k % every == 0, prefixes.size(1) + k == n_positions
+        if (row_done or batch_done) and not (batch_done and start + len(new) == rows):  # the end: "done"
             tokens[start : start + len(new), prefixes.size(1) : prefixes.size(1) + k] = new.cpu()
             done[0] = sum(int((tokens[i] >= 0).sum()) for i in range(rows)) - prefixes.numel()
             updates.put(("tokens", tokens.clone(), done[0] / max(todo, 1)))
@@ -325,9 +326,7 @@ def stream(
     worker.start()
     try:
         while True:
-            kind, value, fraction = updates.get()
-            while not updates.empty() and kind == "tokens":  # the page shows only the newest
-                kind, value, fraction = updates.get_nowait()
+            kind, value, fraction = updates.get()  # every row: at most the image's height of them
             if kind == "error":
                 raise value
             yield value, fraction

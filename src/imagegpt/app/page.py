@@ -142,7 +142,8 @@ class Handlers:
                 grid = figure(tokens)
                 rows = int(fraction * (self.served.height - prefixes.size(1) // self.served.width))
                 seconds = time.perf_counter() - start
-                yield grid, f"{100 * fraction:.0f}% · {rows} rows decoded · {seconds:.1f} s", _no_download()
+                status = f"{progress_bar(fraction)} · {rows} rows decoded · {seconds:.1f} s"
+                yield grid, status, _no_download()
         except core.Stopped:
             yield grid, f"Stopped after {time.perf_counter() - start:.1f} s.", _no_download()
             return
@@ -152,6 +153,12 @@ class Handlers:
         path = save_png(grid, self.out_dir / f"{what}-{uuid.uuid4().hex[:8]}.png")
         done = f"Done in {time.perf_counter() - start:.1f} s."
         yield grid, done, gr.DownloadButton("Download PNG", value=str(path), interactive=True)
+
+
+def progress_bar(fraction: float, width: int = 24) -> str:
+    """A text progress bar for the status line, e.g. `██████░░░░░░` 50%."""
+    filled = round(fraction * width)
+    return f"`{'█' * filled}{'░' * (width - filled)}` {100 * fraction:.0f}%"
 
 
 def _session(request) -> str:
