@@ -357,6 +357,43 @@ def test_generation_can_stop_early_at_the_same_tokens():
         generate(model, random_ids(1, 0, length=12), length=10)
 
 
+def test_the_callback_sees_every_token_as_it_is_drawn_and_the_same_tokens_come_out():
+    model = tiny_model(26)
+    ids = random_ids(2, 27)
+    seen = []
+    keep = lambda start, new: seen.append((start, new.clone()))
+    out = complete(model, ids, 0.5, n=2, seed=6, batch_size=3, callback=keep)
+    assert torch.equal(out, complete(model, ids, 0.5, n=2, seed=6, batch_size=3))  # the hook changes nothing
+    half = SIDE * SIDE // 2
+    # batches of rows 0-2 then 3: one call per drawn token, k growing from 1 to the half image
+    assert [(start, tuple(new.shape)) for start, new in seen] == [
+        *((0, (3, k)) for k in range(1, half + 1)),
+        *((3, (1, k)) for k in range(1, half + 1)),
+    ]
+    for start, new in seen:  # what the callback saw is what the output holds
+        assert torch.equal(new, out[start : start + len(new), half : half + new.size(1)])
+    sample(model, 2, seed=0, callback=lambda start, new: seen.append(new))  # sample() passes it on
+    assert tuple(seen[-1].shape) == (2, SIDE * SIDE)
+
+
+def test_a_callback_that_raises_stops_the_work_and_restores_the_model():
+    class Stop(Exception):
+        pass
+
+    model = tiny_model(28).train()
+    calls = []
+
+    def stop_after_five(start, new):
+        calls.append(new.size(1))
+        if len(calls) == 5:
+            raise Stop
+
+    with pytest.raises(Stop):
+        sample(model, 2, seed=0, callback=stop_after_five)
+    assert calls == [1, 2, 3, 4, 5]
+    assert model.training
+
+
 def test_sampling_restores_the_training_mode_and_runs_without_gradients():
     model = tiny_model(14).train()
     sample(model, 1, seed=0)

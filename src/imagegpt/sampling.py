@@ -276,6 +276,7 @@ def generate(
     length: int | None = None,
     cache_dtype=None,
     weight_dtype=None,
+    callback: Callable[[int, torch.Tensor], None] | None = None,
 ) -> torch.LongTensor:
     """Complete each row of `prefixes` (R, P), image tokens without SOS, to n_positions tokens; (R,
     n_positions).
@@ -297,6 +298,10 @@ def generate(
     (model.packed_weights); a quarter of the weights' memory traffic and about 1.5x the float32 multiply's
     rate (a Zen 3 core, docs/performance.md), at a coarser rounding than an int8 cache. The prefill stays
     float32. CPU, float32, no compile and batches of at most 64 only (ConfigError / ArgumentError otherwise).
+    callback: called after every drawn token as callback(start, new), where new (B, k) holds the k tokens
+    drawn so far after the prefix for output rows start..start + B - 1 (a view on the device: copy what you
+    keep); e.g. to show images as they grow. An exception raised by the callback stops the work and
+    propagates (the model is left as it was found).
     """
     check_sampling(temperature, top_k, top_p)
     config = model.config
@@ -347,7 +352,8 @@ def generate(
                 B = prefix.size(0)
                 if cache is None or cache.batch_size != B:  # one cache reused by every batch of the same size
                     cache = _new_cache(config, B, n_positions, cache_dtype, device, compile, static)
-                tokens = _complete_batch(model, prefix, n_positions, cache, step, static, dtype, draw, bar)
+                drawn = _on_token(bar, callback, lo)
+                tokens = _complete_batch(model, prefix, n_positions, cache, step, static, dtype, draw, drawn)
                 out[lo : lo + B, P:] = tokens.cpu()
     finally:
         bar.close()
@@ -366,8 +372,22 @@ def _new_cache(config, B: int, n_positions: int, dtype, device, compile, static:
     return cache
 
 
-def _complete_batch(model, prefix, n_positions: int, cache, step, static: bool, dtype, draw, bar):
-    """A prefill of [SOS] + prefix (B, P), then decode steps up to n_positions; the new tokens (B, n - P)."""
+def _on_token(bar, callback, start: int) -> Callable[[torch.Tensor, int], None]:
+    """The per-token hook of _complete_batch: the progress bar, then the callback (if any) on rows from
+    start."""
+
+    def drawn(tokens: torch.Tensor, k: int) -> None:
+        bar.update(tokens.size(0))
+        if callback is not None:
+            callback(start, tokens[:, :k])
+
+    return drawn
+
+
+def _complete_batch(model, prefix, n_positions: int, cache, step, static: bool, dtype, draw, drawn):
+    """A prefill of [SOS] + prefix (B, P), then decode steps up to n_positions; the new tokens (B, n - P).
+
+    drawn(tokens, k) is called after each token, when the first k new tokens are drawn."""
     B, P = prefix.shape
     device = prefix.device
     tokens = torch.empty(B, n_positions - P, dtype=torch.long, device=device)
@@ -375,7 +395,7 @@ def _complete_batch(model, prefix, n_positions: int, cache, step, static: bool, 
     with autocast(device, dtype):
         logits = prefill(model, inputs, cache)
     token = tokens[:, 0] = draw(logits)
-    bar.update(B)
+    drawn(tokens, 1)
     positions = torch.arange(n_positions, device=device) if static else None
     for position in range(P + 1, n_positions):
         # x_{position-1} goes in at `position`; its logits give x_position
@@ -383,7 +403,7 @@ def _complete_batch(model, prefix, n_positions: int, cache, step, static: bool, 
             at = positions[position : position + 1] if static else position
             logits = step(model, token[:, None], at, cache)
         token = tokens[:, position - P] = draw(logits)
-        bar.update(B)
+        drawn(tokens, position - P + 1)
     return tokens
 
 
@@ -411,20 +431,21 @@ def sample(
     progress: bool | str = False,
     cache_dtype=None,
     weight_dtype=None,
+    callback=None,
 ) -> torch.LongTensor:
     """n images sampled from [SOS]: token ids (n, n_positions) on the CPU; processor.decode(ids) gives pixels.
 
     temperature: 0 is greedy; top_k: keep the k most likely tokens (0 = off; transformers' docs use 40);
     top_p: keep the smallest set of tokens whose mass reaches top_p (1 = off); seed: the same seed and
     settings give the same images on the same machine. See generate() for batch_size, device, dtype, compile,
-    progress, cache_dtype, weight_dtype.
+    progress, cache_dtype, weight_dtype, callback.
     """
     n = _check_count(n, "n")
     prefixes = torch.empty(n, 0, dtype=torch.long)
     return generate(
         model, prefixes, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, batch_size=batch_size,
         device=device, dtype=dtype, compile=compile, progress=progress, cache_dtype=cache_dtype,
-        weight_dtype=weight_dtype,
+        weight_dtype=weight_dtype, callback=callback,
     )  # fmt: skip
 
 
@@ -503,6 +524,7 @@ def complete(
     progress: bool | str = False,
     cache_dtype=None,
     weight_dtype=None,
+    callback=None,
 ) -> torch.LongTensor:
     """n completions of each image of `ids` (B, L) from its top rows: token ids (B * n, n_positions) on the
     CPU.
@@ -532,7 +554,7 @@ def complete(
     return generate(
         model, prefixes, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, batch_size=batch_size,
         device=device, dtype=dtype, compile=compile, progress=progress, cache_dtype=cache_dtype,
-        weight_dtype=weight_dtype,
+        weight_dtype=weight_dtype, callback=callback,
     )  # fmt: skip
 
 
