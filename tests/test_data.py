@@ -556,7 +556,8 @@ def test_dataset_indexing_and_rank_shards():
     "spec, options, error, match",
     [
         ("no/such/place", {}, DataError, "no such file or folder"),
-        ("shapes", {"colour": 3}, ArgumentError, "does not take option"),
+        ("shapes", {"color": 3}, ArgumentError, "does not take option"),
+        ("shapes", {"colour": "red"}, ArgumentError, "colour must be one of random, mono"),
         ("shapes", {"n": 0}, ArgumentError, "n must be an integer >= 1"),
         ("digits", {"val_fraction": 1.5}, ArgumentError, "val_fraction"),
         ("digits", {"limit": -1}, ArgumentError, "limit"),

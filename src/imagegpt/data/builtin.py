@@ -17,7 +17,7 @@ import warnings
 
 import numpy as np
 
-from ..errors import DataError
+from ..errors import ArgumentError, DataError
 from .dataset import (
     GENERATE_STREAM,
     ImageDataset,
@@ -196,7 +196,7 @@ def load_shapes(
     n = check_positive_int("shapes option n", n)
     resolution = check_positive_int("shapes option resolution", resolution, minimum=4)
     if colour not in SHAPE_COLOURS:
-        raise DataError(f"shapes option colour must be one of {', '.join(SHAPE_COLOURS)}, got {colour!r}")
+        raise ArgumentError(f"shapes option colour must be one of {', '.join(SHAPE_COLOURS)}, got {colour!r}")
     images, labels = generate_shapes(n, resolution, seed, colour=colour)
     index = split_indices(n, split, seed, val_fraction, test_fraction)
     if len(index) == 0:
@@ -257,8 +257,6 @@ def load_photos_sources() -> tuple[list[str], list[np.ndarray]]:
             f"photos: {len(missing)} bundled photos unavailable: {', '.join(missing)}", stacklevel=3
         )
     if not photos:
-        from ..errors import DataError
-
         raise DataError("photos: none of the photos bundled with scikit-image/scikit-learn could be loaded")
     return names, photos
 
