@@ -47,3 +47,13 @@ def test_the_cpu_description_names_the_flags_that_decide_our_paths():
     with open("/proc/cpuinfo") as f:
         has_avx2 = " avx2" in f.read()
     assert ("avx2" in text.split("flags:")[1]) is has_avx2
+
+
+def test_auto_keeps_narrow_models_in_float32_on_the_cpu(cpu_bf16):
+    from imagegpt.device import CPU_BF16_MIN_WIDTH
+
+    wide = torch.bfloat16 if cpu_bf16 else torch.float32
+    assert resolve_dtype("auto", CPU, training=True, width=CPU_BF16_MIN_WIDTH) == wide
+    assert resolve_dtype("auto", CPU, training=True, width=CPU_BF16_MIN_WIDTH - 1) == torch.float32
+    if cpu_bf16:  # a named dtype is honoured at any width
+        assert resolve_dtype("bfloat16", CPU, training=True, width=64) == torch.bfloat16

@@ -96,8 +96,9 @@ def test_a_run_writes_everything_other_commands_and_transformers_load(tmp_path):
 def test_an_interrupted_run_resumes_to_exactly_the_same_losses(tmp_path, cpu_bf16):
     """SIGTERM after step 3 (dropout on, so the RNG state matters), then --resume: every loss of the
     uninterrupted run is reproduced bit for bit, and so are the final weights, in the default dtype on
-    either side of the bfloat16 detection (bfloat16 autocast with bfloat16 units, float32 without)."""
-    changes = dict(dropout=0.1, steps=7, eval_every=2, save_every=5, dtype="auto")
+    either side of the bfloat16 detection (igpt-mini is wide enough for bfloat16 autocast where the units
+    are, float32 without them)."""
+    changes = dict(dropout=0.1, steps=7, eval_every=2, save_every=5, dtype="auto", preset="igpt-mini")
     whole = train(options(tmp_path / "whole", **changes))
 
     def terminate_after_3(step, record, model):
@@ -228,3 +229,8 @@ def test_keep_checkpoints_keeps_loadable_models_at_those_steps_through_a_resume(
     assert (kept[2] / "preprocessor_config.json").is_file()
     with pytest.raises(ArgumentError, match="--keep-checkpoints must be an integer >= 0"):
         train(options(tmp_path / "bad", keep_checkpoints=-1))
+
+
+def test_auto_trains_narrow_models_in_float32_even_with_bfloat16_units(tmp_path, cpu_bf16):
+    result = train(options(tmp_path / "run", steps=1, eval_every=0, dtype="auto"))  # igpt-nano: 64 wide
+    assert result.dtype == "float32"

@@ -5,9 +5,10 @@ overrides the detection, so that the tests of both branches run on any machine.
 
 What `dtype="auto"` means, the same on every machine: bfloat16 autocast for training (pretraining and
 fine-tuning) where the device multiplies bfloat16 natively (CUDA with bfloat16, a CPU with AVX512-BF16 or
-AMX), float32 otherwise; float32 for everything that only runs the model forward (sampling, evaluation,
-probes, classification), whose numbers are then exact and the same on every CPU. bfloat16 there is a
-choice the caller makes by name.
+AMX) and, on a CPU, the model is at least CPU_BF16_MIN_WIDTH wide (below that, autocast's casts cost more
+than the bfloat16 units save: docs/performance.md); float32 otherwise. float32 for everything that only
+runs the model forward (sampling, evaluation, probes, classification), whose numbers are then exact and the
+same on every CPU. bfloat16 there is a choice the caller makes by name.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from .errors import ArgumentError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 BF16_ENV = "IMAGEGPT_CPU_BF16"
+CPU_BF16_MIN_WIDTH = 256  # n_embd from which CPU bfloat16 training beats float32 (igpt-mini; not igpt-micro)
 
 
 def default_device() -> torch.device:
@@ -67,14 +69,20 @@ def bf16_supported(device: torch.device) -> bool:
 
 
 def resolve_dtype(
-    name: str | torch.dtype | None, device: torch.device, *, training: bool = False
+    name: str | torch.dtype | None,
+    device: torch.device,
+    *,
+    training: bool = False,
+    width: int | None = None,
 ) -> torch.dtype:
-    """The autocast compute dtype. 'auto' or None: bfloat16 for training on a device with native bfloat16,
-    float32 otherwise (module docstring). A named dtype the device cannot run is refused."""
+    """The autocast compute dtype. 'auto' or None: bfloat16 for training on a device with native bfloat16
+    (on a CPU, for models of width >= CPU_BF16_MIN_WIDTH when `width` is given), float32 otherwise (module
+    docstring). A named dtype the device cannot run is refused."""
     if isinstance(name, torch.dtype):
         return name
     if name is None or name == "auto":
-        return torch.bfloat16 if training and bf16_supported(device) else torch.float32
+        narrow = device.type == "cpu" and width is not None and width < CPU_BF16_MIN_WIDTH
+        return torch.bfloat16 if training and bf16_supported(device) and not narrow else torch.float32
     if name not in DTYPES:
         raise ArgumentError(f"unknown dtype {name!r}; use one of auto, {', '.join(DTYPES)}")
     dtype = DTYPES[name]

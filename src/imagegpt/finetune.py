@@ -363,11 +363,12 @@ def finetune(
     a = args
     clip = a["clip"]
     device = resolve_device(device)
-    dtype = resolve_dtype(a["dtype"], device, training=True)
+    resolve_dtype(a["dtype"], device, training=True)  # refuse a dtype the device cannot run, early
     augment = default_augment(a["data"]) if a["augment"] is None else bool(a["augment"])
 
     model_dir = latest_model_dir(a["model_dir"])
     pretrained = ImageGPT.from_pretrained(model_dir)
+    dtype = resolve_dtype(a["dtype"], device, training=True, width=pretrained.config.n_embd)
     processor = ImageProcessor.from_pretrained(model_dir)
     options = data_options_for(a["data"], a["data_options"], processor)
     train = _labelled(load_dataset(a["data"], split="train", seed=a["seed"], **options), "train")

@@ -273,7 +273,7 @@ def _train(options: TrainOptions, resume: bool, dist: Distributed, on_step) -> T
     from .processor import ImageProcessor
 
     device = dist.device
-    dtype = resolve_dtype(options.dtype, device, training=True)
+    resolve_dtype(options.dtype, device, training=True)  # refuse a dtype the device cannot run, early
     run_dir = Path(options.out)
     checkpoints = run_dir / CHECKPOINTS_DIR
     data_options = _data_options(options)
@@ -336,6 +336,7 @@ def _train(options: TrainOptions, resume: bool, dist: Distributed, on_step) -> T
         attn_pdrop=options.dropout,
     )
     model = ImageGPT(config)
+    dtype = resolve_dtype(options.dtype, device, training=True, width=config.n_embd)
     step = 0
     if resume and dist.is_main:
         find_checkpoint(checkpoints)  # rank 0 repairs what a crash left, so that ranks never race to rename
