@@ -35,13 +35,13 @@ class DemoOptions:
     data: str = "shapes"
     colour: str = "mono"
     resolution: int = 12
-    images: int = 6000
+    images: int = 8000
     clusters: int = 8
     preset: str = "igpt-micro"
-    steps: int = 120
+    steps: int = 400
     batch_size: int = 32
     lr: float = 3e-3
-    warmup: int = 12
+    warmup: int = 20
     seed: int = 0
     keep: float = 0.5
     completions: int = 4
