@@ -75,3 +75,18 @@ def test_the_defaults_of_the_demo_and_the_study_parse_and_validate():
     parser = build_parser()
     for command in (["study"], ["demo"]):
         assert parser.parse_args(command).func is not None
+
+
+def test_low_data_probes_are_part_of_the_study_when_asked(tmp_path):
+    common = dict(data="digits", resolution=4, clusters=8, steps=2, batch_size=16, eval_every=0, device="cpu",
+                  dtype="float32", progress=False)  # fmt: skip
+    train(TrainOptions(out=str(tmp_path / "run"), keep_checkpoints=1, **common))
+    options = StudyOptions(out=str(tmp_path / "s"), runs=[str(tmp_path / "run")], **TINY)
+    options.labels_per_class = 5
+    study = run_study(options)
+    (point,) = study["runs"][0]["points"]
+    report = json.loads((tmp_path / "s" / "points" / "run-step-2" / "probe.json").read_text())
+    assert report["labels_per_class"] == 5 and report["seeds"] == 5
+    assert point["best_test_accuracy"] == next(
+        r["test_accuracy"] for r in report["rows"] if r["layer"] == point["best_layer"]
+    )
