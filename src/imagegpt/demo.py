@@ -179,7 +179,7 @@ def _load(ctx: DemoContext):
 
 def complete_step(ctx: DemoContext) -> None:
     from .data import load_dataset
-    from .grid import completion_grid, save_png
+    from .grid import completion_grid, save_image
     from .sampling import complete, image_shape, keep_rows
 
     o = ctx.options
@@ -194,20 +194,20 @@ def complete_step(ctx: DemoContext) -> None:
     )  # fmt: skip
     rows = keep_rows(o.keep, image_shape(model.config, processor)[0])
     grid = completion_grid(processor.decode(originals), processor.decode(ids), rows)
-    path = save_png(grid, ctx.out / "completions.png")
+    path = save_image(grid, ctx.out / "completions.png")
     ctx.files["completions"] = path
     ctx.results["complete"] = {"images": count, "completions_per_image": o.completions, "keep_rows": rows}
     ctx.say(f"completions: {count} held-out images x {o.completions}, top {rows} rows kept -> {path}")
 
 
 def sample_step(ctx: DemoContext) -> None:
-    from .grid import sample_grid, save_png
+    from .grid import sample_grid, save_image
     from .sampling import sample
 
     o = ctx.options
     model, processor = _load(ctx)
     ids = sample(model, o.samples, top_k=o.top_k, seed=o.seed, device=o.device, dtype=o.dtype)
-    path = save_png(sample_grid(processor.decode(ids)), ctx.out / "samples.png")
+    path = save_image(sample_grid(processor.decode(ids)), ctx.out / "samples.png")
     ctx.files["samples"] = path
     ctx.results["sample"] = {"images": o.samples}
     ctx.say(f"samples: {o.samples} unconditional samples -> {path}")

@@ -26,3 +26,11 @@ class DataError(ImageGPTError, ValueError):
 
 class ArgumentError(ImageGPTError, ValueError):
     """An argument outside its allowed range (a keep fraction above 1, n < 1, a layer out of range)."""
+
+
+class OutputError(ImageGPTError):
+    """An output place that cannot be written (a file where a folder is needed, a read-only or full disk)."""
+
+
+class ResourceError(ImageGPTError, MemoryError):
+    """A size this machine cannot hold (memory or disk), refused before the allocation is tried."""

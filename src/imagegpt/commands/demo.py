@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import fields
 
-from ._options import AUTO_TRAINING, add_device_options
+from ._options import AUTO_TRAINING, add_device_options, add_output_argument
 
 
 def register(subparsers) -> None:
@@ -21,7 +21,9 @@ def register(subparsers) -> None:
             "resumes its training."
         ),
     )
-    parser.add_argument("--out", default=defaults["out"], help=f"output folder (default {defaults['out']})")
+    add_output_argument(
+        parser, "--out", kind="folder", default=defaults["out"], help=f"output folder ({defaults['out']})"
+    )
     parser.add_argument("--data", default=defaults["data"], help="built-in dataset: shapes, digits or photos")
     names = (
         "resolution",

@@ -7,7 +7,7 @@ import os
 from dataclasses import fields
 
 from ..errors import ArgumentError
-from ._options import add_device_options
+from ._options import EXIT_STATUS, add_device_options, add_output_argument
 from .probe import parse_data_options
 
 EXAMPLE = """examples:
@@ -60,7 +60,7 @@ def register(subparsers) -> None:
             "the run finishes, model/. Ctrl-C or SIGTERM saves a checkpoint; --resume RUN_DIR continues "
             "exactly. Under torchrun the same command runs DistributedDataParallel."
         ),
-        epilog=EXAMPLE,
+        epilog=EXAMPLE + "\n" + EXIT_STATUS,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     data = parser.add_argument_group("data and palette")
@@ -85,7 +85,7 @@ def register(subparsers) -> None:
         metavar="KEY=VALUE",
         help="a dataset option, e.g. n=2000 (repeatable)",
     )
-    data.add_argument("--cache-dir", help="token cache (default: RUN_DIR/cache)")
+    add_output_argument(data, "--cache-dir", kind="folder", help="token cache (default: RUN_DIR/cache)")
     model = parser.add_argument_group("model and optimisation")
     model.add_argument("--preset", help=f"model size: igpt-nano ... igpt-xl (default {defaults['preset']})")
     model.add_argument("--steps", type=int, help=f"optimizer steps (default {defaults['steps']})")
@@ -116,9 +116,13 @@ def register(subparsers) -> None:
         help="recompute activations (less memory)",
     )
     run = parser.add_argument_group("run")
-    run.add_argument("--out", help="the run directory RUN_DIR")
-    run.add_argument(
-        "--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR with its saved arguments"
+    add_output_argument(run, "--out", kind="folder", help="the run directory RUN_DIR")
+    add_output_argument(
+        run,
+        "--resume",
+        kind="folder",
+        metavar="RUN_DIR",
+        help="continue the run in RUN_DIR (its saved arguments)",
     )
     run.add_argument(
         "--eval-every",
