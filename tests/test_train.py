@@ -53,7 +53,7 @@ def test_a_run_writes_everything_other_commands_and_transformers_load(tmp_path):
     result = train(options(run))
     assert result.step == 8 and not result.stopped
     assert sorted(p.name for p in run.iterdir()) == [
-        "args.json", "cache", "checkpoints", "loss.png", "metrics.jsonl", "model", "palette.json"
+        ".lock", "args.json", "cache", "checkpoints", "loss.png", "metrics.jsonl", "model", "palette.json"
     ]  # fmt: skip
     args = json.loads((run / "args.json").read_text())
     assert (

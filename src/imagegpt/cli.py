@@ -20,7 +20,7 @@ import sys
 
 from . import __version__, commands
 from .commands._options import EXIT_STATUS, check_outputs
-from .errors import ImageGPTError
+from .errors import ImageGPTError, Interrupted
 
 # OSErrors that are the machine's state, never a bug: said in one line, as a user's mistake is.
 DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO}
@@ -50,6 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check_outputs(args)
         result = args.func(args)
+    except Interrupted as e:
+        print(f"imagegpt {args.command}: {' '.join(str(e).split())}", file=sys.stderr)
+        return 128 + e.signal
     except ImageGPTError as e:
         return _error(args, str(e))
     except OSError as e:

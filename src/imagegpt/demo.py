@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import ArgumentError
-from .files import write_text_atomic
+from .errors import ArgumentError, Interrupted
+from .files import check_output, write_text_atomic
 
 
 @dataclass
@@ -54,20 +54,52 @@ class DemoOptions:
     progress: bool = True
 
     def validate(self) -> None:
-        for name in (
-            "resolution",
-            "images",
-            "clusters",
-            "steps",
-            "batch_size",
-            "completions",
-            "samples",
-            "threads",
-        ):
-            if getattr(self, name) < 1:
-                raise ArgumentError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        if not 0.0 <= self.keep <= 1.0:
-            raise ArgumentError(f"--keep is a fraction of the image's rows in [0, 1], got {self.keep}")
+        """Every option checked before anything is created, with the checks the other commands use: the
+        palette's size as `palette fit` and `train` check it, the training options as `train` does."""
+        from .data import BUILTINS
+        from .palette import check_clusters
+
+        counts = ("resolution", "images", "steps", "batch_size", "completions", "completion_images")
+        for name in (*counts, "samples", "threads"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ArgumentError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ArgumentError(f"top_k must be an integer >= 0, got {self.top_k!r}")
+        if isinstance(self.keep, bool) or not isinstance(self.keep, int | float) or not 0 <= self.keep <= 1:
+            raise ArgumentError(f"--keep is a fraction of the image's rows in [0, 1], got {self.keep!r}")
+        if self.data not in BUILTINS:
+            raise ArgumentError(f"--data must be a built-in set: {', '.join(BUILTINS)}; got {self.data!r}")
+        check_clusters(self.clusters)
+        check_output(self.out, directory=True, what="--out")
+        train_options(self, Path(self.out), Path(self.out) / "palette.json").validate()
+
+
+def train_options(o: DemoOptions, out: Path, palette: Path):
+    """The demo's pretraining run (out/run), on the palette fitted in `palette`."""
+    from .train import GENERATED, TrainOptions
+
+    return TrainOptions(
+        data=o.data,
+        out=str(out / "run"),
+        preset=o.preset,
+        resolution=o.resolution,
+        palette=str(palette),
+        steps=o.steps,
+        batch_size=o.batch_size,
+        lr=o.lr,
+        warmup=o.warmup,
+        eval_every=max(o.steps // 4, 1),
+        eval_images=256,
+        save_every=max(o.steps // 4, 1),
+        seed=o.seed,
+        data_seed=o.seed,
+        data_options={"n": o.images} if o.data in GENERATED else {},  # train sets the resolution
+        device=o.device,
+        dtype=o.dtype,
+        cache_dir=str(out / "cache"),
+        progress=o.progress,
+    )
 
 
 @dataclass
@@ -109,37 +141,18 @@ def fit_palette_step(ctx: DemoContext) -> None:
 
 
 def train_step(ctx: DemoContext) -> None:
-    from .train import TrainOptions, train
+    from .train import train
 
     o = ctx.options
-    run_dir = ctx.out / "run"
-    options = TrainOptions(
-        data=o.data,
-        out=str(run_dir),
-        preset=o.preset,
-        resolution=o.resolution,
-        palette=str(ctx.palette_path),
-        steps=o.steps,
-        batch_size=o.batch_size,
-        lr=o.lr,
-        warmup=o.warmup,
-        eval_every=max(o.steps // 4, 1),
-        eval_images=256,
-        save_every=max(o.steps // 4, 1),
-        seed=o.seed,
-        data_seed=o.seed,
-        data_options={k: v for k, v in ctx.data_options.items() if k == "n"},  # train sets the resolution
-        device=o.device,
-        dtype=o.dtype,
-        cache_dir=str(ctx.out / "cache"),
-        progress=o.progress,
-    )
+    options = train_options(o, ctx.out, ctx.palette_path)
+    run_dir = Path(options.out)
     resume = (run_dir / "args.json").exists()
     if resume:
         ctx.say(f"train: resuming the interrupted run in {run_dir}")
     result = train(options, resume=resume)
     if result.stopped:
-        raise ArgumentError(f"training was stopped at step {result.step}; run the demo again to resume it")
+        message = f"training was stopped at step {result.step}; run the demo again to resume it"
+        raise Interrupted(message, result.signal) if result.signal else ArgumentError(message)
     ctx.model_dir = result.model_dir
     ctx.files["model"] = result.model_dir
     ctx.files["loss_curve"] = run_dir / "loss.png"
@@ -171,10 +184,10 @@ def evaluate_step(ctx: DemoContext) -> None:
 
 
 def _load(ctx: DemoContext):
+    from .checkpoint import load_with_processor
     from .model import ImageGPT
-    from .processor import ImageProcessor
 
-    return ImageGPT.from_pretrained(ctx.model_dir), ImageProcessor.from_pretrained(ctx.model_dir)
+    return load_with_processor(ImageGPT, ctx.model_dir)
 
 
 def complete_step(ctx: DemoContext) -> None:
@@ -265,13 +278,21 @@ def _parameters(model_dir: Path) -> int:
 
 
 def _prepare(out: Path, overwrite: bool) -> None:
-    """A finished demo is kept unless overwrite; an interrupted one is resumed."""
+    """A finished demo is kept unless overwrite; an interrupted one is resumed. Call holding out's RunLock
+    (whose file stays)."""
+    from .trainer import LOCK_FILE
+
     if (out / "summary.json").exists():
         if not overwrite:
             raise ArgumentError(
                 f"{out} already holds a finished demo; pass --overwrite or choose another --out"
             )
-        shutil.rmtree(out)
+        for path in out.iterdir():
+            if path.name != LOCK_FILE:
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink()
     out.mkdir(parents=True, exist_ok=True)
 
 
@@ -290,7 +311,14 @@ def run_demo(options: DemoOptions | None = None, steps: list[tuple[str, Step]] |
 
 
 def _run_steps(options: DemoOptions, steps: list[tuple[str, Step]] | None) -> DemoContext:
+    from .trainer import RunLock
+
     out = Path(options.out)
+    with RunLock(out):  # one demo at a time in out
+        return _locked_steps(options, steps, out)
+
+
+def _locked_steps(options: DemoOptions, steps: list[tuple[str, Step]] | None, out: Path) -> DemoContext:
     _prepare(out, options.overwrite)
     ctx = DemoContext(options=options, out=out)
     write_text_atomic(out / "demo_args.json", json.dumps(asdict(options), indent=2) + "\n")

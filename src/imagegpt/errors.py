@@ -34,3 +34,12 @@ class OutputError(ImageGPTError):
 
 class ResourceError(ImageGPTError, MemoryError):
     """A size this machine cannot hold (memory or disk), refused before the allocation is tried."""
+
+
+class Interrupted(ImageGPTError):
+    """A signal (Ctrl-C, SIGTERM) stopped the command after it saved its work; the CLI exits 128 + signal,
+    as a shell reports a command that a signal ended."""
+
+    def __init__(self, message: str, signal: int):
+        super().__init__(message)
+        self.signal = signal

@@ -74,6 +74,13 @@ def check_output(path: str | os.PathLike, *, directory: bool = False, what: str 
     return path
 
 
+def check_folders(**folders: str | os.PathLike | None) -> None:
+    """check_output(directory=True) for each output folder given (None: not given), named by its keyword."""
+    for name, folder in folders.items():
+        if folder is not None:
+            check_output(folder, directory=True, what=name)
+
+
 @contextlib.contextmanager
 def write_errors(path: str | os.PathLike) -> Iterator[None]:
     """Turn an OSError of the block (a full disk, a folder made read-only meanwhile) into an OutputError."""

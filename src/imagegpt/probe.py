@@ -30,7 +30,7 @@ import torch
 
 from .device import autocast, resolve_device, resolve_dtype
 from .errors import ArgumentError, DataError, ImageInputError
-from .files import write_text_atomic
+from .files import check_folders, write_text_atomic
 from .model import sos_inputs
 
 DEFAULT_CS: tuple[float, ...] = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
@@ -610,14 +610,14 @@ def probe_pretrained(
 
     cache_dir defaults to `out/cache`; data_options go to imagegpt.data.load_dataset (limit, n, resolution).
     """
+    from .checkpoint import load_with_processor
     from .data import load_dataset
     from .model import ImageGPT
-    from .processor import ImageProcessor
     from .trainer import latest_model_dir
 
     model_dir = latest_model_dir(model_dir)  # a model directory, or a run directory's model
-    model = ImageGPT.from_pretrained(model_dir)
-    processor = ImageProcessor.from_pretrained(model_dir)
+    check_folders(out=out, cache_dir=cache_dir)
+    model, processor = load_with_processor(ImageGPT, model_dir)
     options = data_options_for(data, data_options, processor)
     splits = [load_dataset(data, split=s, seed=seed, **options) for s in ("train", "val", "test")]
     report = run_probe(

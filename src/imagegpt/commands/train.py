@@ -181,8 +181,9 @@ def run_train(args) -> int:
 
     options, resume = options_from_args(args)
     result = train(options, resume=resume)
+    status = 0 if result.signal is None else 128 + result.signal  # as shells report it: 130, 143
     if os.environ.get("RANK", "0") != "0":
-        return 0
+        return status
     if result.stopped:
         print(
             f"stopped at step {result.step} of {options.steps} with a checkpoint; continue with "
@@ -193,4 +194,4 @@ def run_train(args) -> int:
             f"step {result.step}: validation {result.val_loss:.4f} nats/token = "
             f"{result.val_bits_per_dim:.4f} bits/dim; model in {result.model_dir}"
         )
-    return 0
+    return status
