@@ -105,7 +105,7 @@ def test_an_interrupted_run_resumes_to_exactly_the_same_losses(tmp_path, cpu_bf1
             os.kill(os.getpid(), signal.SIGTERM)
 
     first = train(options(tmp_path / "split", **changes), on_step=terminate_after_3)
-    assert first.stopped and first.step == 3
+    assert first.stopped and first.step == 3 and first.signal == signal.SIGTERM and whole.signal is None
     assert load_training_state(find_checkpoint(tmp_path / "split" / "checkpoints"))["step"] == 3
     assert not (tmp_path / "split" / "model").exists()  # only a finished run publishes model/
     torch.manual_seed(1234)  # a resumed process starts from another RNG state

@@ -23,6 +23,7 @@ defaults, ...) are accepted; keys we do not know are reported with a warning, ne
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -36,7 +37,7 @@ import torch
 
 from .config import ImageGPTConfig
 from .errors import ArgumentError, CheckpointError, ConfigError
-from .files import fsync_dir, fsync_file
+from .files import fsync_dir, fsync_file, write_errors
 from .hub import fetch_error, hub_id, quiet
 from .limits import check_memory
 
@@ -618,6 +619,7 @@ def save_pretrained(model, path: str | os.PathLike, processor=None) -> None:
     ImageGPTForCausalImageModeling (for ImageGPT) or ImageGPTForImageClassification (for ImageGPTClassifier)
     loads it with no missing or unexpected keys.
     """
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     from .model import ImageGPTClassifier
@@ -646,13 +648,18 @@ def save_pretrained(model, path: str | os.PathLike, processor=None) -> None:
     new = not target.exists()
     tmp = Path(tempfile.mkdtemp(dir=target.parent if new else target, prefix=f".{target.name}.tmp-"))
     try:
-        save_file(state, tmp / SAFETENSORS_NAME, metadata={"format": "pt"})
-        del state
-        if processor is not None:
-            processor.save_pretrained(tmp)
-        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        for file in tmp.iterdir():
-            fsync_file(file)
+        with write_errors(target):  # a full disk: one line, and the directory as it was
+            try:
+                save_file(state, tmp / SAFETENSORS_NAME, metadata={"format": "pt"})
+            except SafetensorError as e:
+                raise OSError(errno.EIO, str(e)) from e
+            del state
+            if processor is not None:
+                processor.save_pretrained(tmp)
+            text = json.dumps(config, indent=2, sort_keys=True) + "\n"
+            (tmp / CONFIG_NAME).write_text(text, encoding="utf-8")
+            for file in tmp.iterdir():
+                fsync_file(file)
         if new:
             try:
                 os.replace(tmp, target)

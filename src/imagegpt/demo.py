@@ -8,6 +8,7 @@ part is a step: a function of the DemoContext, listed in STEPS; add one there to
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -57,6 +58,7 @@ class DemoOptions:
         """Every option checked before anything is created, with the checks the other commands use: the
         palette's size as `palette fit` and `train` check it, the training options as `train` does."""
         from .data import BUILTINS
+        from .device import resolve_device, resolve_dtype
         from .palette import check_clusters
 
         counts = ("resolution", "images", "steps", "batch_size", "completions", "completion_images")
@@ -64,6 +66,9 @@ class DemoOptions:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ArgumentError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
+        cpus = os.cpu_count() or 1
+        if self.threads > cpus:  # torch's OpenMP pool with thousands of threads crashes the process
+            raise ArgumentError(f"--threads must be at most this machine's {cpus} CPUs, got {self.threads}")
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
             raise ArgumentError(f"top_k must be an integer >= 0, got {self.top_k!r}")
         if isinstance(self.keep, bool) or not isinstance(self.keep, int | float) or not 0 <= self.keep <= 1:
@@ -71,6 +76,7 @@ class DemoOptions:
         if self.data not in BUILTINS:
             raise ArgumentError(f"--data must be a built-in set: {', '.join(BUILTINS)}; got {self.data!r}")
         check_clusters(self.clusters)
+        resolve_dtype(self.dtype, resolve_device(self.device), training=True)
         check_output(self.out, directory=True, what="--out")
         train_options(self, Path(self.out), Path(self.out) / "palette.json").validate()
 

@@ -91,6 +91,12 @@ def write_errors(path: str | os.PathLike) -> Iterator[None]:
         raise OutputError(f"cannot write {path}: {reason}; free some space or choose another place") from e
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_open(path: str | os.PathLike, mode: str = "w") -> Iterator:
     """A file object whose contents replace `path` only when the block ends without error (fsynced, then
@@ -99,6 +105,7 @@ def atomic_open(path: str | os.PathLike, mode: str = "w") -> Iterator:
     with write_errors(path):
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
         try:
+            os.chmod(tmp, 0o666 & ~_umask())  # as open() would make it (mkstemp makes 0600)
             with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
                 yield f
                 f.flush()

@@ -627,6 +627,7 @@ def classify(
     from .probe import data_options_for
 
     model_dir = classifier_dir(model_dir)
+    out = Path(model_dir).resolve().parent if out is None else Path(out)  # default: beside the classifier
     check_folders(out=out, cache_dir=cache_dir)
     classifier, processor = load_with_processor(ImageGPTClassifier, model_dir, require_head=True)
     options = data_options_for(data, data_options, processor)
@@ -656,7 +657,6 @@ def classify(
         "class_names": class_names,
         "confusion": matrix.tolist(),
     }
-    out = Path(model_dir).resolve().parent if out is None else Path(out)
     out.mkdir(parents=True, exist_ok=True)
     report["json"] = str(out / f"classify-{split}.json")
     report["plot"] = str(out / f"confusion-{split}.png")

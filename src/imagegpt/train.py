@@ -289,7 +289,7 @@ def train(options: TrainOptions, *, resume: bool = False, on_step=None) -> Train
 
 def _train(options: TrainOptions, resume: bool, dist: Distributed, on_step, hold) -> TrainResult:
     from .data import load_dataset, token_cache
-    from .palette import Palette
+    from .palette import Palette, check_clusters
     from .processor import ImageProcessor
 
     device = dist.device
@@ -324,6 +324,7 @@ def _train(options: TrainOptions, resume: bool, dist: Distributed, on_step, hold
         palette = Palette.load(palette_path)
     elif options.palette is not None:
         palette = Palette.load(options.palette)
+        check_clusters(len(palette), f"the number of colours in {options.palette}")
     elif dist.is_main:
         palette = fit_palette(train_set, options.clusters, options.palette_pixels, options.seed)
     config = ImageGPTConfig.from_preset(

@@ -25,6 +25,7 @@ checked when read: a damaged one is a CheckpointError naming it, and nothing in 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
@@ -46,7 +47,7 @@ from torch import nn
 
 from .device import autocast
 from .errors import ArgumentError, CheckpointError, ImageGPTError
-from .files import fsync_dir, fsync_tree, write_text_atomic
+from .files import fsync_dir, fsync_tree, write_errors, write_text_atomic
 
 ARGS_FILE = "args.json"
 METRICS_FILE = "metrics.jsonl"
@@ -484,9 +485,13 @@ def save_checkpoint(
             model.save_pretrained(tmp, processor=processor)
         else:
             model.save_pretrained(tmp)
-        if state is not None:
-            torch.save(state, tmp / STATE_FILE)
-        fsync_tree(tmp)
+        with write_errors(target):  # a full disk: one line, and the previous checkpoint stays whole
+            if state is not None:
+                try:
+                    torch.save(state, tmp / STATE_FILE)
+                except RuntimeError as e:  # torch says a failed write (a full disk) with a RuntimeError
+                    raise OSError(errno.EIO, (str(e).splitlines() or ["write failed"])[0]) from e
+            fsync_tree(tmp)
         if target.exists():
             if old.exists():  # left by an earlier crash after the new checkpoint was in place
                 shutil.rmtree(old)
@@ -511,6 +516,8 @@ def find_checkpoint(
     `name.old` is returned where `name` is missing.
     """
     checkpoints_dir = Path(checkpoints_dir)
+    if checkpoints_dir.exists() and not checkpoints_dir.is_dir():
+        raise CheckpointError(f"{checkpoints_dir} is a file, where the run keeps its checkpoints folder")
     if not checkpoints_dir.is_dir():
         return None
     target, old = checkpoints_dir / name, checkpoints_dir / f"{name}.old"

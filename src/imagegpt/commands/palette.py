@@ -33,10 +33,10 @@ def register(subparsers) -> None:
 
 def run_fit(args) -> int:
     from ..data import load_dataset
+    from ..palette import check_clusters
     from ..train import fit_palette
 
-    if args.clusters < 2:
-        raise ArgumentError(f"--clusters must be at least 2, got {args.clusters}")
+    check_clusters(args.clusters)
     if args.pixels < args.clusters:
         raise ArgumentError(f"--pixels ({args.pixels}) must be at least --clusters ({args.clusters})")
     dataset = load_dataset(args.data, split=args.split, seed=args.seed, **data_options(args))

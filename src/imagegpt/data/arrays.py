@@ -65,7 +65,10 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
                 size = math.prod(shape) * dtype.itemsize
                 check_memory(size, f"array {key!r} of {path} ({shape}, {dtype})", "save smaller arrays")
             with archive.open(info) as f:
-                arrays[key] = np.lib.format.read_array(f, allow_pickle=False)
+                try:
+                    arrays[key] = np.lib.format.read_array(f, allow_pickle=False)
+                except ValueError as e:
+                    raise DataError(f"array {key!r} of {path} is truncated or damaged ({e})") from e
     return arrays
 
 
