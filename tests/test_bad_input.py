@@ -626,6 +626,7 @@ def test_the_corrected_command_runs_after_a_refusal(tmp_path, capsys):
     "extra, words",
     [
         (["--layer", "7"], "--layer 7 is out of range"),
+        (["--batch-size", "0"], "--batch-size must be an integer >= 1"),
         (["--lr", "-1"], "--lr must be positive"),
         (["--gen-weight", "nan"], "--gen-weight must be a number"),
         (["--warmup", "-2"], "--warmup must be an integer >= 0"),
@@ -643,7 +644,25 @@ def test_a_refused_finetune_creates_nothing(model_dir, tmp_path, capsys, extra, 
 @pytest.mark.parametrize(
     "extra, words",
     [
+        (["--labels-per-class", "0"], "labels per class must be at least 1"),
+        (["--labels-per-class", "100000"], "fewer than --labels-per-class 100000"),
+        (["--layers", "9"], "layer 9 is out of range"),
+    ],
+)
+def test_a_refused_probe_creates_nothing(model_dir, tmp_path, capsys, extra, words):
+    out = tmp_path / "probe"
+    args = ["probe", "--model", str(model_dir), "--data", "digits", "--out", str(out), *CPU, *extra]
+    assert main(args) == 2
+    one_line_error(capsys, words)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "extra, words",
+    [
         (["--threads", str(100 * (os.cpu_count() or 1))], "--threads must be at most"),
+        (["--resolution", "2"], "shapes option resolution must be an integer >= 4"),
+        (["--images", "1"], "the val split of shapes(n=1) is empty"),
         (["--preset", "igpt-huge"], "unknown --preset"),
         (["--data", "./pictures"], "--data must be a built-in set"),
         (["--steps", "0"], "--steps must be a positive integer"),
@@ -807,6 +826,26 @@ def test_the_image_folder_reader_never_follows_a_link_out_of_its_root(tmp_path):
         dataset = load_dataset(root, split="all")
     assert dataset.class_names == ["cat", "dog"] and len(dataset) == 3
     assert all(Path(os.path.realpath(p)).is_relative_to(root.resolve()) for p in dataset.images.paths)
+
+
+def test_a_pipe_given_as_input_is_refused_rather_than_waited_on(model_dir, tmp_path, capsys):
+    from PIL import Image
+
+    fifo = tmp_path / "fifo.png"
+    os.mkfifo(fifo)  # opening it for reading would block until someone writes
+    assert (
+        main(["complete", "--model", str(model_dir), str(fifo), "--out", str(tmp_path / "c.png"), *CPU]) == 2
+    )
+    one_line_error(capsys, "not a regular file")
+    assert main(["eval", "--model", str(model_dir), "--data", str(fifo), *CPU]) == 2
+    one_line_error(capsys, "not a regular file or a folder")
+    root = tmp_path / "images"
+    root.mkdir()
+    for i in range(3):
+        Image.new("RGB", (4, 4), (i, 0, 0)).save(root / f"{i}.png")
+    os.mkfifo(root / "3.png")
+    with pytest.warns(UserWarning, match="skipped 1 file"):
+        assert len(load_dataset(root, split="all")) == 3
 
 
 def test_palette_fit_and_load_refuse_what_the_other_refuses(tmp_path):

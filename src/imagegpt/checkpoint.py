@@ -513,7 +513,9 @@ def load_pretrained(cls, path: str | os.PathLike, **kwargs):
         model = cls(config)
     expected = {name: p.shape for name, p in model.state_dict().items()}
     if fresh_head:
-        state["score.weight"] = torch.zeros(expected["score.weight"], dtype=dtype)  # as init_weights does
+        shape = expected["score.weight"]
+        check_memory(shape.numel() * dtype.itemsize, f"a score head for {config.num_labels:,} labels")
+        state["score.weight"] = torch.zeros(shape, dtype=dtype)  # as init_weights does
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:

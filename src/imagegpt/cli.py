@@ -22,8 +22,16 @@ from . import __version__, commands
 from .commands._options import EXIT_STATUS, check_outputs
 from .errors import ImageGPTError, Interrupted
 
-# OSErrors that are the machine's state, never a bug: said in one line, as a user's mistake is.
-DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO}
+# OSErrors that are the machine's state, never a bug: one line, as a user's mistake is, with what to do.
+DISK_ERRORS = {
+    errno.ENOSPC: "free some space or choose another place",
+    errno.EDQUOT: "free some space or choose another place",
+    errno.EFBIG: "the file is larger than this filesystem allows; choose another place",
+    errno.EROFS: "the filesystem is read-only; choose another place",
+    errno.EACCES: "check its permissions or choose another file",
+    errno.EPERM: "check its permissions or choose another file",
+    errno.EIO: "the disk reported an input/output error",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         if e.errno not in DISK_ERRORS:
             raise
         where = e.filename or "a file"
-        return _error(args, f"{where}: {e.strerror}; free some space or choose another place")
+        return _error(args, f"{where}: {e.strerror}; {DISK_ERRORS[e.errno]}")
     except (MemoryError, RuntimeError) as e:
         if not _out_of_memory(e):
             raise

@@ -54,10 +54,18 @@ class DemoOptions:
     overwrite: bool = False
     progress: bool = True
 
+    @property
+    def data_options(self) -> dict:
+        """Options for load_dataset: the generated datasets take a size and a resolution; digits takes none
+        (the processor resizes it)."""
+        from .train import GENERATED
+
+        return {"n": self.images, "resolution": self.resolution} if self.data in GENERATED else {}
+
     def validate(self) -> None:
         """Every option checked before anything is created, with the checks the other commands use: the
         palette's size as `palette fit` and `train` check it, the training options as `train` does."""
-        from .data import BUILTINS
+        from .data import BUILTINS, load_dataset
         from .device import resolve_device, resolve_dtype
         from .palette import check_clusters
 
@@ -79,6 +87,8 @@ class DemoOptions:
         resolve_dtype(self.dtype, resolve_device(self.device), training=True)
         check_output(self.out, directory=True, what="--out")
         train_options(self, Path(self.out), Path(self.out) / "palette.json").validate()
+        for split in ("val", "test"):  # a split too small or a resolution the data refuses (the train split
+            load_dataset(self.data, split=split, seed=self.seed, **self.data_options)  # is never empty)
 
 
 def train_options(o: DemoOptions, out: Path, palette: Path):
@@ -120,13 +130,7 @@ class DemoContext:
 
     @property
     def data_options(self) -> dict:
-        """Options for load_dataset: the generated datasets take a size and a resolution; digits takes none
-        (the processor resizes it)."""
-        from .train import GENERATED
-
-        if self.options.data not in GENERATED:
-            return {}
-        return {"n": self.options.images, "resolution": self.options.resolution}
+        return self.options.data_options
 
     def say(self, message: str) -> None:
         if self.options.progress:

@@ -425,6 +425,8 @@ def run_probe(
     if labels_per_class is not None and seeds < 1:
         raise ArgumentError(f"seeds must be at least 1, got {seeds}")
     layers = resolve_layers(layers, model.config.n_layer)
+    if labels_per_class is not None:
+        labels_per_class_subset(data["train"][1], labels_per_class, 0)  # checked before any feature is made
     train_classes = set(np.unique(data["train"][1]).tolist())
     for split in ("val", "test"):
         unseen = set(np.unique(data[split][1]).tolist()) - train_classes

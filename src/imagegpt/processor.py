@@ -363,6 +363,8 @@ def _read_file(path: str | os.PathLike, what: str) -> np.ndarray:
         raise ImageInputError(
             f"{what}: {path} is a directory; pass image files (imagegpt.data.load_dataset reads folders)"
         )
+    if not file.is_file():  # reading a pipe would wait for a writer forever
+        raise ImageInputError(f"{what}: {path} is not a regular file (a device, pipe or socket)")
     try:
         with Image.open(file) as image:
             return pil_to_rgb(ImageOps.exif_transpose(image), what)

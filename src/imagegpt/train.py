@@ -276,8 +276,8 @@ def train(options: TrainOptions, *, resume: bool = False, on_step=None) -> Train
     on_step(step, record, model), if given, is called after every optimizer step with the step's metrics.
     Under torchrun (WORLD_SIZE set) this runs DistributedDataParallel; call it from every rank.
     """
-    options = replace(options, data_options=dict(options.data_options))  # the caller's copy stays as given
     options.validate()
+    options = replace(options, data_options=dict(options.data_options))  # the caller's copy stays as given
     device = resolve_device(options.device)
     dist = init_distributed(device)
     try:

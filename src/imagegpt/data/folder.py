@@ -67,12 +67,13 @@ def _scan(folder: Path, root: Path) -> tuple[list[Path], list[str] | None, list[
     outside = [p for p in entries if not _inside(p, root)]
     entries = [p for p in entries if _inside(p, root)]
     classes = [p for p in entries if p.is_dir()]
-    loose = [p for p in entries if not p.is_dir()]
+    outside += [p for p in entries if not p.is_dir() and not p.is_file()]  # pipes, sockets, devices
+    loose = [p for p in entries if p.is_file()]
     if classes:
         files, names, skipped = [], [], outside + loose  # loose files beside class folders have no class
         for class_folder in classes:
             for path in _walk(class_folder, root):
-                if not _inside(path, root):
+                if not _inside(path, root) or not path.is_file():  # a pipe would block its reader
                     skipped.append(path)
                 elif _is_image(path):
                     files.append(path)
