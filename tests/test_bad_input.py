@@ -501,6 +501,17 @@ def test_available_memory_is_detected_and_can_be_overridden(monkeypatch):
         available_memory()
 
 
+def test_a_cuda_device_is_checked_against_its_own_memory(monkeypatch):
+    monkeypatch.setenv(MEMORY_ENV, "1000")  # the override caps the device too, so this side runs anywhere
+    assert available_memory("cuda:0") == 1000
+    with pytest.raises(ResourceError, match="but cuda:0 has 1000 bytes available"):
+        check_memory(2000, "it", device="cuda:0")
+    monkeypatch.delenv(MEMORY_ENV)
+    if torch.cuda.is_available():
+        free, total = torch.cuda.mem_get_info(0)
+        assert 0 < available_memory("cuda:0") <= total
+
+
 @pytest.fixture
 def little_memory(monkeypatch):
     """This process may allocate 64 MiB: anything sized past it must be refused before it is tried."""

@@ -385,6 +385,7 @@ def finetune(
         training_bytes(pretrained.config, a["batch_size"]) * (2 if a["gen_weight"] > 0 else 1),
         f"fine-tuning {model_dir} on {a['batch_size']} images a step",
         "lower --batch-size, or use --gen-weight 0 (no copy of the generative blocks)",
+        device,
     )
     torch.manual_seed(a["seed"])  # dropout: the same arguments give the same run (resume restores its RNG)
     model = FinetuneModel(

@@ -5,9 +5,9 @@ otherwise run for minutes and end in a MemoryError traceback, or be killed by th
 allocates in proportion to a user's number estimates the bytes first and calls `check_memory` (or
 `check_disk` for files). Only what cannot fit is refused: the estimates are lower bounds.
 
-The memory available is detected here and nowhere else: the smaller of the kernel's MemAvailable and the
-cgroup's limit less its usage (containers). IMAGEGPT_MEMORY_BYTES overrides it (tests, or a share of a
-shared machine).
+The memory available is detected here and nowhere else: on the host, the smaller of the kernel's MemAvailable
+and the cgroup's limit less its usage (containers); on a CUDA device, its free memory. IMAGEGPT_MEMORY_BYTES
+overrides both (tests, or a share of a shared machine).
 """
 
 from __future__ import annotations
@@ -62,24 +62,35 @@ def _cgroup_room() -> int | None:
     return None
 
 
-def available_memory() -> int | None:
-    """Bytes this process can still allocate (None when the platform does not say)."""
+def _is_cuda(device) -> bool:
+    return device is not None and str(device).startswith("cuda")
+
+
+def available_memory(device=None) -> int | None:
+    """Bytes this process can still allocate on the host, or on `device` when it is a CUDA device (None when
+    the platform does not say)."""
     override = os.environ.get(MEMORY_ENV)
     if override:
         try:
             return int(float(override))
         except ValueError:
             raise ResourceError(f"{MEMORY_ENV}={override!r} is not a number of bytes") from None
+    if _is_cuda(device):
+        import torch
+
+        return int(torch.cuda.mem_get_info(device)[0])
     known = [v for v in (_mem_available(), _cgroup_room()) if v is not None]
     return min(known) if known else None
 
 
-def check_memory(nbytes: float, what: str, hint: str = "") -> None:
-    """ResourceError when `what` needs more than the memory available; hint says what to change."""
-    available = available_memory()
+def check_memory(nbytes: float, what: str, hint: str = "", device=None) -> None:
+    """ResourceError when `what` needs more than the memory available (on `device` when it is a CUDA device,
+    else on the host); hint says what to change."""
+    available = available_memory(device)
     if available is not None and nbytes > available:
+        where = f"{device} has" if _is_cuda(device) else "this machine has"
         raise ResourceError(
-            f"{what} needs at least {format_bytes(nbytes)} of memory, but this machine has "
+            f"{what} needs at least {format_bytes(nbytes)} of memory, but {where} "
             f"{format_bytes(available)} available" + (f"; {hint}" if hint else "")
         )
 

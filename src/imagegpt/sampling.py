@@ -324,11 +324,12 @@ def generate(
             batch_size = min(batch_size, kernels.MAX_ROWS)
     batch_size = _check_count(batch_size, "batch_size")
     cache_bytes = min(batch_size, R) * n_positions * cache_position_bytes(config, cache_dtype)
-    check_memory(  # the tokens out, and on the CPU the KV cache (a GPU holds its own)
-        (cache_bytes if device.type == "cpu" else 0) + R * n_positions * 8,
-        f"sampling {R} images of {n_positions} tokens, {min(batch_size, R)} at a time",
-        "lower the batch size or the number of images",
-    )
+    what = f"sampling {R} images of {n_positions} tokens, {min(batch_size, R)} at a time,"
+    hint = "lower the batch size or the number of images"
+    on_host = device.type == "cpu"
+    check_memory(R * n_positions * 8 + (cache_bytes if on_host else 0), what, hint)  # the tokens out
+    if not on_host:
+        check_memory(cache_bytes, what, hint, device)  # the KV cache
     generator = torch.Generator(device=device)
     if seed is None:
         generator.seed()

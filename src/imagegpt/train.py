@@ -335,12 +335,12 @@ def _train(options: TrainOptions, resume: bool, dist: Distributed, on_step, hold
         embd_pdrop=options.dropout,
         attn_pdrop=options.dropout,
     )
-    check_memory(
-        training_bytes(config, per_rank // options.accumulate),
-        f"training {options.preset} at {config.n_positions} positions, {per_rank // options.accumulate} "
-        "images a micro-batch",
-        "choose a smaller --preset, --resolution or --batch-size (or a larger --accumulate)",
-    )
+    what = f"training {options.preset} at {config.n_positions} positions"
+    hint = "choose a smaller --preset, --resolution or --batch-size (or a larger --accumulate)"
+    micro = per_rank // options.accumulate
+    check_memory(training_bytes(config, micro), f"{what}, {micro} images a micro-batch,", hint, device)
+    if device.type != "cpu":  # the model is built on the host first
+        check_memory(4 * config.num_parameters(), f"building {options.preset}", hint)
     dist.barrier()
 
     hold.enter_context(RunLock(run_dir, enabled=dist.is_main))  # for the rest of the run
