@@ -18,7 +18,7 @@ def register(subparsers) -> None:
             "Fits a colour palette, pretrains a small ImageGPT, reports bits/dim on held-out images "
             "against the unigram and uniform baselines, completes held-out images from their top half, "
             "samples new ones, and probes every layer. Everything goes under --out; an interrupted demo "
-            "resumes its training."
+            "resumes its training (stopped by Ctrl-C or SIGTERM, it exits 130 or 143: see imagegpt --help)."
         ),
     )
     add_output_argument(
