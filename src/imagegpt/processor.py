@@ -374,4 +374,3 @@ def _read_file(path: str | os.PathLike, what: str) -> np.ndarray:
         raise ImageInputError(
             f"{what}: cannot read {path} as an image ({e}); is it a PNG, JPEG or similar?"
         ) from e
-
