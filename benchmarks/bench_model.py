@@ -293,6 +293,12 @@ def line(result: dict, tokens: int) -> str:
     )
 
 
+def _ratio(ours: float, theirs: float, prefix: str = "") -> str:
+    """ours / theirs as '0.49x'; '?' where theirs measured nothing (in a process whose memory peak came before
+    the case, such as a long test session, a small model's peak can be no higher)."""
+    return f"{prefix}{ours / theirs:.2f}x" if theirs > 0 else "?"
+
+
 def table(results: dict, tokens: int) -> str:
     rows = [
         f"{'case':18s} {'imagegpt tok/s':>15s} {'transformers tok/s':>19s} {'speed-up':>9s} {'target':>7s}"
@@ -310,8 +316,8 @@ def table(results: dict, tokens: int) -> str:
             b, bound_b = tokens_per_second(theirs, tokens)
             ratio = f"{'>' if bound_b else ''}{a / b:.2f}x" if not bound_a else "?"
             target = TARGETS.get((mode, precision))
-            memory = f"{'<' if bound_b else ''}{memory_mib(ours) / memory_mib(theirs):.2f}x"
-            above = f"{'<' if bound_b else ''}{above_weights_mib(ours) / above_weights_mib(theirs):.2f}x"
+            memory = _ratio(memory_mib(ours), memory_mib(theirs), "<" if bound_b else "")
+            above = _ratio(above_weights_mib(ours), above_weights_mib(theirs), "<" if bound_b else "")
             rows.append(
                 f"{mode + ' ' + precision:18s} {bound_a + f'{a:.1f}':>15s} {bound_b + f'{b:.1f}':>19s} "
                 f"{ratio:>9s} {f'{target:.1f}x' if target else '':>7s} {memory_mib(ours):>13.0f} "

@@ -39,3 +39,9 @@ def test_every_case_runs_and_the_table_prints(bench):
     )
     table = bench.table(results, tokens=2 * 16)
     assert "forward float32" in table and "train float32" in table and "x" in table
+
+
+def test_a_memory_ratio_over_nothing_measured_is_a_question_mark(bench):
+    """A case whose peak came before it (a long test session) measures 0 MiB: the table says '?', not a
+    ZeroDivisionError."""
+    assert bench._ratio(1.0, 0.0) == "?" and bench._ratio(1.0, 2.0, "<") == "<0.50x"

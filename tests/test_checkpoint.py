@@ -193,7 +193,7 @@ def test_missing_files(saved, tmp_path):
     (directory / "config.json").unlink()
     with pytest.raises(CheckpointError, match="config.json is missing"):
         ImageGPT.from_pretrained(directory)
-    with pytest.raises(CheckpointError, match="no such directory"):
+    with pytest.raises(CheckpointError, match="no such file or directory"):
         ImageGPT.from_pretrained(tmp_path / "nowhere")
     with pytest.raises(CheckpointError, match="is a file"):
         ImageGPT.from_pretrained(__file__)
@@ -250,8 +250,9 @@ def test_hub_id_offline_is_a_clear_error(tmp_path):
     env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "PATH": "/usr/bin:/bin"}
     command = [sys.executable, "-c", code]
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
-    assert "CheckpointError: openai/imagegpt-small is not a local directory" in result.stdout, result.stderr
-    assert "HF_HUB_OFFLINE" in result.stdout and "pass a local directory" in result.stdout
+    expected = "openai/imagegpt-small is not a local path, and the Hugging Face Hub cannot be reached"
+    assert expected in result.stdout, result.stderr
+    assert "(HF_HUB_OFFLINE is set)" in result.stdout and "pass a directory holding" in result.stdout
 
 
 def test_hub_id_without_huggingface_hub(monkeypatch):

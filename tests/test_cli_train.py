@@ -88,9 +88,10 @@ def test_resume_refuses_changed_arguments(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path):
-    """The real thing: a training process gets Ctrl-C mid-run, finishes its step, saves and exits 0 (SIGTERM
-    takes the same path: tests/test_train.py sends it in-process)."""
+@pytest.mark.parametrize("stop, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["INT", "TERM"])
+def test_a_signal_saves_a_checkpoint_and_exits_with_its_status(tmp_path, stop, status):
+    """The real thing: a training process gets Ctrl-C (or SIGTERM) mid-run, finishes its step, saves and
+    exits 128 + the signal, as a shell reports it, so a script can tell it from a finished run (0)."""
     run = tmp_path / "run"
     command = [
         sys.executable,
@@ -111,9 +112,9 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     while not (metrics.exists() and len(read_metrics(metrics)) >= 3):
         assert process.poll() is None and time.monotonic() < deadline, process.communicate()
         time.sleep(0.2)
-    process.send_signal(signal.SIGINT)
+    process.send_signal(stop)
     out, err = process.communicate(timeout=120)
-    assert process.returncode == 0, err
+    assert process.returncode == status, err
     assert "stopped at step" in out and "--resume" in out
     state = load_training_state(find_checkpoint(run / "checkpoints"))
     assert state["step"] == len(read_metrics(metrics)) >= 3  # the checkpoint is the last logged step

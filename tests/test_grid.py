@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from imagegpt.errors import ArgumentError
+from imagegpt.errors import ArgumentError, OutputError
 from imagegpt.grid import (
     BACKGROUND,
     OCCLUDED,
@@ -14,7 +14,7 @@ from imagegpt.grid import (
     make_grid,
     occlude,
     sample_grid,
-    save_png,
+    save_image,
     upscale_factor,
 )
 
@@ -75,10 +75,24 @@ def test_occlude_copies():
 
 def test_png_round_trip(tmp_path):
     grid = sample_grid(images(4))
-    path = save_png(grid, tmp_path / "sub" / "grid.png")
+    path = save_image(grid, tmp_path / "sub" / "grid.png")
     assert np.array_equal(np.asarray(Image.open(path)), grid)
-    with pytest.raises(ArgumentError, match="is a directory"):
-        save_png(grid, tmp_path)
+    with pytest.raises(OutputError, match="is a folder"):
+        save_image(grid, tmp_path)
+
+
+@pytest.mark.parametrize("name, format", [("g.jpg", "JPEG"), ("g.JPEG", "JPEG"), ("g.bmp", "BMP"),
+                                          ("g.tiff", "TIFF"), ("g.gif", "GIF")])  # fmt: skip
+def test_an_image_file_holds_the_format_its_name_asks_for(tmp_path, name, format):
+    path = save_image(sample_grid(images(4)), tmp_path / name)
+    assert Image.open(path).format == format
+
+
+@pytest.mark.parametrize("name", ["grid", "grid.pdf", "grid.txt", "grid.png.bak"])
+def test_an_image_file_name_without_a_known_format_is_refused_before_writing(tmp_path, name):
+    with pytest.raises(OutputError, match="give a name ending in one of .png"):
+        save_image(sample_grid(images(4)), tmp_path / name)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_bad_grids_are_refused():

@@ -8,7 +8,7 @@ import torch
 
 from imagegpt import Palette
 from imagegpt.errors import ArgumentError, CheckpointError, ImageGPTError
-from imagegpt.palette import UINT8_TO_UNIT
+from imagegpt.palette import UINT8_TO_UNIT, check_clusters
 
 
 @pytest.fixture
@@ -202,11 +202,31 @@ def test_large_uint8_batches_go_through_the_colour_memo_exactly(rng):
     assert np.array_equal(palette.encode(second[:100]), palette.encode(second)[:100])  # small: direct search
 
 
-def test_encode_breaks_exact_ties_towards_the_lower_index(rng):
+def test_encode_breaks_exact_ties_towards_the_lower_index():
+    palette = Palette(np.array([[0.5, 0.0, 0.0], [-0.5, 0.0, 0.0], [0.0, 0.5, 0.0]]))
+    # on the plane x = 0 the first two centres are equally near; below y = 0.25 they beat the third
+    pixels = np.array([[0.0, 0.0, 0.0], [0.0, -0.5, 0.25], [0.0, -0.1, -1.0]], np.float32)
+    assert palette.encode(pixels).tolist() == [0, 0, 0]
+    assert Palette(palette.centers[[1, 0, 2]]).encode(pixels).tolist() == [0, 0, 0]
+
+
+def test_duplicate_centres_are_refused_wherever_a_palette_is_made(tmp_path, rng):
     centres = rng.uniform(-1, 1, (5, 3))
-    palette = Palette(np.concatenate([centres, centres]))  # ids 5..9 duplicate 0..4
-    ids = palette.encode(rng.uniform(-1, 1, (2000, 3)).astype(np.float32))
-    assert ids.max() <= 4
+    with pytest.raises(ArgumentError, match="centre 5 repeats centre 2: 2 of the 7"):
+        Palette(np.concatenate([centres, centres[2:4]]))
+    (tmp_path / "twice.json").write_text(json.dumps({"clusters": [[0.1, 0.2, 0.3]] * 2}))
+    with pytest.raises(CheckpointError, match="repeats centre 0"):
+        Palette.load(tmp_path / "twice.json")
+
+
+def test_fit_refuses_no_pixels_and_one_cluster_commands_refuse():
+    for empty in (np.zeros((0, 3), np.uint8), np.zeros((0, 3), np.float32)):
+        with pytest.raises(ArgumentError, match="no pixels"):
+            Palette.fit(empty, clusters=2)
+    for bad in (1, 0, 65536, 2.5, True):
+        with pytest.raises(ArgumentError, match="--clusters must be"):
+            check_clusters(bad)
+    assert check_clusters(2) == 2 and check_clusters(np.int64(65535)) == 65535
 
 
 def test_encode_accepts_any_leading_shape_and_torch(rng):
@@ -229,7 +249,7 @@ def test_encode_accepts_any_leading_shape_and_torch(rng):
 )
 def test_encode_rejects_bad_pixels(pixels, match):
     with pytest.raises(ArgumentError, match=match):
-        Palette(np.zeros((2, 3))).encode(pixels)
+        Palette(np.linspace(-1, 1, 6).reshape(2, 3)).encode(pixels)
 
 
 def test_decode_maps_ids_to_rounded_colours(rng):
@@ -251,7 +271,7 @@ def test_decode_then_encode_is_the_identity_for_distinct_colours(rng):
 
 
 def test_decode_rejects_ids_outside_the_palette():
-    palette = Palette(np.zeros((8, 3)))
+    palette = Palette(np.linspace(-1, 1, 24).reshape(8, 3))
     with pytest.raises(ArgumentError, match="token id 8 .*SOS"):
         palette.decode(np.array([0, 8]))
     with pytest.raises(ArgumentError, match="token id -1"):
@@ -293,7 +313,7 @@ def test_palette_pickles_without_its_memo(rng):
 
 
 def test_centres_are_read_only():
-    palette = Palette(np.zeros((2, 3)))
+    palette = Palette(np.linspace(-1, 1, 6).reshape(2, 3))
     with pytest.raises(ValueError):
         palette.centers[0, 0] = 1.0
 
@@ -347,8 +367,8 @@ def test_load_errors_name_the_problem(tmp_path):
     (tmp_path / "ragged.json").write_text('{"clusters": [[0, 0, 0], [1]]}')
     with pytest.raises(CheckpointError, match="not a list of"):
         Palette.load(tmp_path / "ragged.json")
-    with pytest.raises(ImageGPTError, match="is a directory"):
-        Palette(np.zeros((2, 3))).save(tmp_path)
+    with pytest.raises(ImageGPTError, match="is a folder"):
+        Palette(np.linspace(-1, 1, 6).reshape(2, 3)).save(tmp_path)
 
 
 def test_fingerprint_is_short_stable_and_sensitive():

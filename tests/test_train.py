@@ -53,7 +53,7 @@ def test_a_run_writes_everything_other_commands_and_transformers_load(tmp_path):
     result = train(options(run))
     assert result.step == 8 and not result.stopped
     assert sorted(p.name for p in run.iterdir()) == [
-        "args.json", "cache", "checkpoints", "loss.png", "metrics.jsonl", "model", "palette.json"
+        ".lock", "args.json", "cache", "checkpoints", "loss.png", "metrics.jsonl", "model", "palette.json"
     ]  # fmt: skip
     args = json.loads((run / "args.json").read_text())
     assert (
@@ -106,7 +106,7 @@ def test_an_interrupted_run_resumes_to_exactly_the_same_losses(tmp_path, cpu_bf1
             os.kill(os.getpid(), signal.SIGTERM)
 
     first = train(options(tmp_path / "split", **changes), on_step=terminate_after_3)
-    assert first.stopped and first.step == 3
+    assert first.stopped and first.step == 3 and first.signal == signal.SIGTERM and whole.signal is None
     assert load_training_state(find_checkpoint(tmp_path / "split" / "checkpoints"))["step"] == 3
     assert not (tmp_path / "split" / "model").exists()  # only a finished run publishes model/
     torch.manual_seed(1234)  # a resumed process starts from another RNG state

@@ -359,4 +359,4 @@ def test_latest_model_dir_leaves_hub_ids_to_from_pretrained(tmp_path, capsys):
         args = [command, "--model", str(tmp_path / "missing" / "model"), "--data", "digits"]
         assert main(args + (["--out", str(tmp_path / "p")] if command == "probe" else [])) == 2
         err = capsys.readouterr().err.strip()
-        assert "no such directory" in err and "\n" not in err
+        assert "no such file or directory" in err and "\n" not in err

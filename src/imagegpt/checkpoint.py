@@ -23,6 +23,7 @@ defaults, ...) are accepted; keys we do not know are reported with a warning, ne
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -36,7 +37,9 @@ import torch
 
 from .config import ImageGPTConfig
 from .errors import ArgumentError, CheckpointError, ConfigError
-from .files import fsync_dir, fsync_file
+from .files import fsync_dir, fsync_file, write_errors
+from .hub import fetch_error, hub_id, quiet
+from .limits import check_memory
 
 CONFIG_NAME = "config.json"
 SAFETENSORS_NAME = "model.safetensors"
@@ -264,7 +267,6 @@ def _read_json(path: Path) -> dict:
 
 # Finding the directory (local, or a Hugging Face Hub id)
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 _HUB_WEIGHTS = {
     "safetensors": [SAFETENSORS_NAME, SAFETENSORS_INDEX_NAME, "model-*.safetensors"],
     "pytorch": [PYTORCH_NAME, PYTORCH_INDEX_NAME, "pytorch_model-*.bin"],
@@ -284,34 +286,22 @@ def resolve_directory(path: str | os.PathLike, revision: str | None = None) -> P
         return local
     if local.exists():
         raise CheckpointError(f"{path} is a file; pass the directory that holds config.json and the weights")
-    name = str(path)
-    if not _HUB_ID.match(name) or ".." in name or "--" in name:
-        raise CheckpointError(
-            f"no such directory: {path}; pass a directory holding config.json and the weights"
-        )
-    try:
-        from huggingface_hub import snapshot_download
-        from huggingface_hub.errors import EntryNotFoundError, HFValidationError
-    except ImportError as e:
-        raise CheckpointError(
-            f"{path} is not a local directory, and loading a Hugging Face Hub id needs the optional "
-            "huggingface_hub package: pip install 'imagegpt[hub]', or pass a local directory"
-        ) from e
+    name = hub_id(path, "a directory holding config.json and the weights")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import EntryNotFoundError, HFValidationError
+
     try:
         files = [CONFIG_NAME, PROCESSOR_NAME]
-        directory = Path(
-            snapshot_download(name, revision=revision, allow_patterns=files + _HUB_WEIGHTS["safetensors"])
-        )
-        if _weights_files(directory) is None:
+        with quiet():
             directory = Path(
-                snapshot_download(name, revision=revision, allow_patterns=files + _HUB_WEIGHTS["pytorch"])
+                snapshot_download(name, revision=revision, allow_patterns=files + _HUB_WEIGHTS["safetensors"])
             )
+            if _weights_files(directory) is None:
+                directory = Path(
+                    snapshot_download(name, revision=revision, allow_patterns=files + _HUB_WEIGHTS["pytorch"])
+                )
     except (OSError, EntryNotFoundError, HFValidationError) as e:
-        reason = " ".join(str(e).split())
-        raise CheckpointError(
-            f"{path} is not a local directory, and fetching it from the Hugging Face Hub failed ({reason}). "
-            "Check the id and your connection (HF_HUB_OFFLINE=1 forbids downloads), or pass a local directory"
-        ) from e
+        raise fetch_error(path, e) from e
     return directory
 
 
@@ -420,17 +410,25 @@ def load_pretrained(cls, path: str | os.PathLike, **kwargs):
         dtype: parameter dtype (default float32: compute precision is chosen with autocast at run time).
         device: where to put the model (default cpu).
         revision: the Hub revision, for Hub ids.
+        require_head: (classifiers) refuse a directory without a trained score head instead of starting a
+            fresh one: evaluating a classifier that was never fine-tuned gives a meaningless accuracy.
+
+    What is read is checked before the model is built: the number of blocks the weights hold against the
+    config's n_layer (a config claiming a billion layers would otherwise build for minutes), the memory the
+    weights need, every name and shape, and that every weight is finite (NaN or inf weights would sample
+    blank images and evaluate to nan, silently).
     """
     from .model import ImageGPTClassifier
 
     dtype = kwargs.pop("dtype", torch.float32)
     device = kwargs.pop("device", None)
     revision = kwargs.pop("revision", None)
+    require_head = kwargs.pop("require_head", False)
     overrides = {k: kwargs.pop(k) for k in _OVERRIDABLE_FIELDS if k in kwargs}
     if kwargs:
         raise ArgumentError(
             f"unknown argument(s) to from_pretrained: {', '.join(sorted(kwargs))}; accepted: "
-            f"{', '.join(_OVERRIDABLE_FIELDS)}, dtype, device, revision"
+            f"{', '.join(_OVERRIDABLE_FIELDS)}, dtype, device, revision, require_head"
         )
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype, None)
@@ -445,6 +443,13 @@ def load_pretrained(cls, path: str | os.PathLike, **kwargs):
     classifier = issubclass(cls, ImageGPTClassifier)
     if classifier:
         _check_classifier_problem(values, directory)
+    found = _weights_files(directory)
+    stored = sum(file.stat().st_size for file in found[1]) if found else 0
+    check_memory(  # a lower bound: float32 files read as float32 take their size, as bfloat16 half of it
+        stored * min(1.0, dtype.itemsize / 4),
+        f"the weights in {directory} ({stored:,} bytes of files)",
+        "load them on a machine with more memory",
+    )
 
     # Convert every tensor before building the model, so that the head decision can see all the names.
     state: dict[str, torch.Tensor] = {}
@@ -460,6 +465,7 @@ def load_pretrained(cls, path: str | os.PathLike, **kwargs):
             state[name] = tensor.to(dtype=dtype, memory_format=torch.contiguous_format, copy=True)
             del tensor
 
+    _check_weights(state, config, directory)
     fresh_head = False
     if classifier:
         state.pop("lm_head.weight", None)
@@ -478,6 +484,12 @@ def load_pretrained(cls, path: str | os.PathLike, **kwargs):
                     f"{directory}: config.json says {config.num_labels} labels, but score.weight has "
                     f"{stored} rows; the checkpoint is inconsistent"
                 )
+        elif require_head:
+            raise CheckpointError(
+                f"{directory} holds a pretrained model with no classification head: it was never "
+                "fine-tuned, so it has no classes to report. Fine-tune it first (imagegpt finetune --model "
+                f"{directory} --data ... --out RUN), then evaluate RUN"
+            )
         else:
             fresh_head = True
     else:
@@ -501,7 +513,9 @@ def load_pretrained(cls, path: str | os.PathLike, **kwargs):
         model = cls(config)
     expected = {name: p.shape for name, p in model.state_dict().items()}
     if fresh_head:
-        state["score.weight"] = torch.zeros(expected["score.weight"], dtype=dtype)  # as init_weights does
+        shape = expected["score.weight"]
+        check_memory(shape.numel() * dtype.itemsize, f"a score head for {config.num_labels:,} labels")
+        state["score.weight"] = torch.zeros(shape, dtype=dtype)  # as init_weights does
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
@@ -526,6 +540,58 @@ def load_pretrained(cls, path: str | os.PathLike, **kwargs):
     if device is not None:
         model.to(device)
     return model
+
+
+def _check_weights(state: dict[str, torch.Tensor], config: ImageGPTConfig, directory: Path) -> None:
+    """The stored blocks are the config's n_layer (checked before a model is built from the config), and
+    every weight is finite."""
+    blocks = {int(name.split(".")[2]) for name in state if re.match(r"^transformer\.h\.\d+\.", name)}
+    if len(blocks) != config.n_layer or (blocks and max(blocks) != config.n_layer - 1):
+        held = f"blocks {min(blocks)}..{max(blocks)}" if blocks else "no blocks"
+        raise CheckpointError(
+            f"{directory / CONFIG_NAME} says n_layer={config.n_layer}, but the weights hold {held} "
+            f"({len(blocks)} in all); the config does not belong to these weights"
+        )
+    for name, tensor in state.items():
+        if not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise CheckpointError(
+                f"weight {name} in {directory} holds {bad} NaN or infinite values, so the model's outputs "
+                "would be NaN; the checkpoint is damaged or its training diverged. Use an earlier checkpoint"
+            )
+
+
+def check_processor(config: ImageGPTConfig, processor, source) -> None:
+    """A processor and a model belong together: the palette has the model's n_clusters colours and the
+    processor's images have its n_positions pixels. Checked wherever the two are paired, since tokens from
+    another palette would be read as the wrong colours without an error."""
+    colours = len(processor.palette)
+    if colours != config.n_clusters:
+        raise CheckpointError(
+            f"{source}: the palette has {colours} colours, but the model predicts {config.n_clusters} "
+            f"(vocab_size {config.vocab_size} less the SOS token); the processor belongs to another model. "
+            "Pair the model with the preprocessor_config.json it was trained with"
+        )
+    if processor.height * processor.width != config.n_positions:
+        raise CheckpointError(
+            f"{source}: the processor makes {processor.height}x{processor.width} images "
+            f"({processor.height * processor.width} tokens), but the model reads {config.n_positions} "
+            "tokens; the processor belongs to another model"
+        )
+
+
+def load_with_processor(cls, path: str | os.PathLike, **kwargs):
+    """(model, ImageProcessor) from one directory (or Hub id), checked to belong together (check_processor).
+
+    kwargs go to load_pretrained. Every command that pairs a model with a processor loads them here.
+    """
+    from .processor import ImageProcessor
+
+    directory = resolve_directory(path, kwargs.get("revision"))
+    processor = ImageProcessor.from_pretrained(directory)
+    model = load_pretrained(cls, directory, **kwargs)
+    check_processor(model.config, processor, directory)
+    return model, processor
 
 
 def _check_classifier_problem(values: dict, directory: Path) -> None:
@@ -555,6 +621,7 @@ def save_pretrained(model, path: str | os.PathLike, processor=None) -> None:
     ImageGPTForCausalImageModeling (for ImageGPT) or ImageGPTForImageClassification (for ImageGPTClassifier)
     loads it with no missing or unexpected keys.
     """
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     from .model import ImageGPTClassifier
@@ -583,13 +650,18 @@ def save_pretrained(model, path: str | os.PathLike, processor=None) -> None:
     new = not target.exists()
     tmp = Path(tempfile.mkdtemp(dir=target.parent if new else target, prefix=f".{target.name}.tmp-"))
     try:
-        save_file(state, tmp / SAFETENSORS_NAME, metadata={"format": "pt"})
-        del state
-        if processor is not None:
-            processor.save_pretrained(tmp)
-        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        for file in tmp.iterdir():
-            fsync_file(file)
+        with write_errors(target):  # a full disk: one line, and the directory as it was
+            try:
+                save_file(state, tmp / SAFETENSORS_NAME, metadata={"format": "pt"})
+            except SafetensorError as e:
+                raise OSError(errno.EIO, str(e)) from e
+            del state
+            if processor is not None:
+                processor.save_pretrained(tmp)
+            text = json.dumps(config, indent=2, sort_keys=True) + "\n"
+            (tmp / CONFIG_NAME).write_text(text, encoding="utf-8")
+            for file in tmp.iterdir():
+                fsync_file(file)
         if new:
             try:
                 os.replace(tmp, target)

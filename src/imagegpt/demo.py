@@ -8,6 +8,7 @@ part is a step: a function of the DemoContext, listed in STEPS; add one there to
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -16,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import ArgumentError
-from .files import write_text_atomic
+from .errors import ArgumentError, Interrupted
+from .files import check_output, write_text_atomic
 
 
 @dataclass
@@ -57,21 +58,73 @@ class DemoOptions:
     overwrite: bool = False
     progress: bool = True
 
+    @property
+    def data_options(self) -> dict:
+        """Options for load_dataset: the generated datasets take a size and a resolution; digits takes none
+        (the processor resizes it)."""
+        from .train import GENERATED
+
+        if self.data not in GENERATED:
+            return {}
+        colour = {"colour": self.colour} if self.data == "shapes" else {}
+        return {"n": self.images, "resolution": self.resolution, **colour}
+
     def validate(self) -> None:
-        for name in (
-            "resolution",
-            "images",
-            "clusters",
-            "steps",
-            "batch_size",
-            "completions",
-            "samples",
-            "threads",
-        ):
-            if getattr(self, name) < 1:
-                raise ArgumentError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        if not 0.0 <= self.keep <= 1.0:
-            raise ArgumentError(f"--keep is a fraction of the image's rows in [0, 1], got {self.keep}")
+        """Every option checked before anything is created, with the checks the other commands use: the
+        palette's size as `palette fit` and `train` check it, the training options as `train` does."""
+        from .data import BUILTINS, load_dataset
+        from .device import resolve_device, resolve_dtype
+        from .palette import check_clusters
+
+        counts = ("resolution", "images", "steps", "batch_size", "completions", "completion_images")
+        for name in (*counts, "samples", "threads"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ArgumentError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
+        cpus = os.cpu_count() or 1
+        if self.threads > cpus:  # torch's OpenMP pool with thousands of threads crashes the process
+            raise ArgumentError(f"--threads must be at most this machine's {cpus} CPUs, got {self.threads}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ArgumentError(f"top_k must be an integer >= 0, got {self.top_k!r}")
+        if isinstance(self.keep, bool) or not isinstance(self.keep, int | float) or not 0 <= self.keep <= 1:
+            raise ArgumentError(f"--keep is a fraction of the image's rows in [0, 1], got {self.keep!r}")
+        if self.data not in BUILTINS:
+            raise ArgumentError(f"--data must be a built-in set: {', '.join(BUILTINS)}; got {self.data!r}")
+        check_clusters(self.clusters)
+        if self.colour not in ("mono", "random"):
+            raise ArgumentError(f"--colour must be mono or random, got {self.colour!r}")
+        resolve_dtype(self.dtype, resolve_device(self.device), training=True)
+        check_output(self.out, directory=True, what="--out")
+        train_options(self, Path(self.out), Path(self.out) / "palette.json").validate()
+        for split in ("val", "test"):  # a split too small or a resolution the data refuses (the train split
+            load_dataset(self.data, split=split, seed=self.seed, **self.data_options)  # is never empty)
+
+
+def train_options(o: DemoOptions, out: Path, palette: Path):
+    """The demo's pretraining run (out/run), on the palette fitted in `palette`."""
+    from .train import TrainOptions
+
+    return TrainOptions(
+        data=o.data,
+        out=str(out / "run"),
+        preset=o.preset,
+        resolution=o.resolution,
+        palette=str(palette),
+        steps=o.steps,
+        batch_size=o.batch_size,
+        lr=o.lr,
+        warmup=o.warmup,
+        eval_every=max(o.steps // 4, 1),
+        eval_images=256,
+        save_every=max(o.steps // 4, 1),
+        seed=o.seed,
+        data_seed=o.seed,
+        data_options={k: v for k, v in o.data_options.items() if k != "resolution"},  # train sets it
+        device=o.device,
+        dtype=o.dtype,
+        cache_dir=str(out / "cache"),
+        progress=o.progress,
+    )
 
 
 @dataclass
@@ -86,16 +139,7 @@ class DemoContext:
 
     @property
     def data_options(self) -> dict:
-        """Options for load_dataset: the generated datasets take a size and a resolution; digits takes none
-        (the processor resizes it)."""
-        from .train import GENERATED
-
-        if self.options.data not in GENERATED:
-            return {}
-        options = {"n": self.options.images, "resolution": self.options.resolution}
-        if self.options.data == "shapes":
-            options["colour"] = self.options.colour
-        return options
+        return self.options.data_options
 
     def say(self, message: str) -> None:
         if self.options.progress:
@@ -116,37 +160,18 @@ def fit_palette_step(ctx: DemoContext) -> None:
 
 
 def train_step(ctx: DemoContext) -> None:
-    from .train import TrainOptions, train
+    from .train import train
 
     o = ctx.options
-    run_dir = ctx.out / "run"
-    options = TrainOptions(
-        data=o.data,
-        out=str(run_dir),
-        preset=o.preset,
-        resolution=o.resolution,
-        palette=str(ctx.palette_path),
-        steps=o.steps,
-        batch_size=o.batch_size,
-        lr=o.lr,
-        warmup=o.warmup,
-        eval_every=max(o.steps // 4, 1),
-        eval_images=256,
-        save_every=max(o.steps // 4, 1),
-        seed=o.seed,
-        data_seed=o.seed,
-        data_options={k: v for k, v in ctx.data_options.items() if k != "resolution"},  # train sets it
-        device=o.device,
-        dtype=o.dtype,
-        cache_dir=str(ctx.out / "cache"),
-        progress=o.progress,
-    )
+    options = train_options(o, ctx.out, ctx.palette_path)
+    run_dir = Path(options.out)
     resume = (run_dir / "args.json").exists()
     if resume:
         ctx.say(f"train: resuming the interrupted run in {run_dir}")
     result = train(options, resume=resume)
     if result.stopped:
-        raise ArgumentError(f"training was stopped at step {result.step}; run the demo again to resume it")
+        message = f"training was stopped at step {result.step}; run the demo again to resume it"
+        raise Interrupted(message, result.signal) if result.signal else ArgumentError(message)
     ctx.model_dir = result.model_dir
     ctx.files["model"] = result.model_dir
     ctx.files["loss_curve"] = run_dir / "loss.png"
@@ -178,15 +203,15 @@ def evaluate_step(ctx: DemoContext) -> None:
 
 
 def _load(ctx: DemoContext):
+    from .checkpoint import load_with_processor
     from .model import ImageGPT
-    from .processor import ImageProcessor
 
-    return ImageGPT.from_pretrained(ctx.model_dir), ImageProcessor.from_pretrained(ctx.model_dir)
+    return load_with_processor(ImageGPT, ctx.model_dir)
 
 
 def complete_step(ctx: DemoContext) -> None:
     from .data import load_dataset
-    from .grid import completion_grid, save_png
+    from .grid import completion_grid, save_image
     from .sampling import complete, image_shape, keep_rows
 
     o = ctx.options
@@ -201,20 +226,20 @@ def complete_step(ctx: DemoContext) -> None:
     )  # fmt: skip
     rows = keep_rows(o.keep, image_shape(model.config, processor)[0])
     grid = completion_grid(processor.decode(originals), processor.decode(ids), rows)
-    path = save_png(grid, ctx.out / "completions.png")
+    path = save_image(grid, ctx.out / "completions.png")
     ctx.files["completions"] = path
     ctx.results["complete"] = {"images": count, "completions_per_image": o.completions, "keep_rows": rows}
     ctx.say(f"completions: {count} held-out images x {o.completions}, top {rows} rows kept -> {path}")
 
 
 def sample_step(ctx: DemoContext) -> None:
-    from .grid import sample_grid, save_png
+    from .grid import sample_grid, save_image
     from .sampling import sample
 
     o = ctx.options
     model, processor = _load(ctx)
     ids = sample(model, o.samples, top_k=o.top_k, seed=o.seed, device=o.device, dtype=o.dtype)
-    path = save_png(sample_grid(processor.decode(ids)), ctx.out / "samples.png")
+    path = save_image(sample_grid(processor.decode(ids)), ctx.out / "samples.png")
     ctx.files["samples"] = path
     ctx.results["sample"] = {"images": o.samples}
     ctx.say(f"samples: {o.samples} unconditional samples -> {path}")
@@ -273,13 +298,21 @@ def _parameters(model_dir: Path) -> int:
 
 
 def _prepare(out: Path, overwrite: bool) -> None:
-    """A finished demo is kept unless overwrite; an interrupted one is resumed."""
+    """A finished demo is kept unless overwrite; an interrupted one is resumed. Call holding out's RunLock
+    (whose file stays)."""
+    from .trainer import LOCK_FILE
+
     if (out / "summary.json").exists():
         if not overwrite:
             raise ArgumentError(
                 f"{out} already holds a finished demo; pass --overwrite or choose another --out"
             )
-        shutil.rmtree(out)
+        for path in out.iterdir():
+            if path.name != LOCK_FILE:
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink()
     out.mkdir(parents=True, exist_ok=True)
 
 
@@ -298,7 +331,14 @@ def run_demo(options: DemoOptions | None = None, steps: list[tuple[str, Step]] |
 
 
 def _run_steps(options: DemoOptions, steps: list[tuple[str, Step]] | None) -> DemoContext:
+    from .trainer import RunLock
+
     out = Path(options.out)
+    with RunLock(out):  # one demo at a time in out
+        return _locked_steps(options, steps, out)
+
+
+def _locked_steps(options: DemoOptions, steps: list[tuple[str, Step]] | None, out: Path) -> DemoContext:
     _prepare(out, options.overwrite)
     ctx = DemoContext(options=options, out=out)
     write_text_atomic(out / "demo_args.json", json.dumps(asdict(options), indent=2) + "\n")

@@ -26,3 +26,20 @@ class DataError(ImageGPTError, ValueError):
 
 class ArgumentError(ImageGPTError, ValueError):
     """An argument outside its allowed range (a keep fraction above 1, n < 1, a layer out of range)."""
+
+
+class OutputError(ImageGPTError):
+    """An output place that cannot be written (a file where a folder is needed, a read-only or full disk)."""
+
+
+class ResourceError(ImageGPTError, MemoryError):
+    """A size this machine cannot hold (memory or disk), refused before the allocation is tried."""
+
+
+class Interrupted(ImageGPTError):
+    """A signal (Ctrl-C, SIGTERM) stopped the command after it saved its work; the CLI exits 128 + signal,
+    as a shell reports a command that a signal ended."""
+
+    def __init__(self, message: str, signal: int):
+        super().__init__(message)
+        self.signal = signal

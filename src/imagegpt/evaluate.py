@@ -171,16 +171,18 @@ def evaluate(
     split is the same). limit: evaluate a seeded subset of at most this many images. cache_dir: keep the token
     ids in imagegpt.data's token cache there. unigram: also compute the unigram baseline on the train split.
     """
+    from .checkpoint import load_with_processor
     from .data import load_dataset, token_cache
+    from .files import check_folders
     from .model import ImageGPT
-    from .processor import ImageProcessor
     from .trainer import latest_model_dir
 
     model_dir = latest_model_dir(model_dir)
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
-    model = ImageGPT.from_pretrained(model_dir).to(device)
-    processor = ImageProcessor.from_pretrained(model_dir)
+    check_folders(cache_dir=cache_dir)
+    model, processor = load_with_processor(ImageGPT, model_dir)
+    model.to(device)
     options = dict(data_options or {})
     limit = options.pop(
         "limit", limit

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -24,8 +25,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .device import DTYPES
 from .errors import ArgumentError, CheckpointError, DataError
-from .files import write_text_atomic
+from .files import check_folders, check_output, write_text_atomic
+from .limits import check_memory
 from .model import ImageGPT, ImageGPTClassifier, sos_inputs
 
 # --------------------------------------------------------------------------------------------------- model
@@ -295,20 +298,24 @@ def finetune(
     from its last checkpoint; the arguments are read back from OUT/args.json. stop_after: stop, resumably,
     after this many steps of this session.
     """
+    from .checkpoint import load_with_processor
     from .data import load_dataset, token_cache
     from .device import resolve_device, resolve_dtype
     from .probe import data_options_for
-    from .processor import ImageProcessor
     from .trainer import (
+        ARGS_FILE,
         CURVE_FILE,
         METRICS_FILE,
         MODEL_DIR,
+        STATE_FILE,
         BatchOrder,
         MetricsLog,
         NonFiniteLossError,
+        RunLock,
         StopRequest,
         capture_state,
         cosine_lr,
+        damaged,
         find_checkpoint,
         latest_model_dir,
         load_args,
@@ -321,6 +328,7 @@ def finetune(
         restore_state,
         save_checkpoint,
         set_lr,
+        training_bytes,
     )
 
     out = Path(out)
@@ -343,23 +351,18 @@ def finetune(
         "clip": clip,
         "dtype": dtype if isinstance(dtype, str) or dtype is None else str(dtype).removeprefix("torch."),
     }
+    # Everything is checked before anything is written: a refused run leaves OUT as it was.
+    check_output(out, directory=True, what="--out")
+    prepare_run_dir(out, {}, resume=resume, write=False)  # a clear error if there is no run, or one already
     if resume:
-        prepare_run_dir(out, {}, resume=True, write=False)  # a clear error if there is no run
         saved = load_args(out)
         args = {k: saved.get(k, v) for k, v in args.items()}
+        try:
+            check_finetune_args(args)
+        except ArgumentError as e:
+            raise damaged(out / ARGS_FILE, f"its arguments are not valid ({e})") from e
     else:
-        for name, value in (("lr", lr), ("batch_size", batch_size)):
-            if value <= 0:
-                raise ArgumentError(f"--{name.replace('_', '-')} must be positive, got {value}")
-        if gen_weight < 0:
-            raise ArgumentError(f"--gen-weight must be >= 0, got {gen_weight}")
-        if steps is not None and epochs is not None:
-            raise ArgumentError("give --steps or --epochs, not both")
-        for name, value in (("steps", steps), ("epochs", epochs), ("eval_every", eval_every)):
-            if value is not None and value <= 0:
-                raise ArgumentError(f"--{name.replace('_', '-')} must be positive, got {value}")
-        if patience is not None and patience < 1:
-            raise ArgumentError(f"--patience must be at least 1 (or omitted), got {patience}")
+        check_finetune_args(args)
     a = args
     clip = a["clip"]
     device = resolve_device(device)
@@ -367,22 +370,24 @@ def finetune(
     augment = default_augment(a["data"]) if a["augment"] is None else bool(a["augment"])
 
     model_dir = latest_model_dir(a["model_dir"])
-    pretrained = ImageGPT.from_pretrained(model_dir)
+    pretrained, processor = load_with_processor(ImageGPT, model_dir)
     dtype = resolve_dtype(a["dtype"], device, training=True, width=pretrained.config.n_embd)
-    processor = ImageProcessor.from_pretrained(model_dir)
     options = data_options_for(a["data"], a["data_options"], processor)
     train = _labelled(load_dataset(a["data"], split="train", seed=a["seed"], **options), "train")
     val = _labelled(load_dataset(a["data"], split="val", seed=a["seed"], **options), "val")
     num_classes = train.num_classes
     class_names = train.class_names or [str(i) for i in range(num_classes)]
-    cache = out / "cache"
-    val_ids = token_cache(val, processor, cache)
-    train_ids = None if augment else token_cache(train, processor, cache)
 
     steps_per_epoch = max(1, len(train) // a["batch_size"])
     total = a["steps"] or max(1, round((a["epochs"] or 10) * steps_per_epoch))
     warmup_steps = a["warmup"] if a["warmup"] is not None else min(100, total // 20)
     every = a["eval_every"] or min(steps_per_epoch, total)
+    check_memory(
+        training_bytes(pretrained.config, a["batch_size"]) * (2 if a["gen_weight"] > 0 else 1),
+        f"fine-tuning {model_dir} on {a['batch_size']} images a step",
+        "lower --batch-size, or use --gen-weight 0 (no copy of the generative blocks)",
+        device,
+    )
     torch.manual_seed(a["seed"])  # dropout: the same arguments give the same run (resume restores its RNG)
     model = FinetuneModel(
         pretrained,
@@ -396,137 +401,193 @@ def finetune(
     order = BatchOrder(len(train), a["batch_size"], seed=a["seed"])
     checkpoints = out / "checkpoints"
     start, best, best_step, since_best = 0, -1.0, 0, 0
-    if resume:
-        latest = find_checkpoint(checkpoints)
-        if latest is None:
-            raise CheckpointError(
-                f"{out} has no checkpoint yet to resume from; start the run again without --resume"
-            )
-        state = load_training_state(latest)
-        model.classifier.load_state_dict(ImageGPTClassifier.from_pretrained(latest).state_dict())
-        missing, unexpected = model.load_state_dict(state.get("generative", {}), strict=False)
-        if unexpected or any(not k.startswith("classifier.") for k in missing):
-            raise CheckpointError(
-                f"{latest} does not match this fine-tuning run (layer {model.layer}, gen weight "
-                f"{a['gen_weight']}); resume with the arguments the run was started with"
-            )
-        if state.get("done"):
-            raise ArgumentError(
-                f"the run in {out} has already finished; its classifier is in {out / MODEL_DIR}"
-            )
-        start = restore_state(state, optimizer, order)
-        best, best_step, since_best = state["best_accuracy"], state["best_step"], state["since_best"]
-    else:
-        prepare_run_dir(out, args)
-    metrics = MetricsLog(out / METRICS_FILE, resume_step=start if resume else None)
 
-    def save_latest(step: int, done: bool = False) -> None:
-        generative = {k: v for k, v in model.state_dict().items() if not k.startswith("classifier.")}
-        state = capture_state(
-            step,
-            optimizer,
-            order,
-            best_accuracy=best,
-            best_step=best_step,
-            since_best=since_best,
-            done=done,
-            generative=generative,
-        )
-        save_checkpoint(checkpoints, model.classifier, state, processor=processor)
-
-    parts = {}
-
-    def loss_fn(batch):
-        ids, labels = batch
-        _, clf_loss, gen_loss = model(ids, labels, gen_weight=a["gen_weight"])
-        parts["clf_loss"], parts["gen_loss"] = (
-            clf_loss.detach(),
-            None if gen_loss is None else gen_loss.detach(),
-        )
-        return joint_loss(clf_loss, gen_loss, a["gen_weight"])
-
-    status = "finished"
-    step = start
-    bar = progress_bar(total, initial=start, enabled=progress, desc="finetune")
-    model.train()
-    try:
-        with StopRequest() as stop:
-            while step < total:
-                set_lr(optimizer, cosine_lr(step, lr=a["lr"], warmup=warmup_steps, total=total))
-                index = np.sort(order.next())  # sorted: reads the token memmap in file order
-                if augment:
-                    rng = np.random.default_rng([a["seed"], step])  # a function of the step: resumes exactly
-                    ids = encode_images(processor, _batch_images(train, index), augment=True, rng=rng)
-                else:
-                    ids = torch.as_tensor(np.asarray(train_ids[index], dtype=np.int64))
-                batch = (ids.to(device), torch.as_tensor(train.labels[index]).to(device))
-                result = optimizer_step(
-                    model, optimizer, [batch], loss_fn, clip=clip, device=device, dtype=dtype, step=step + 1
+    with RunLock(out):  # for the rest of the run
+        prepare_run_dir(out, {}, resume=resume, write=False)  # again under the lock
+        if resume:
+            latest = find_checkpoint(checkpoints)
+            if latest is None:
+                raise CheckpointError(
+                    f"{out} has no checkpoint yet to resume from; start the run again without --resume"
                 )
-                step += 1
-                record = {"step": step, "split": "train", "loss": result.loss}
-                record["clf_loss"] = float(parts["clf_loss"])
-                if parts["gen_loss"] is not None:
-                    record["gen_loss"] = float(parts["gen_loss"])
-                record.update(lr=optimizer.param_groups[0]["lr"], grad_norm=result.grad_norm)
-                metrics.write(record)
-                bar.update(1)
-                bar.set_postfix(loss=f"{result.loss:.3f}", best_val=f"{max(best, 0):.3f}", refresh=False)
-                if step % every == 0 or step == total:
-                    accuracy = evaluate_ids(
-                        model.classifier, val_ids, val.labels, 2 * a["batch_size"], device, dtype
-                    )
-                    model.train()
-                    metrics.write({"step": step, "split": "val", "accuracy": accuracy})
-                    if accuracy > best:
-                        best, best_step, since_best = accuracy, step, 0
-                        save_checkpoint(out, model.classifier, None, processor=processor, name=MODEL_DIR)
+            state = load_training_state(latest)
+            source = latest / STATE_FILE
+            try:
+                best, best_step, since_best = state["best_accuracy"], state["best_step"], state["since_best"]
+                done = bool(state.get("done"))
+                generative = state.get("generative", {})
+                classifier = ImageGPTClassifier.from_pretrained(latest, require_head=True)
+                model.classifier.load_state_dict(classifier.state_dict())
+                missing, unexpected = model.load_state_dict(generative, strict=False)
+            except (KeyError, TypeError, RuntimeError, AttributeError) as e:
+                raise damaged(source, f"its state does not fit this run ({type(e).__name__}: {e})") from e
+            if unexpected or any(not k.startswith("classifier.") for k in missing):
+                raise CheckpointError(
+                    f"{latest} does not match this fine-tuning run (layer {model.layer}, gen weight "
+                    f"{a['gen_weight']}); resume with the arguments the run was started with"
+                )
+            if done:
+                raise ArgumentError(
+                    f"the run in {out} has already finished; its classifier is in {out / MODEL_DIR}"
+                )
+            start = restore_state(state, optimizer, order, source=source)
+        cache = out / "cache"
+        val_ids = token_cache(val, processor, cache)
+        train_ids = None if augment else token_cache(train, processor, cache)
+        if not resume:
+            prepare_run_dir(out, args)
+        metrics = MetricsLog(out / METRICS_FILE, resume_step=start if resume else None)
+
+        def save_latest(step: int, done: bool = False) -> None:
+            generative = {k: v for k, v in model.state_dict().items() if not k.startswith("classifier.")}
+            state = capture_state(
+                step,
+                optimizer,
+                order,
+                best_accuracy=best,
+                best_step=best_step,
+                since_best=since_best,
+                done=done,
+                generative=generative,
+            )
+            save_checkpoint(checkpoints, model.classifier, state, processor=processor)
+
+        parts = {}
+
+        def loss_fn(batch):
+            ids, labels = batch
+            _, clf_loss, gen_loss = model(ids, labels, gen_weight=a["gen_weight"])
+            parts["clf_loss"], parts["gen_loss"] = (
+                clf_loss.detach(),
+                None if gen_loss is None else gen_loss.detach(),
+            )
+            return joint_loss(clf_loss, gen_loss, a["gen_weight"])
+
+        status, signal = "finished", None
+        step = start
+        bar = progress_bar(total, initial=start, enabled=progress, desc="finetune")
+        model.train()
+        try:
+            with StopRequest() as stop:
+                while step < total:
+                    set_lr(optimizer, cosine_lr(step, lr=a["lr"], warmup=warmup_steps, total=total))
+                    index = np.sort(order.next())  # sorted: reads the token memmap in file order
+                    if augment:
+                        rng = np.random.default_rng([a["seed"], step])  # a function of the step: resumes
+                        ids = encode_images(processor, _batch_images(train, index), augment=True, rng=rng)
                     else:
-                        since_best += 1
-                    early = a["patience"] is not None and since_best >= a["patience"]
-                    save_latest(step, done=early or step == total)
-                    if early:
-                        status = (
-                            f"stopped early: no better validation accuracy in {a['patience']} validations"
-                        )
-                        break
-                asked = stop.requested or (stop_after is not None and step - start >= stop_after)
-                if asked and step < total:  # at the last step the run is complete and saved as done
-                    save_latest(step)
-                    why = (
-                        f"interrupted ({stop.signal_name})"
-                        if stop.requested
-                        else f"stopped after {stop_after} steps"
+                        ids = torch.as_tensor(np.asarray(train_ids[index], dtype=np.int64))
+                    batch = (ids.to(device), torch.as_tensor(train.labels[index]).to(device))
+                    result = optimizer_step(
+                        model,
+                        optimizer,
+                        [batch],
+                        loss_fn,
+                        clip=clip,
+                        device=device,
+                        dtype=dtype,
+                        step=step + 1,
                     )
-                    status = f"{why}; continue with `imagegpt finetune --resume {out}`"
-                    break
-    except NonFiniteLossError as e:
+                    step += 1
+                    record = {"step": step, "split": "train", "loss": result.loss}
+                    record["clf_loss"] = float(parts["clf_loss"])
+                    if parts["gen_loss"] is not None:
+                        record["gen_loss"] = float(parts["gen_loss"])
+                    record.update(lr=optimizer.param_groups[0]["lr"], grad_norm=result.grad_norm)
+                    metrics.write(record)
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{result.loss:.3f}", best_val=f"{max(best, 0):.3f}", refresh=False)
+                    if step % every == 0 or step == total:
+                        accuracy = evaluate_ids(
+                            model.classifier, val_ids, val.labels, 2 * a["batch_size"], device, dtype
+                        )
+                        model.train()
+                        metrics.write({"step": step, "split": "val", "accuracy": accuracy})
+                        if accuracy > best:
+                            best, best_step, since_best = accuracy, step, 0
+                            save_checkpoint(out, model.classifier, None, processor=processor, name=MODEL_DIR)
+                        else:
+                            since_best += 1
+                        early = a["patience"] is not None and since_best >= a["patience"]
+                        save_latest(step, done=early or step == total)
+                        if early:
+                            status = (
+                                f"stopped early: no better validation accuracy in {a['patience']} validations"
+                            )
+                            break
+                    asked = stop.requested or (stop_after is not None and step - start >= stop_after)
+                    if asked and step < total:  # at the last step the run is complete and saved as done
+                        save_latest(step)
+                        why = (
+                            f"interrupted ({stop.signal_name})"
+                            if stop.requested
+                            else f"stopped after {stop_after} steps"
+                        )
+                        status = f"{why}; continue with `imagegpt finetune --resume {out}`"
+                        signal = stop.signal
+                        break
+        except NonFiniteLossError as e:
+            bar.close()
+            plot_metrics(out / METRICS_FILE, out / CURVE_FILE)
+            last = find_checkpoint(checkpoints)
+            where = (
+                f"the last good checkpoint is {last}; resume it with `imagegpt finetune --resume {out}` "
+                "after lowering --lr in its args.json, or start again with a smaller --lr"
+                if last is not None
+                else "no checkpoint was saved yet; start again with a smaller --lr or a longer --warmup"
+            )
+            raise NonFiniteLossError(f"{e}. Fine-tuning stopped; {where}") from None
         bar.close()
         plot_metrics(out / METRICS_FILE, out / CURVE_FILE)
-        last = find_checkpoint(checkpoints)
-        where = (
-            f"the last good checkpoint is {last}; resume it with `imagegpt finetune --resume {out}` after "
-            "lowering --lr in its args.json, or start again with a smaller --lr"
-            if last is not None
-            else "no checkpoint was saved yet; start again with a smaller --lr or a longer --warmup"
-        )
-        raise NonFiniteLossError(f"{e}. Fine-tuning stopped; {where}") from None
-    bar.close()
-    plot_metrics(out / METRICS_FILE, out / CURVE_FILE)
-    summary = {
-        "status": status,
-        "step": step,
-        "steps": total,
-        "best_val_accuracy": best,
-        "best_step": best_step,
-        "model": str(out / MODEL_DIR),
-        "classes": num_classes,
-        "augment": augment,
-        "layer": model.layer,
-        "gen_weight": a["gen_weight"],
-    }
-    write_text_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
-    return summary
+        summary = {
+            "status": status,
+            "step": step,
+            "steps": total,
+            "best_val_accuracy": best,
+            "best_step": best_step,
+            "model": str(out / MODEL_DIR),
+            "classes": num_classes,
+            "augment": augment,
+            "layer": model.layer,
+            "gen_weight": a["gen_weight"],
+            "signal": signal,  # the signal (SIGINT, SIGTERM) that stopped the run, if one did
+        }
+        write_text_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+        return summary
+
+
+def check_finetune_args(a: dict) -> None:
+    """Every fine-tuning argument checked before anything is written (a fresh run's or args.json's)."""
+    for name in ("lr", "gen_weight", "weight_decay", "clip"):
+        value = a[name]
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            raise ArgumentError(f"--{name.replace('_', '-')} must be a number, got {value!r}")
+    if a["lr"] <= 0:
+        raise ArgumentError(f"--lr must be positive, got {a['lr']}")
+    for name in ("gen_weight", "weight_decay", "clip"):
+        if a[name] < 0:
+            raise ArgumentError(f"--{name.replace('_', '-')} must be >= 0, got {a[name]}")
+    if a["steps"] is not None and a["epochs"] is not None:
+        raise ArgumentError("give --steps or --epochs, not both")
+    for name, minimum in (("batch_size", 1), ("steps", 1), ("eval_every", 1), ("patience", 1), ("warmup", 0),
+                          ("seed", 0), ("layer", 1)):  # fmt: skip
+        value = a[name]
+        if name != "batch_size" and name != "seed" and value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ArgumentError(f"--{name.replace('_', '-')} must be an integer >= {minimum}, got {value!r}")
+    epochs = a["epochs"]
+    number = isinstance(epochs, int | float) and not isinstance(epochs, bool)
+    if epochs is not None and not (number and math.isfinite(epochs) and epochs > 0):
+        raise ArgumentError(f"--epochs must be a positive number, got {epochs!r}")
+    if not isinstance(a["data_options"], dict):
+        raise ArgumentError(f"data options must be a dict of KEY: VALUE, got {a['data_options']!r}")
+    if a["augment"] is not None and not isinstance(a["augment"], bool):
+        raise ArgumentError(f"augment must be true, false or null, got {a['augment']!r}")
+    if a["dtype"] is not None and a["dtype"] not in ("auto", *DTYPES):
+        raise ArgumentError(f"unknown --dtype {a['dtype']!r}; use one of auto, {', '.join(DTYPES)}")
+    if not isinstance(a["model_dir"], str) or not isinstance(a["data"], str):
+        raise ArgumentError("the pretrained model and the data must be given as paths or names")
 
 
 # ------------------------------------------------------------------------------------------------ classify
@@ -563,13 +624,14 @@ def classify(
     Writes classify-SPLIT.json and confusion-SPLIT.png into `out` (default: the folder holding the classifier
     directory, which for `imagegpt finetune --out RUN` is RUN) and returns the report.
     """
+    from .checkpoint import load_with_processor
     from .data import load_dataset, token_cache
     from .probe import data_options_for
-    from .processor import ImageProcessor
 
     model_dir = classifier_dir(model_dir)
-    classifier = ImageGPTClassifier.from_pretrained(model_dir)
-    processor = ImageProcessor.from_pretrained(model_dir)
+    out = Path(model_dir).resolve().parent if out is None else Path(out)  # default: beside the classifier
+    check_folders(out=out, cache_dir=cache_dir)
+    classifier, processor = load_with_processor(ImageGPTClassifier, model_dir, require_head=True)
     options = data_options_for(data, data_options, processor)
     dataset = _labelled(load_dataset(data, split=split, seed=seed, **options), split)
     num_labels = classifier.config.num_labels
@@ -597,7 +659,6 @@ def classify(
         "class_names": class_names,
         "confusion": matrix.tolist(),
     }
-    out = Path(model_dir).resolve().parent if out is None else Path(out)
     out.mkdir(parents=True, exist_ok=True)
     report["json"] = str(out / f"classify-{split}.json")
     report["plot"] = str(out / f"confusion-{split}.png")

@@ -1,5 +1,5 @@
-"""Image grids for PNG output: cells upscaled with nearest-neighbour (so a 32x32 image is visible), small
-gutters.
+"""Image grids for image files (PNG, or the format the name asks for): cells upscaled with nearest-neighbour
+(so a 32x32 image is visible), small gutters.
 
 `sample_grid` lays n samples out in a near-square grid; `completion_grid` gives each image one row: the
 occluded input (the rows kept, the rest grey), its completions, then the original.
@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .errors import ArgumentError
+from .errors import ArgumentError, OutputError
+from .files import atomic_open, check_output
 
 OCCLUDED = 128  # the grey of the rows a completion has to fill
 BACKGROUND = 255  # gutters and empty cells
@@ -107,14 +108,40 @@ def completion_grid(originals, completions, keep_rows: int, **options) -> np.nda
     return make_grid(rows, **options)
 
 
-def save_png(grid: np.ndarray, path: str | os.PathLike) -> Path:
-    """Write a uint8 image [H, W, 3] as PNG, creating the parent directory."""
-    path = Path(path).expanduser()
-    if path.is_dir():
-        raise ArgumentError(f"{path} is a directory; pass a file name such as samples.png")
+# The formats an image grid is written in, by the file's suffix (lossless first, as messages list them).
+IMAGE_FORMATS = {
+    ".png": "PNG",
+    ".webp": "WEBP",
+    ".bmp": "BMP",
+    ".tif": "TIFF",
+    ".tiff": "TIFF",
+    ".ppm": "PPM",
+    ".gif": "GIF",
+    ".jpg": "JPEG",
+    ".jpeg": "JPEG",
+}
+
+
+def image_format(path: str | os.PathLike, what: str = "image file") -> str:
+    """Pillow's format for the file's suffix (.png -> PNG, .jpg -> JPEG); an OutputError for any other name,
+    so that a file never holds another format than its name says."""
+    from PIL import features
+
+    suffix = Path(path).suffix.lower()
+    name = IMAGE_FORMATS.get(suffix)
+    if name is None or (name == "WEBP" and not features.check("webp")):
+        known = ", ".join(s for s, f in IMAGE_FORMATS.items() if f != "WEBP" or features.check("webp"))
+        said = f"ends in {suffix}" if suffix else "has no suffix"
+        raise OutputError(f"{what} {path} {said}; give a name ending in one of {known}")
+    return name
+
+
+def save_image(grid: np.ndarray, path: str | os.PathLike) -> Path:
+    """Write a uint8 image [H, W, 3] in the format its suffix names (PNG for .png, JPEG for .jpg, ...),
+    atomically, creating the parent directory."""
+    path = check_output(path, what="image file")
+    format = image_format(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        Image.fromarray(grid).save(path, format="PNG")
-    except OSError as e:
-        raise ArgumentError(f"cannot write {path}: {e}") from e
+    with atomic_open(path, "wb") as f:
+        Image.fromarray(grid).save(f, format=format)
     return path

@@ -27,8 +27,10 @@ import numpy as np
 import torch
 
 from .errors import ArgumentError, CheckpointError
-from .files import write_text_atomic
+from .files import check_output, write_text_atomic
 
+# The most clusters a command fits: token ids are stored as uint16 (imagegpt.data's cache), with room for SOS.
+MAX_CLUSTERS = 65535
 _BUFFER_ENTRIES = 1 << 19  # float32 distances per chunk: 2 MiB, small enough to stay in cache
 _MEMO_PIXELS = 1 << 16  # uint8 batches this large use the colour memo
 
@@ -37,6 +39,21 @@ _MEMO_PIXELS = 1 << 16  # uint8 batches this large use the colour memo
 UINT8_TO_UNIT = (
     (np.arange(256, dtype=np.float64) * (1 / 255)).astype(np.float32) - np.float32(0.5)
 ) / np.float32(0.5)
+
+
+def check_clusters(clusters, what: str = "--clusters") -> int:
+    """The palette size every command accepts (train, demo, palette fit): an integer in [2, MAX_CLUSTERS].
+
+    One colour is refused: every image would be the same tokens, and its bits/dim a meaningless 0.
+    """
+    if isinstance(clusters, bool) or not isinstance(clusters, int | np.integer):
+        raise ArgumentError(f"{what} must be an integer in [2, {MAX_CLUSTERS}], got {clusters!r}")
+    if not 2 <= clusters <= MAX_CLUSTERS:
+        raise ArgumentError(
+            f"{what} must be in [2, {MAX_CLUSTERS}], got {clusters}: a palette needs at least two colours "
+            f"to tell anything apart, and token ids are stored as 16-bit integers"
+        )
+    return int(clusters)
 
 
 def _as_numpy(array) -> np.ndarray:
@@ -171,6 +188,15 @@ class Palette:
                 f"palette centres must lie in [-1, 1] RGB, got values in [{centers64.min():.3g}, "
                 f"{centers64.max():.3g}]; a palette in 0-255 units maps with c / 127.5 - 1"
             )
+        distinct, first = np.unique(centers64, axis=0, return_index=True)
+        if len(distinct) < len(centers64):
+            repeated = int(np.setdiff1d(np.arange(len(centers64)), first)[0])
+            original = int(np.flatnonzero((centers64 == centers64[repeated]).all(axis=1))[0])
+            duplicates = len(centers64) - len(distinct)
+            raise ArgumentError(
+                f"palette centre {repeated} repeats centre {original}: {duplicates} of the {len(centers64)} "
+                "centres are duplicates, whose tokens could never occur; remove them or fit the palette again"
+            )
         self._centers64 = np.ascontiguousarray(centers64)
         self._centers32 = self._centers64.astype(np.float32)
         self._torch32 = torch.from_numpy(self._centers32.copy())
@@ -242,6 +268,8 @@ class Palette:
             raise ArgumentError(f"tolerance must be >= 0, got {tolerance!r}")
         rng = np.random.default_rng(seed)
         x, weights = _sample_pixels(pixels, max_pixels, rng)
+        if len(x) == 0:
+            raise ArgumentError("no pixels to fit a palette on: pass at least one pixel per cluster")
         if len(x) < clusters:
             kind = "distinct colours" if x.dtype == np.uint8 else "pixels"
             raise ArgumentError(
@@ -319,9 +347,7 @@ class Palette:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write {"clusters": [[r, g, b], ...]} to a JSON file (floats round-trip exactly)."""
-        path = Path(path)
-        if path.is_dir():
-            raise ArgumentError(f"{path} is a directory; give a file name such as {path / 'palette.json'}")
+        path = check_output(path, what="palette file")
         path.parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(path, json.dumps({"clusters": self.to_list()}) + "\n")
         return path
@@ -412,6 +438,8 @@ def _unique_counts(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Sorted distinct values and their counts. Sorting does it in 30 ms for 1M int32s, where numpy 2.4's
     hash-based np.unique took 3 s."""
     ordered = np.sort(values)
+    if len(ordered) == 0:
+        return ordered, np.zeros(0, dtype=np.int64)
     starts = np.flatnonzero(np.concatenate(([True], ordered[1:] != ordered[:-1])))
     return ordered[starts], np.diff(np.append(starts, len(ordered)))
 

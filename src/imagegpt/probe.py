@@ -30,7 +30,7 @@ import torch
 
 from .device import autocast, resolve_device, resolve_dtype
 from .errors import ArgumentError, DataError, ImageInputError
-from .files import write_text_atomic
+from .files import check_folders, write_text_atomic
 from .model import sos_inputs
 
 DEFAULT_CS: tuple[float, ...] = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
@@ -457,6 +457,8 @@ def run_probe(
     if labels_per_class is not None and seeds < 1:
         raise ArgumentError(f"seeds must be at least 1, got {seeds}")
     layers = resolve_layers(layers, model.config.n_layer)
+    if labels_per_class is not None:
+        labels_per_class_subset(data["train"][1], labels_per_class, 0)  # checked before any feature is made
     train_classes = set(np.unique(data["train"][1]).tolist())
     for split in ("val", "test"):
         unseen = set(np.unique(data[split][1]).tolist()) - train_classes
@@ -661,14 +663,14 @@ def probe_pretrained(
 
     cache_dir defaults to `out/cache`; data_options go to imagegpt.data.load_dataset (limit, n, resolution).
     """
+    from .checkpoint import load_with_processor
     from .data import load_dataset
     from .model import ImageGPT
-    from .processor import ImageProcessor
     from .trainer import latest_model_dir
 
     model_dir = latest_model_dir(model_dir)  # a model directory, or a run directory's model
-    model = ImageGPT.from_pretrained(model_dir)
-    processor = ImageProcessor.from_pretrained(model_dir)
+    check_folders(out=out, cache_dir=cache_dir)
+    model, processor = load_with_processor(ImageGPT, model_dir)
     options = data_options_for(data, data_options, processor)
     splits = [load_dataset(data, split=s, seed=seed, **options) for s in ("train", "val", "test")]
     report = run_probe(

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +31,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import ArgumentError, CheckpointError, ConfigError, ImageInputError
 from .files import write_text_atomic
+from .hub import fetch_error, hub_id, quiet
+from .limits import check_memory
 from .palette import UINT8_TO_UNIT, Palette
 from .pixels import array_to_rgb, pil_to_rgb
 
@@ -48,7 +49,6 @@ _SWITCHES = {
     "do_center_crop",
     "do_convert_rgb",
 }
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 
 
 class ImageProcessor:
@@ -96,6 +96,11 @@ class ImageProcessor:
         ):
             return np.ascontiguousarray(images)
         items = _as_list(images)
+        check_memory(
+            len(items) * self.height * self.width * 3,
+            f"{len(items)} images at the processor's {self.height}x{self.width}",
+            "encode fewer images at a time",
+        )
         out = np.empty((len(items), self.height, self.width, 3), dtype=np.uint8)
         for i, item in enumerate(items):
             what = f"image {i}" if len(items) > 1 else "image"
@@ -294,26 +299,14 @@ def _config_file(path) -> Path:
         return local / PROCESSOR_NAME
     if local.is_file():
         return local
-    if not _HUB_ID.match(str(path)) or ".." in str(path):
-        raise CheckpointError(
-            f"no such file or directory: {path}; pass a directory holding {PROCESSOR_NAME} or the json itself"
-        )
+    name = hub_id(path, f"a directory holding {PROCESSOR_NAME}, or the json itself")
+    from huggingface_hub import hf_hub_download
+
     try:
-        from huggingface_hub import hf_hub_download
-    except ImportError as e:
-        raise CheckpointError(
-            f"{path} is not a local file or directory, and loading a Hugging Face Hub id needs the optional "
-            "huggingface_hub package: pip install 'imagegpt[hub]', or pass a local directory"
-        ) from e
-    try:
-        return Path(hf_hub_download(str(path), PROCESSOR_NAME))
+        with quiet():
+            return Path(hf_hub_download(name, PROCESSOR_NAME))
     except Exception as e:  # any failure to fetch (offline, unknown id, no such file) is the user's to fix
-        reason = " ".join(str(e).split())
-        raise CheckpointError(
-            f"{path} is not a local file or directory, and fetching its {PROCESSOR_NAME} from the Hugging "
-            f"Face Hub failed ({reason}). Check the id and your connection (HF_HUB_OFFLINE=1 forbids "
-            "downloads), or pass a local directory"
-        ) from e
+        raise fetch_error(path, e) from e
 
 
 # ---- reading images ----
@@ -370,6 +363,8 @@ def _read_file(path: str | os.PathLike, what: str) -> np.ndarray:
         raise ImageInputError(
             f"{what}: {path} is a directory; pass image files (imagegpt.data.load_dataset reads folders)"
         )
+    if not file.is_file():  # reading a pipe would wait for a writer forever
+        raise ImageInputError(f"{what}: {path} is not a regular file (a device, pipe or socket)")
     try:
         with Image.open(file) as image:
             return pil_to_rgb(ImageOps.exif_transpose(image), what)
@@ -379,4 +374,3 @@ def _read_file(path: str | os.PathLike, what: str) -> np.ndarray:
         raise ImageInputError(
             f"{what}: cannot read {path} as an image ({e}); is it a PNG, JPEG or similar?"
         ) from e
-

@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from . import kernels
 from .device import DTYPES, autocast, resolve_device, resolve_dtype
 from .errors import ArgumentError, CheckpointError, ConfigError
+from .limits import check_memory
 from .model import ImageGPT, KVCache, cache_position_bytes, can_pack, packed_weights
 
 # The default batch holds at most this many bytes of KV cache (igpt-s in float32: 20 images of 32x32).
@@ -327,6 +328,13 @@ def generate(
         if weight_dtype == torch.int8:
             batch_size = min(batch_size, kernels.MAX_ROWS)
     batch_size = _check_count(batch_size, "batch_size")
+    cache_bytes = min(batch_size, R) * n_positions * cache_position_bytes(config, cache_dtype)
+    what = f"sampling {R} images of {n_positions} tokens, {min(batch_size, R)} at a time,"
+    hint = "lower the batch size or the number of images"
+    on_host = device.type == "cpu"
+    check_memory(R * n_positions * 8 + (cache_bytes if on_host else 0), what, hint)  # the tokens out
+    if not on_host:
+        check_memory(cache_bytes, what, hint, device)  # the KV cache
     generator = torch.Generator(device=device)
     if seed is None:
         generator.seed()
@@ -569,7 +577,8 @@ def load_for_sampling(path, **kwargs):
     """
     from pathlib import Path
 
-    from .processor import PROCESSOR_NAME, ImageProcessor
+    from .checkpoint import load_with_processor
+    from .processor import PROCESSOR_NAME
     from .trainer import latest_model_dir
 
     directory = latest_model_dir(path)  # as given when not a local path: a Hub id
@@ -579,10 +588,7 @@ def load_for_sampling(path, **kwargs):
             "images; use a checkpoint saved with its processor (imagegpt train writes one), or save one "
             "there with ImageProcessor(palette, size).save_pretrained(directory)"
         )
-    processor = ImageProcessor.from_pretrained(directory)
-    model = ImageGPT.from_pretrained(directory, **kwargs)
-    image_shape(model.config, processor)
-    return model, processor
+    return load_with_processor(ImageGPT, directory, **kwargs)
 
 
 def sample_images(model: ImageGPT, processor, n: int, **options) -> tuple[torch.LongTensor, np.ndarray]:

@@ -11,6 +11,7 @@ reads its own slice of each global batch from the token cache, and only rank 0 w
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -21,24 +22,30 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import ImageGPTConfig
-from .device import resolve_device, resolve_dtype
+from .config import PRESETS, ImageGPTConfig
+from .device import DTYPES, resolve_device, resolve_dtype
 from .errors import ArgumentError, CheckpointError
 from .evaluate import bits_per_dim, token_nll
+from .files import check_output
+from .limits import check_memory
 from .model import ImageGPT, sos_inputs
 from .trainer import (
+    ARGS_FILE,
     CHECKPOINTS_DIR,
     CURVE_FILE,
     METRICS_FILE,
     MODEL_DIR,
+    STATE_FILE,
     BatchOrder,
     Distributed,
     MetricsLog,
     NonFiniteLossError,
+    RunLock,
     StopRequest,
     capture_state,
     close_distributed,
     cosine_lr,
+    damaged,
     find_checkpoint,
     full_state_dict,
     init_distributed,
@@ -54,6 +61,7 @@ from .trainer import (
     restore_state,
     save_checkpoint,
     set_lr,
+    training_bytes,
     wrap_model,
 )
 
@@ -108,28 +116,58 @@ class TrainOptions:
     keep_checkpoints: int = 0
 
     def validate(self) -> None:
-        positive = ("steps", "batch_size", "accumulate", "palette_pixels")
-        for name in positive:
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ArgumentError(
-                    f"--{name.replace('_', '-')} must be a positive integer, got {getattr(self, name)}"
-                )
+        """Every option checked before anything is created: a refused run leaves nothing behind, so the
+        corrected command (or --resume) never meets a half-made run."""
+        from .palette import check_clusters
+
+        for name in ("steps", "batch_size", "accumulate", "palette_pixels"):
+            _check_int(name, getattr(self, name), 1)
         counts = ("warmup", "eval_every", "save_every", "eval_images", "seed", "data_seed")
         for name in (*counts, "keep_checkpoints"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
-                raise ArgumentError(
-                    f"--{name.replace('_', '-')} must be an integer >= 0, got {getattr(self, name)}"
-                )
-        if not self.lr > 0 or not math.isfinite(self.lr):
+            _check_int(name, getattr(self, name), 0)
+        for name in ("resolution", "stop_after"):
+            if getattr(self, name) is not None:
+                _check_int(name, getattr(self, name), 1)
+        for name in ("lr", "weight_decay", "clip", "dropout"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+                raise ArgumentError(f"{_flag(name)} must be a number, got {value!r}")
+        if not self.lr > 0:
             raise ArgumentError(f"--lr must be a positive number, got {self.lr}")
         if self.weight_decay < 0 or self.clip < 0:
             raise ArgumentError("--weight-decay and --clip must be >= 0 (--clip 0 turns clipping off)")
-        if self.palette is None and not 2 <= self.clusters <= 65535:
-            raise ArgumentError(f"--clusters must be in [2, 65535], got {self.clusters}")
-        if self.resolution is not None and self.resolution < 1:
-            raise ArgumentError(f"--resolution must be positive, got {self.resolution}")
-        if self.stop_after is not None and self.stop_after < 1:
-            raise ArgumentError(f"--stop-after must be positive, got {self.stop_after}")
+        if not 0 <= self.dropout < 1:
+            raise ArgumentError(f"--dropout is a probability in [0, 1), got {self.dropout}")
+        for name in ("data", "out", "preset", "device", "dtype"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise ArgumentError(f"{_flag(name)} must be a non-empty string, got {getattr(self, name)!r}")
+        for name in ("palette", "cache_dir"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str | Path):
+                raise ArgumentError(f"{_flag(name)} must be a path, got {getattr(self, name)!r}")
+        if not isinstance(self.data_options, dict) or not all(isinstance(k, str) for k in self.data_options):
+            raise ArgumentError(f"data options must be a dict of KEY: VALUE, got {self.data_options!r}")
+        for name in ("gradient_checkpointing", "fsdp", "progress"):
+            if not isinstance(getattr(self, name), bool):
+                raise ArgumentError(f"{_flag(name)} must be true or false, got {getattr(self, name)!r}")
+        if self.palette is None:
+            check_clusters(self.clusters)
+        if self.preset not in PRESETS:
+            raise ArgumentError(f"unknown --preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
+        if self.dtype not in ("auto", *DTYPES):
+            raise ArgumentError(f"unknown --dtype {self.dtype!r}; use one of auto, {', '.join(DTYPES)}")
+        check_output(self.out, directory=True, what="--out")
+        if self.cache_dir is not None:
+            check_output(self.cache_dir, directory=True, what="--cache-dir")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _check_int(name: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        kind = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        raise ArgumentError(f"{_flag(name)} must be {kind}, got {value!r}")
 
 
 # Options that may differ when a run is resumed: they change where and how it runs, not what it computes.
@@ -142,6 +180,11 @@ def resume_options(run_dir: str | Path, **overrides) -> TrainOptions:
     known = {f.name for f in fields(TrainOptions)}
     options = TrainOptions(**{k: v for k, v in saved.items() if k in known})
     options.stop_after = None  # a limit for one session, not the run's
+    options.out = str(run_dir)
+    try:
+        options.validate()
+    except ArgumentError as e:
+        raise damaged(Path(run_dir) / ARGS_FILE, f"its arguments are not valid ({e})") from e
     changed = {k: v for k, v in overrides.items() if v is not None and getattr(options, k) != v}
     refused = sorted(set(changed) - set(RESUME_OVERRIDABLE))
     if refused:
@@ -189,6 +232,7 @@ class TrainResult:
     val_bits_per_dim: float | None
     tokens_per_second: float | None
     dtype: str | None = None  # the compute dtype the run's steps used ("float32", "bfloat16", ...)
+    signal: int | None = None  # the signal (SIGINT, SIGTERM) that stopped the run, if one did
 
 
 def image_loss(model: nn.Module, ids: torch.Tensor, sos_id: int) -> torch.Tensor:
@@ -223,7 +267,7 @@ def _resolution(options: TrainOptions, dataset) -> int | tuple[int, int]:
 
 def _finished(run_dir: Path, step: int) -> TrainResult:
     records = read_metrics(run_dir / METRICS_FILE)
-    last = {r["split"]: r["loss"] for r in records}  # the last record of each split
+    last = {r.get("split"): r["loss"] for r in records if "loss" in r}  # the last record of each split
     return TrainResult(
         run_dir=run_dir,
         model_dir=run_dir / MODEL_DIR,
@@ -257,19 +301,20 @@ def train(options: TrainOptions, *, resume: bool = False, on_step=None) -> Train
     on_step(step, record, model), if given, is called after every optimizer step with the step's metrics.
     Under torchrun (WORLD_SIZE set) this runs DistributedDataParallel; call it from every rank.
     """
-    options = replace(options, data_options=dict(options.data_options))  # the caller's copy stays as given
     options.validate()
+    options = replace(options, data_options=dict(options.data_options))  # the caller's copy stays as given
     device = resolve_device(options.device)
     dist = init_distributed(device)
     try:
-        return _train(options, resume, dist, on_step)
+        with contextlib.ExitStack() as hold:  # the run's lock, taken once everything is checked
+            return _train(options, resume, dist, on_step, hold)
     finally:
         close_distributed(dist)
 
 
-def _train(options: TrainOptions, resume: bool, dist: Distributed, on_step) -> TrainResult:
+def _train(options: TrainOptions, resume: bool, dist: Distributed, on_step, hold) -> TrainResult:
     from .data import load_dataset, token_cache
-    from .palette import Palette
+    from .palette import Palette, check_clusters
     from .processor import ImageProcessor
 
     device = dist.device
@@ -278,10 +323,10 @@ def _train(options: TrainOptions, resume: bool, dist: Distributed, on_step) -> T
     checkpoints = run_dir / CHECKPOINTS_DIR
     data_options = _data_options(options)
 
-    prepare_run_dir(run_dir, {}, resume=resume, write=False)  # every rank checks before rank 0 writes
+    # Everything is checked before anything is written: a refused run leaves the run directory as it was.
+    prepare_run_dir(run_dir, {}, resume=resume, write=False)
     if resume:
         _check_resume(options, run_dir)
-    dist.barrier()
     train_set = load_dataset(options.data, split="train", seed=options.data_seed, **data_options)
     val_set = load_dataset(options.data, split="val", seed=options.data_seed, **data_options)
     resolution = _resolution(options, train_set)
@@ -291,64 +336,78 @@ def _train(options: TrainOptions, resume: bool, dist: Distributed, on_step) -> T
             f"--batch-size {options.batch_size} must be divisible by the number of processes "
             f"({dist.world_size}) times --accumulate ({options.accumulate})"
         )
-    BatchOrder(len(train_set), options.batch_size)  # does the data hold a batch? (before writing anything)
+    BatchOrder(len(train_set), options.batch_size)  # does the data hold a batch?
     if options.resolution is None and isinstance(resolution, int):
         options.resolution = resolution
 
     # The palette: the run's own (fitted or copied at the start), so that a resumed run uses the same one.
     palette_path = run_dir / PALETTE_FILE
+    palette = None
     if resume:
         if not palette_path.is_file():
             raise CheckpointError(f"{palette_path} is missing; the run cannot be resumed without its palette")
+        palette = Palette.load(palette_path)
+    elif options.palette is not None:
+        palette = Palette.load(options.palette)
+        check_clusters(len(palette), f"the number of colours in {options.palette}")
     elif dist.is_main:
-        if options.palette is not None:
-            palette = Palette.load(options.palette)
-        else:
-            palette = fit_palette(train_set, options.clusters, options.palette_pixels, options.seed)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        palette.save(palette_path)  # before args.json: a run directory with args.json always has its palette
-        prepare_run_dir(run_dir, asdict(options) | {"clusters": len(palette)})
-    dist.barrier()
-    palette = Palette.load(palette_path)
-    options.clusters = len(palette)  # the run's palette decides (a --palette file, or a resumed run's)
-    processor = ImageProcessor(palette, resolution)
-    if resume and dist.is_main:
-        prepare_run_dir(run_dir, asdict(options), resume=True)  # records the overrides of this session
-
-    cache_dir = Path(options.cache_dir) if options.cache_dir else run_dir / "cache"
-    if dist.is_main:  # rank 0 quantises; the others open the finished cache
-        train_tokens = token_cache(train_set, processor, cache_dir, progress=options.progress)
-        val_tokens = token_cache(val_set, processor, cache_dir, progress=options.progress)
-    dist.barrier()
-    if not dist.is_main:
-        train_tokens = token_cache(train_set, processor, cache_dir)
-        val_tokens = token_cache(val_set, processor, cache_dir)
-
-    order = BatchOrder(len(train_tokens), options.batch_size, options.data_seed, dist.rank, dist.world_size)
-
-    torch.manual_seed(options.seed)
+        palette = fit_palette(train_set, options.clusters, options.palette_pixels, options.seed)
     config = ImageGPTConfig.from_preset(
         options.preset,
         resolution=resolution,
-        clusters=len(palette),
+        clusters=options.clusters if palette is None else len(palette),
         resid_pdrop=options.dropout,
         embd_pdrop=options.dropout,
         attn_pdrop=options.dropout,
     )
-    model = ImageGPT(config)
-    dtype = resolve_dtype(options.dtype, device, training=True, width=config.n_embd)
-    step = 0
-    if resume and dist.is_main:
-        find_checkpoint(checkpoints)  # rank 0 repairs what a crash left, so that ranks never race to rename
+    what = f"training {options.preset} at {config.n_positions} positions"
+    hint = "choose a smaller --preset, --resolution or --batch-size (or a larger --accumulate)"
+    micro = per_rank // options.accumulate
+    check_memory(training_bytes(config, micro), f"{what}, {micro} images a micro-batch,", hint, device)
+    if device.type != "cpu":  # the model is built on the host first
+        check_memory(4 * config.num_parameters(), f"building {options.preset}", hint)
     dist.barrier()
-    latest = find_checkpoint(checkpoints) if resume else None
-    if latest is not None:
-        model = ImageGPT.from_pretrained(latest)
+
+    hold.enter_context(RunLock(run_dir, enabled=dist.is_main))  # for the rest of the run
+    if dist.is_main:  # again under the lock: another process may have started a run here meanwhile
+        prepare_run_dir(run_dir, {}, resume=resume, write=False)
+    latest = state = loaded = None
+    if resume:
+        if dist.is_main:
+            find_checkpoint(checkpoints)  # rank 0 repairs what a crash left, so that ranks never race
+        dist.barrier()
+        latest = find_checkpoint(checkpoints, repair=False)
+    if latest is not None:  # read and checked before anything of the run is written
+        state = load_training_state(latest)
+        loaded = ImageGPT.from_pretrained(latest)
         shape = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head")
-        if any(getattr(model.config, k) != getattr(config, k) for k in shape):
+        if any(getattr(loaded.config, k) != getattr(config, k) for k in shape):
             raise CheckpointError(
                 f"{latest} holds a model of another shape than this run's arguments describe"
             )
+
+    cache_dir = Path(options.cache_dir) if options.cache_dir else run_dir / "cache"
+    if dist.is_main:  # rank 0 quantises, then writes the palette and args.json; the others open the cache
+        processor = ImageProcessor(palette, resolution)
+        train_tokens = token_cache(train_set, processor, cache_dir, progress=options.progress)
+        val_tokens = token_cache(val_set, processor, cache_dir, progress=options.progress)
+        if not resume:
+            palette.save(palette_path)  # before args.json: a run with args.json always has its palette
+            prepare_run_dir(run_dir, asdict(options) | {"clusters": len(palette)})
+    dist.barrier()
+    if not dist.is_main:
+        palette = Palette.load(palette_path)
+        processor = ImageProcessor(palette, resolution)
+        train_tokens = token_cache(train_set, processor, cache_dir)
+        val_tokens = token_cache(val_set, processor, cache_dir)
+    options.clusters = len(palette)  # the run's palette decides (a --palette file, or a resumed run's)
+
+    order = BatchOrder(len(train_tokens), options.batch_size, options.data_seed, dist.rank, dist.world_size)
+
+    torch.manual_seed(options.seed)
+    model = ImageGPT(config) if loaded is None else loaded
+    dtype = resolve_dtype(options.dtype, device, training=True, width=config.n_embd)
+    step = 0
     model.to(device)
     model.transformer.gradient_checkpointing = options.gradient_checkpointing
     parameters = model.num_parameters()
@@ -356,10 +415,12 @@ def _train(options: TrainOptions, resume: bool, dist: Distributed, on_step) -> T
     ddp = wrap_model(model, dist, fsdp_units=list(model.transformer.h) if options.fsdp else None)
     sharded = is_sharded(ddp)
     optimizer = make_optimizer(model, options.lr, options.weight_decay)
-    if latest is not None:
-        step = restore_state(load_training_state(latest), optimizer, order, dist, model=ddp)
+    if state is not None:
+        step = restore_state(state, optimizer, order, dist, model=ddp, source=latest / STATE_FILE)
         if step >= options.steps and (run_dir / MODEL_DIR / "config.json").is_file():
             return _finished(run_dir, step)  # resuming a finished run changes nothing
+    if resume and dist.is_main:
+        prepare_run_dir(run_dir, asdict(options), resume=True)  # records the overrides of this session
     model.train()
     schedule = {"lr": options.lr, "warmup": options.warmup, "total": options.steps}
 
@@ -521,4 +582,5 @@ def _train(options: TrainOptions, resume: bool, dist: Distributed, on_step) -> T
         val_bits_per_dim=val_bpd,
         tokens_per_second=rate,
         dtype=str(dtype).removeprefix("torch."),
+        signal=stop.signal if stopped else None,
     )

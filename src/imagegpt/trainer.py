@@ -10,18 +10,26 @@ A run directory holds everything a run needs to continue exactly where it stoppe
                                     preprocessor_config.json) plus training_state.pt: optimizer, schedule,
                                     step, RNG states and data position
       model/                        the finished run's model (save_checkpoint with state=None), when it ends
+      .lock                         held (fcntl.flock) by the process working in the run: RunLock
 
 A checkpoint is written into a temporary directory beside `latest`, fsynced, then swapped in with two renames;
 `find_checkpoint` repairs the one window a crash can leave (between the renames), so `latest` is never half
 written. The loop that uses these pieces stays in the caller (train.py, finetune.py): a plain `for` loop.
+
+A run directory is worked in by one process at a time: RunLock holds a lock on RUN_DIR/.lock for the run's
+lifetime (the kernel releases it when the process dies, however it dies), so a second `train --resume` of the
+same run is refused before it touches a file. Files read back on resume (args.json, training_state.pt) are
+checked when read: a damaged one is a CheckpointError naming it, and nothing in the run is written before.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
+import pickle
 import random
 import shutil
 import signal
@@ -39,7 +47,7 @@ from torch import nn
 
 from .device import autocast
 from .errors import ArgumentError, CheckpointError, ImageGPTError
-from .files import fsync_dir, fsync_tree, write_text_atomic
+from .files import fsync_dir, fsync_tree, write_errors, write_text_atomic
 
 ARGS_FILE = "args.json"
 METRICS_FILE = "metrics.jsonl"
@@ -47,6 +55,7 @@ CURVE_FILE = "loss.png"
 CHECKPOINTS_DIR = "checkpoints"
 MODEL_DIR = "model"
 STATE_FILE = "training_state.pt"
+LOCK_FILE = ".lock"
 
 
 class NonFiniteLossError(ImageGPTError):
@@ -81,11 +90,73 @@ def prepare_run_dir(
 
 
 def load_args(directory: str | os.PathLike) -> dict:
-    """The arguments a run was started with (its args.json)."""
+    """The arguments a run was started with (its args.json); a CheckpointError if the file is damaged."""
     path = Path(directory) / ARGS_FILE
     if not path.is_file():
         raise ArgumentError(f"{directory} is not a run directory: {ARGS_FILE} is missing")
-    return json.loads(path.read_text())
+    try:
+        args = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise damaged(path, f"it is not readable JSON ({e})") from e
+    if not isinstance(args, dict):
+        raise damaged(path, f"it holds a JSON {type(args).__name__}, not the run's arguments as an object")
+    return args
+
+
+def damaged(path: Path, reason: str) -> CheckpointError:
+    """The error for a run file that cannot be used: which file, why, and what to do."""
+    return CheckpointError(
+        f"{path} is damaged or was not written by imagegpt: {reason}. The run cannot continue from it; "
+        "restore the file from a copy, or start a new run with another --out. Nothing in the run was changed"
+    )
+
+
+class RunLock:
+    """`with RunLock(run_dir):` holds an exclusive lock on RUN_DIR/.lock (fcntl.flock), so that one process
+    at a time works in a run; another one is refused with an ArgumentError naming the holder's pid.
+
+    The kernel drops the lock when the holder exits, however it exits (kill -9 included): a lock is never
+    left behind. The file itself stays (deleting it would let two processes lock two different files).
+    Creates run_dir. enabled=False (ranks other than 0) holds nothing. Where fcntl is missing (Windows)
+    nothing is locked.
+    """
+
+    def __init__(self, directory: str | os.PathLike, *, enabled: bool = True):
+        self.directory = Path(directory)
+        self.enabled = enabled
+        self._fd: int | None = None
+
+    def __enter__(self) -> RunLock:
+        if not self.enabled:
+            return self
+        try:
+            import fcntl
+        except ImportError:
+            return self
+        self.directory.mkdir(parents=True, exist_ok=True)
+        path = self.directory / LOCK_FILE
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise ArgumentError(
+                f"{self.directory} is in use by another imagegpt process (pid {holder}); wait for it to "
+                "finish or stop it (Ctrl-C or kill saves its checkpoint), then try again"
+            ) from None
+        except BaseException:
+            os.close(fd)
+            raise
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor releases the lock
+            self._fd = None
 
 
 # Metrics: JSONL and a loss curve
@@ -99,7 +170,7 @@ class MetricsLog:
         self.path = Path(path)
         self.enabled = enabled
         if enabled and resume_step is not None and self.path.exists():
-            kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step]
+            kept = [r for r in read_metrics(self.path) if _step(r) <= resume_step]
             write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def write(self, record: dict) -> None:
@@ -110,12 +181,21 @@ class MetricsLog:
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:
-    """All records of a metrics.jsonl; a torn last line (a crash mid-append) is skipped."""
+    """All records of a metrics.jsonl; a torn last line (a crash mid-append), or any line that is not a
+    record with an integer step, is skipped."""
     records = []
-    for line in Path(path).read_text().splitlines():
+    for line in Path(path).read_text(encoding="utf-8", errors="replace").splitlines():
         with contextlib.suppress(json.JSONDecodeError):
-            records.append(json.loads(line))
+            record = json.loads(line)
+            if isinstance(record, dict) and _step(record) >= 0:
+                records.append(record)
     return records
+
+
+def _step(record: dict) -> int:
+    """A record's step; -1 when it has none that is an integer."""
+    step = record.get("step")
+    return step if isinstance(step, int) and not isinstance(step, bool) else -1
 
 
 def plot_metrics(metrics_path: str | os.PathLike, png_path: str | os.PathLike, key: str = "loss") -> Path:
@@ -125,7 +205,7 @@ def plot_metrics(metrics_path: str | os.PathLike, png_path: str | os.PathLike, k
 
     by_split: dict[str, list[tuple[int, float]]] = {}
     for r in read_metrics(metrics_path):
-        if key in r and "step" in r:
+        if isinstance(r.get(key), int | float) and not isinstance(r[key], bool):
             by_split.setdefault(r.get("split", "train"), []).append((r["step"], r[key]))
     figure = Figure(figsize=(6, 4), dpi=100)
     FigureCanvasAgg(figure)
@@ -159,6 +239,14 @@ def make_optimizer(
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=betas)
+
+
+def training_bytes(config, micro_batch: int) -> int:
+    """A lower bound on the memory training `config` takes: float32 weights, gradients and AdamW's two
+    moments (16 bytes a parameter), and every block's input kept for the backward pass at 2 bytes a value
+    (bfloat16; gradient checkpointing keeps exactly these). Used to refuse what cannot fit, never to size."""
+    activations = micro_batch * config.n_positions * config.n_embd * config.n_layer * 2
+    return 16 * config.num_parameters() + activations
 
 
 def cosine_lr(step: int, *, lr: float, warmup: int, total: int) -> float:
@@ -337,18 +425,38 @@ def restore_state(
     dist: Distributed | None = None,
     *,
     model: nn.Module | None = None,
+    source: str | os.PathLike = STATE_FILE,
 ) -> int:
     """Load optimizer, data position and this rank's RNG states from a saved state; returns the next step.
 
-    With an FSDP-sharded `model`, pass it: each rank takes its shard of the whole optimizer state.
+    With an FSDP-sharded `model`, pass it: each rank takes its shard of the whole optimizer state. A state
+    that does not fit this optimizer or data (another model's, say) is a CheckpointError naming `source`.
     """
-    load_optimizer_state_dict(optimizer, state["optimizer"], model)
-    if data is not None and "data" in state:
-        data.load_state_dict(state["data"])
-    ranks = state["rng"]
-    rank = dist.rank if dist is not None else 0
-    set_rng_state(ranks[rank] if rank < len(ranks) else ranks[0])
+    try:
+        load_optimizer_state_dict(optimizer, state["optimizer"], model)
+        if not is_sharded(model):
+            _check_moments(optimizer)
+        if data is not None and "data" in state:
+            data.load_state_dict(state["data"])
+        ranks = state["rng"]
+        rank = dist.rank if dist is not None else 0
+        set_rng_state(ranks[rank] if rank < len(ranks) else ranks[0])
+    except CheckpointError:
+        raise
+    except (KeyError, IndexError, TypeError, ValueError, RuntimeError, AttributeError) as e:
+        raise damaged(Path(source), f"its state does not fit this run ({type(e).__name__}: {e})") from e
     return int(state["step"])
+
+
+def _check_moments(optimizer: torch.optim.Optimizer) -> None:
+    """Every saved moment has its parameter's shape (load_state_dict checks counts, not shapes)."""
+    for parameter, moments in optimizer.state.items():
+        for name, value in moments.items():
+            if isinstance(value, torch.Tensor) and value.dim() and value.shape != parameter.shape:
+                raise ValueError(
+                    f"optimizer moment {name} of shape {tuple(value.shape)} for a parameter of shape "
+                    f"{tuple(parameter.shape)}"
+                )
 
 
 def save_checkpoint(
@@ -377,9 +485,13 @@ def save_checkpoint(
             model.save_pretrained(tmp, processor=processor)
         else:
             model.save_pretrained(tmp)
-        if state is not None:
-            torch.save(state, tmp / STATE_FILE)
-        fsync_tree(tmp)
+        with write_errors(target):  # a full disk: one line, and the previous checkpoint stays whole
+            if state is not None:
+                try:
+                    torch.save(state, tmp / STATE_FILE)
+                except RuntimeError as e:  # torch says a failed write (a full disk) with a RuntimeError
+                    raise OSError(errno.EIO, (str(e).splitlines() or ["write failed"])[0]) from e
+            fsync_tree(tmp)
         if target.exists():
             if old.exists():  # left by an earlier crash after the new checkpoint was in place
                 shutil.rmtree(old)
@@ -393,20 +505,29 @@ def save_checkpoint(
     return target
 
 
-def find_checkpoint(checkpoints_dir: str | os.PathLike, name: str = "latest") -> Path | None:
+def find_checkpoint(
+    checkpoints_dir: str | os.PathLike, name: str = "latest", *, repair: bool = True
+) -> Path | None:
     """The directory of the named checkpoint, or None if there is none yet.
 
-    Repairs what a crash can leave: a `name.old` with no `name` (a crash between save_checkpoint's two
-    renames) is renamed back; temporary directories of an interrupted write are removed.
+    repair (only for the process holding the run's RunLock): fix what a crash can leave: a `name.old` with
+    no `name` (a crash between save_checkpoint's two renames) is renamed back; temporary directories of an
+    interrupted write are removed. Without it (a reader beside a running training) nothing is changed, and
+    `name.old` is returned where `name` is missing.
     """
     checkpoints_dir = Path(checkpoints_dir)
+    if checkpoints_dir.exists() and not checkpoints_dir.is_dir():
+        raise CheckpointError(f"{checkpoints_dir} is a file, where the run keeps its checkpoints folder")
     if not checkpoints_dir.is_dir():
         return None
-    for tmp in checkpoints_dir.glob(f".{name}.tmp-*"):
-        shutil.rmtree(tmp, ignore_errors=True)
     target, old = checkpoints_dir / name, checkpoints_dir / f"{name}.old"
-    if not target.exists() and old.exists():
-        os.rename(old, target)
+    if repair:
+        for tmp in checkpoints_dir.glob(f".{name}.tmp-*"):
+            shutil.rmtree(tmp, ignore_errors=True)
+        if not target.exists() and old.exists():
+            os.rename(old, target)
+    elif not target.exists() and old.exists():
+        target = old
     if not target.exists():
         return None
     if not (target / STATE_FILE).is_file():
@@ -417,11 +538,47 @@ def find_checkpoint(checkpoints_dir: str | os.PathLike, name: str = "latest") ->
 
 
 def load_training_state(checkpoint_dir: str | os.PathLike) -> dict:
-    """training_state.pt of a checkpoint, loaded with weights_only=True (tensors and plain containers)."""
+    """training_state.pt of a checkpoint, loaded with weights_only=True (tensors and plain containers), its
+    structure checked: a damaged or foreign file is a CheckpointError naming it, never a traceback."""
     path = Path(checkpoint_dir) / STATE_FILE
     if not path.is_file():
         raise CheckpointError(f"{path} is missing; pass a checkpoint directory written by imagegpt training")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        reason = "it holds objects other than tensors (torch.load(weights_only=True) refused them)"
+        raise damaged(path, f"{reason}, or is not a PyTorch file") from e
+    except Exception as e:  # a truncated or foreign file fails inside torch in many ways; none is our bug
+        reason = (str(e).splitlines() or [""])[0]
+        raise damaged(path, f"it cannot be read ({type(e).__name__}: {reason})") from e
+    problem = _state_problem(state)
+    if problem:
+        raise damaged(path, problem)
+    return state
+
+
+def _state_problem(state) -> str | None:
+    """What is missing from a loaded training state, or None when it has the shape capture_state gives."""
+    if not isinstance(state, dict):
+        return f"it holds a {type(state).__name__}, not the training state"
+    step = state.get("step")
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        return f"its step is {step!r}, not a count of optimizer steps"
+    optimizer = state.get("optimizer")
+    if not (
+        isinstance(optimizer, dict)
+        and isinstance(optimizer.get("state"), dict)
+        and isinstance(optimizer.get("param_groups"), list)
+    ):
+        return "it has no optimizer state"
+    rng = state.get("rng")
+    if not (rng and isinstance(rng, list) and all(isinstance(r, dict) for r in rng)):
+        return "it has no random number generator states"
+    if "data" in state and not (
+        isinstance(state["data"], dict) and {"epoch", "position", "seed", "n"} <= set(state["data"])
+    ):
+        return "its data position is incomplete"
+    return None
 
 
 def latest_model_dir(path: str | os.PathLike) -> str | os.PathLike:
@@ -436,7 +593,7 @@ def latest_model_dir(path: str | os.PathLike) -> str | os.PathLike:
         return path
     if (path / MODEL_DIR / "config.json").is_file():
         return path / MODEL_DIR
-    checkpoint = find_checkpoint(path / CHECKPOINTS_DIR) if (path / CHECKPOINTS_DIR).is_dir() else None
+    checkpoint = find_checkpoint(path / CHECKPOINTS_DIR, repair=False)  # a reader never changes the run
     if checkpoint is None:
         raise CheckpointError(
             f"{path} is neither a model directory (no config.json) nor a run directory with a checkpoint"
@@ -457,6 +614,7 @@ class StopRequest:
     def __init__(self):
         self.requested = False
         self.signal_name: str | None = None
+        self.signal: int | None = None  # the signal's number: a command stopped by it exits 128 + signal
         self._previous: dict = {}
 
     def _handle(self, signum, frame):
@@ -464,6 +622,7 @@ class StopRequest:
             raise KeyboardInterrupt
         self.requested = True
         self.signal_name = signal.Signals(signum).name
+        self.signal = int(signum)
 
     def __enter__(self) -> StopRequest:
         if threading.current_thread() is threading.main_thread():

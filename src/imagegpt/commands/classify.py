@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ._options import add_device_options
+from ._options import add_device_options, add_output_argument
 from .probe import add_data_arguments, data_options
 
 
@@ -20,11 +20,17 @@ def register(subparsers) -> None:
     parser.add_argument("--model", required=True, help="a classifier directory, or an imagegpt finetune run")
     add_data_arguments(parser)
     parser.add_argument("--split", default="test", choices=["train", "val", "test", "all"])
-    parser.add_argument(
-        "--out", default=None, help="where to write the report (default: beside the classifier)"
+    add_output_argument(
+        parser,
+        "--out",
+        kind="folder",
+        default=None,
+        help="where to write the report (default: beside the classifier)",
     )
     parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
-    parser.add_argument("--cache-dir", default=None, help="cache the dataset's token ids here")
+    add_output_argument(
+        parser, "--cache-dir", kind="folder", default=None, help="cache the dataset's token ids here"
+    )
     add_device_options(parser)
     parser.set_defaults(func=run)
 

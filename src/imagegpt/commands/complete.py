@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from ._options import add_device_options
+from ._options import add_device_options, add_output_argument
 from .sample import add_model_argument, add_sampling_options, choose_seed, report, sampling_kwargs, save_npz
 
 
@@ -31,7 +31,13 @@ def register(subparsers) -> None:
     parser.add_argument(
         "-n", "--num", dest="n", type=int, default=4, help="completions per image (default 4)"
     )
-    parser.add_argument("--out", default="completions.png", help="the PNG grid to write")
+    add_output_argument(
+        parser,
+        "--out",
+        kind="image",
+        default="completions.png",
+        help="the image grid to write: PNG, or the format its suffix names (default completions.png)",
+    )
     add_sampling_options(parser)
     add_device_options(parser)
     parser.set_defaults(func=run)
@@ -54,7 +60,7 @@ def parse_keep(text: str) -> int | float:
 
 
 def run(args) -> int:
-    from ..grid import completion_grid, save_png
+    from ..grid import completion_grid, save_image
     from ..sampling import complete, keep_rows, load_for_sampling
 
     keep = parse_keep(args.keep)
@@ -74,7 +80,7 @@ def run(args) -> int:
     )
     seconds = time.perf_counter() - start
     images, original_images = processor.decode(ids), processor.decode(originals)
-    out = save_png(completion_grid(original_images, images, rows), args.out)
+    out = save_image(completion_grid(original_images, images, rows), args.out)
     npz = None
     if args.save_npz:
         npz = save_npz(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import fields
 
-from ._options import AUTO_TRAINING, add_device_options
+from ._options import AUTO_TRAINING, add_device_options, add_output_argument
 
 
 def register(subparsers) -> None:
@@ -18,10 +18,12 @@ def register(subparsers) -> None:
             "Fits a colour palette, pretrains a small ImageGPT, reports bits/dim on held-out images "
             "against the unigram and uniform baselines, completes held-out images from their top half, "
             "samples new ones, and probes every layer. Everything goes under --out; an interrupted demo "
-            "resumes its training."
+            "resumes its training (stopped by Ctrl-C or SIGTERM, it exits 130 or 143: see imagegpt --help)."
         ),
     )
-    parser.add_argument("--out", default=defaults["out"], help=f"output folder (default {defaults['out']})")
+    add_output_argument(
+        parser, "--out", kind="folder", default=defaults["out"], help=f"output folder ({defaults['out']})"
+    )
     parser.add_argument("--data", default=defaults["data"], help="built-in dataset: shapes, digits or photos")
     parser.add_argument(
         "--colour", default=defaults["colour"], choices=["mono", "random"], help="shapes' colours (mono)"

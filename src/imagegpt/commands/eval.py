@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ._options import add_device_options
+from ._options import add_device_options, add_output_argument
 from .probe import add_data_arguments, data_options
 
 
@@ -27,17 +27,20 @@ def register(subparsers) -> None:
     add_data_arguments(parser)
     parser.add_argument("--split", default="test", choices=["train", "val", "test", "all"])
     parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
-    parser.add_argument("--cache-dir", default=None, help="cache the dataset's token ids here")
+    add_output_argument(
+        parser, "--cache-dir", kind="folder", default=None, help="cache the dataset's token ids here"
+    )
     parser.add_argument(
         "--no-unigram", action="store_true", help="skip the unigram baseline (reads the train split)"
     )
-    parser.add_argument("--json", metavar="PATH", help="also write the numbers as JSON")
+    add_output_argument(parser, "--json", metavar="PATH", help="also write the numbers as JSON")
     add_device_options(parser)
     parser.set_defaults(func=run)
 
 
 def run(args) -> int:
     from ..evaluate import evaluate
+    from ..files import write_text_atomic
 
     result = evaluate(
         args.model,
@@ -54,6 +57,6 @@ def run(args) -> int:
     )
     print(result.summary())
     if args.json:
-        Path(args.json).write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+        write_text_atomic(Path(args.json).expanduser(), json.dumps(result.to_dict(), indent=2) + "\n")
         print(f"wrote {args.json}")
     return 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..errors import ArgumentError
-from ._options import add_device_options
+from ._options import EXIT_STATUS, add_device_options, add_output_argument
 from .probe import add_data_arguments, data_options
 
 EXAMPLE = """examples:
@@ -27,14 +27,20 @@ def register(subparsers) -> None:
             "sits after block L and the saved classifier has n_layer = L (its ln_f starts as block L's ln_1, "
             "so it reads the probe's feature of layer L). Ctrl-C saves a checkpoint; --resume continues."
         ),
-        epilog=EXAMPLE,
+        epilog=EXAMPLE + "\n" + EXIT_STATUS,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--model", help="a pretrained model directory (imagegpt train's model/)")
     add_data_arguments(parser, required=False)  # not needed with --resume
-    parser.add_argument("--out", help="the run directory; the classifier is written to OUT/model")
-    parser.add_argument(
-        "--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint"
+    add_output_argument(
+        parser, "--out", kind="folder", help="the run directory; the classifier is written to OUT/model"
+    )
+    add_output_argument(
+        parser,
+        "--resume",
+        kind="folder",
+        metavar="RUN_DIR",
+        help="continue the run in RUN_DIR from its last checkpoint",
     )
     parser.add_argument(
         "--layer", type=int, default=None, help="put the head after block L (default: the final layer)"
@@ -120,4 +126,4 @@ def run(args) -> int:
         f"{100 * summary['best_val_accuracy']:.2f}% (step {summary['best_step']}); "
         f"classifier in {summary['model']}"
     )
-    return 0
+    return 0 if summary["signal"] is None else 128 + summary["signal"]  # as shells report it: 130, 143

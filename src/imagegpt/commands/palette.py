@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ..errors import ArgumentError
+from ._options import add_output_argument
 from .probe import add_data_arguments, data_options
 
 
@@ -21,7 +22,7 @@ def register(subparsers) -> None:
     fit.add_argument(
         "--clusters", type=int, default=512, help="number of colours K (default 512, as the paper)"
     )
-    fit.add_argument("--out", required=True, help="the palette file to write, e.g. palette.json")
+    add_output_argument(fit, "--out", required=True, help="the palette file to write, e.g. palette.json")
     fit.add_argument(
         "--pixels", type=int, default=100_000, help="pixels sampled for k-means (default 100000)"
     )
@@ -32,10 +33,10 @@ def register(subparsers) -> None:
 
 def run_fit(args) -> int:
     from ..data import load_dataset
+    from ..palette import check_clusters
     from ..train import fit_palette
 
-    if args.clusters < 2:
-        raise ArgumentError(f"--clusters must be at least 2, got {args.clusters}")
+    check_clusters(args.clusters)
     if args.pixels < args.clusters:
         raise ArgumentError(f"--pixels ({args.pixels}) must be at least --clusters ({args.clusters})")
     dataset = load_dataset(args.data, split=args.split, seed=args.seed, **data_options(args))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..errors import ArgumentError
-from ._options import add_device_options
+from ._options import add_device_options, add_output_argument
 
 EXAMPLE = """examples:
   imagegpt probe --model runs/digits/model --data digits --layers all --out probe-digits
@@ -81,7 +81,13 @@ def register(subparsers) -> None:
         "--model", required=True, help="a pretrained model directory (imagegpt train's model/)"
     )
     add_data_arguments(parser)
-    parser.add_argument("--out", required=True, help="folder for probe.json, probe.png and the feature cache")
+    add_output_argument(
+        parser,
+        "--out",
+        kind="folder",
+        required=True,
+        help="folder for probe.json, probe.png and the feature cache",
+    )
     parser.add_argument(
         "--layers", default="all", help="all (0..n_layer), middle (n_layer // 2), or numbers like 0,3,5"
     )
@@ -103,7 +109,9 @@ def register(subparsers) -> None:
     )
     parser.add_argument("--no-baseline", action="store_true", help="skip the pixel baselines")
     parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
-    parser.add_argument("--cache-dir", default=None, help="token and feature cache (default: OUT/cache)")
+    add_output_argument(
+        parser, "--cache-dir", kind="folder", default=None, help="token and feature cache (OUT/cache)"
+    )
     add_device_options(parser)
     parser.set_defaults(func=run)
 

@@ -8,7 +8,7 @@ import secrets
 import time
 from pathlib import Path
 
-from ._options import add_device_options
+from ._options import add_device_options, add_output_argument
 
 
 def register(subparsers) -> None:
@@ -23,7 +23,13 @@ def register(subparsers) -> None:
     )
     add_model_argument(parser)
     parser.add_argument("-n", "--num", dest="n", type=int, default=16, help="images to sample (default 16)")
-    parser.add_argument("--out", default="samples.png", help="the PNG grid to write (default samples.png)")
+    add_output_argument(
+        parser,
+        "--out",
+        kind="image",
+        default="samples.png",
+        help="the image grid to write: PNG, or the format its suffix names (default samples.png)",
+    )
     add_sampling_options(parser)
     add_device_options(parser)
     parser.set_defaults(func=run)
@@ -79,8 +85,8 @@ def add_sampling_options(parser: argparse.ArgumentParser) -> None:
         "is faster on x86 CPUs with AVX2, where it runs (CPU, float32, no --compile, batches <= 64), and "
         "coarser",
     )
-    parser.add_argument(
-        "--save-npz", metavar="PATH", help="also save the raw tokens and decoded images as a .npz file"
+    add_output_argument(
+        parser, "--save-npz", metavar="PATH", help="also save the tokens and decoded images as a .npz file"
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -108,15 +114,13 @@ def save_npz(path, args, seed: int, **arrays) -> Path:
     """Arrays plus the run's arguments (as JSON) in one compressed .npz."""
     import numpy as np
 
-    from ..errors import ArgumentError
+    from ..files import atomic_open, check_output
 
-    path = Path(path).expanduser()
-    if path.is_dir():
-        raise ArgumentError(f"--save-npz {path} is a directory; pass a file name such as samples.npz")
+    path = check_output(path, what="--save-npz")
     path.parent.mkdir(parents=True, exist_ok=True)
-    settings = {k: v for k, v in vars(args).items() if k != "func"}
+    settings = {k: v for k, v in vars(args).items() if k not in ("func", "output_options")}
     settings["seed"] = seed
-    with open(path, "wb") as f:  # np.savez would append .npz to a name without it
+    with atomic_open(path, "wb") as f:  # np.savez would append .npz to a name without it
         np.savez_compressed(f, args=np.array(json.dumps(settings)), **arrays)
     return path
 
@@ -132,7 +136,7 @@ def report(
 
 
 def run(args) -> int:
-    from ..grid import sample_grid, save_png
+    from ..grid import sample_grid, save_image
     from ..sampling import load_for_sampling, sample
 
     model, processor = load_for_sampling(args.model)
@@ -143,7 +147,7 @@ def run(args) -> int:
     )
     seconds = time.perf_counter() - start
     images = processor.decode(ids)
-    out = save_png(sample_grid(images), args.out)
+    out = save_image(sample_grid(images), args.out)
     npz = None
     if args.save_npz:
         npz = save_npz(args.save_npz, args, seed, tokens=ids.numpy(), images=images)

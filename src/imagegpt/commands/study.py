@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import fields
 
-from ._options import add_device_options
+from ._options import add_device_options, add_output_argument
 from .probe import parse_data_options, parse_grid
 
 
@@ -23,7 +23,9 @@ def register(subparsers) -> None:
             "per-layer plot per run under --out. Run it again to resume: finished checkpoints are cached."
         ),
     )
-    parser.add_argument("--out", default=defaults["out"], help=f"output folder (default {defaults['out']})")
+    add_output_argument(
+        parser, "--out", kind="folder", default=defaults["out"], help=f"output folder ({defaults['out']})"
+    )
     parser.add_argument("--run", action="append", default=[], help="a run directory to study (repeatable)")
     parser.add_argument(
         "--preset",

@@ -7,7 +7,7 @@ import os
 from dataclasses import fields
 
 from ..errors import ArgumentError
-from ._options import add_device_options
+from ._options import EXIT_STATUS, add_device_options, add_output_argument
 from .probe import parse_data_options
 
 EXAMPLE = """examples:
@@ -61,7 +61,7 @@ def register(subparsers) -> None:
             "the run finishes, model/. Ctrl-C or SIGTERM saves a checkpoint; --resume RUN_DIR continues "
             "exactly. Under torchrun the same command runs DistributedDataParallel."
         ),
-        epilog=EXAMPLE,
+        epilog=EXAMPLE + "\n" + EXIT_STATUS,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     data = parser.add_argument_group("data and palette")
@@ -86,7 +86,7 @@ def register(subparsers) -> None:
         metavar="KEY=VALUE",
         help="a dataset option, e.g. n=2000 (repeatable)",
     )
-    data.add_argument("--cache-dir", help="token cache (default: RUN_DIR/cache)")
+    add_output_argument(data, "--cache-dir", kind="folder", help="token cache (default: RUN_DIR/cache)")
     model = parser.add_argument_group("model and optimisation")
     model.add_argument("--preset", help=f"model size: igpt-nano ... igpt-xl (default {defaults['preset']})")
     model.add_argument("--steps", type=int, help=f"optimizer steps (default {defaults['steps']})")
@@ -117,9 +117,13 @@ def register(subparsers) -> None:
         help="recompute activations (less memory)",
     )
     run = parser.add_argument_group("run")
-    run.add_argument("--out", help="the run directory RUN_DIR")
-    run.add_argument(
-        "--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR with its saved arguments"
+    add_output_argument(run, "--out", kind="folder", help="the run directory RUN_DIR")
+    add_output_argument(
+        run,
+        "--resume",
+        kind="folder",
+        metavar="RUN_DIR",
+        help="continue the run in RUN_DIR (its saved arguments)",
     )
     run.add_argument(
         "--eval-every",
@@ -184,8 +188,9 @@ def run_train(args) -> int:
 
     options, resume = options_from_args(args)
     result = train(options, resume=resume)
+    status = 0 if result.signal is None else 128 + result.signal  # as shells report it: 130, 143
     if os.environ.get("RANK", "0") != "0":
-        return 0
+        return status
     if result.stopped:
         print(
             f"stopped at step {result.step} of {options.steps} with a checkpoint; continue with "
@@ -196,4 +201,4 @@ def run_train(args) -> int:
             f"step {result.step}: validation {result.val_loss:.4f} nats/token = "
             f"{result.val_bits_per_dim:.4f} bits/dim; model in {result.model_dir}"
         )
-    return 0
+    return status

@@ -126,6 +126,8 @@ def load_dataset(spec: str | Path, split: str = "train", seed: int = 0, **option
         path = Path(spec).expanduser()
         if not path.exists():
             raise DataError(f"no such file or folder: {spec}; give {SUPPORTED}")
+        if not path.is_dir() and not path.is_file():  # reading a pipe would wait for a writer forever
+            raise DataError(f"{spec} is not a regular file or a folder (a device, a pipe); give {SUPPORTED}")
         path = path.resolve()
         kind = detect_format(path)
         if kind == "cifar":

@@ -10,29 +10,66 @@ floats in [0, 1]. A fourth (alpha) channel is composited onto white, as the imag
   (`images_train`/`labels_train`, ... also work). A missing val split is held out of train.
 - an archive with a single array uses it as the images.
 
-Arrays are loaded with allow_pickle=False, so an .npy/.npz cannot run code.
+Arrays are loaded with allow_pickle=False, so an .npy/.npz cannot run code. An .npz is read member by
+member, each header first: an array of Python objects is refused as in an .npy, and an array too large for
+memory before it is decompressed.
 """
 
 from __future__ import annotations
 
+import math
 import zipfile
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import DataError
-from .dataset import ImageDataset, empty_split_error, split_indices, to_rgb_uint8
+from ..limits import check_memory
+from .dataset import ImageDataset, check_labels, empty_split_error, split_indices, to_rgb_uint8
 
 IMAGE_KEYS, LABEL_KEYS = ("images", "x", "X", "data"), ("labels", "y", "Y", "targets")
 
 
-def _load(path: Path):
+def _load(path: Path) -> np.ndarray | dict[str, np.ndarray]:
+    """An .npy as a memory-mapped array, an .npz as {key: array}."""
     try:
-        return np.load(path, allow_pickle=False, mmap_mode="r" if path.suffix == ".npy" else None)
+        if zipfile.is_zipfile(path):
+            return _read_npz(path)
+        return np.load(path, allow_pickle=False, mmap_mode="r")
+    except DataError:
+        raise
     except ValueError as e:
         raise DataError(f"cannot load {path} without pickle ({e}); save plain numeric arrays") from e
     except (OSError, zipfile.BadZipFile, EOFError) as e:
         raise DataError(f"cannot read {path}: {e}") from e
+
+
+def _read_npz(path: Path) -> dict[str, np.ndarray]:
+    arrays = {}
+    with zipfile.ZipFile(path) as archive:
+        for info in archive.infolist():
+            if not info.filename.endswith(".npy"):
+                continue
+            key = info.filename[: -len(".npy")]
+            with archive.open(info) as f:
+                version = np.lib.format.read_magic(f)
+                read_header = {(1, 0): np.lib.format.read_array_header_1_0}.get(
+                    version, np.lib.format.read_array_header_2_0
+                )
+                shape, _, dtype = read_header(f)
+                if dtype.hasobject:
+                    raise DataError(
+                        f"cannot load {path} without pickle (array {key!r} holds Python objects); save plain "
+                        "numeric arrays"
+                    )
+                size = math.prod(shape) * dtype.itemsize
+                check_memory(size, f"array {key!r} of {path} ({shape}, {dtype})", "save smaller arrays")
+            with archive.open(info) as f:
+                try:
+                    arrays[key] = np.lib.format.read_array(f, allow_pickle=False)
+                except ValueError as e:
+                    raise DataError(f"array {key!r} of {path} is truncated or damaged ({e})") from e
+    return arrays
 
 
 def _labels(array, n: int, what: str) -> np.ndarray:
@@ -40,9 +77,7 @@ def _labels(array, n: int, what: str) -> np.ndarray:
     labels = np.asarray(labels)
     if labels.shape != (n,) or not (np.issubdtype(labels.dtype, np.integer) or labels.dtype == bool):
         raise DataError(f"{what}: labels must be N={n} integers, got {labels.dtype} of shape {labels.shape}")
-    if labels.min() < 0:
-        raise DataError(f"{what}: labels must be >= 0, found {labels.min()}")
-    return labels.astype(np.int64)
+    return check_labels(labels, what)
 
 
 def _split_key(keys, stems, split: str) -> str | None:
@@ -61,30 +96,29 @@ def load_arrays(
     if isinstance(data, np.ndarray):  # .npy
         x, y, official = data, None, None
     else:
-        with data:
-            keys = set(data.files)
-            if "class_names" in keys:
-                class_names = [str(n) for n in data["class_names"].reshape(-1)]
-            image_key = next((k for k in IMAGE_KEYS if k in keys), None)
-            label_key = next((k for k in LABEL_KEYS if k in keys), None)
-            splits = {s: _split_key(keys, ("x", "images"), s) for s in ("train", "val", "test")}
-            official = None
-            if image_key is None and splits["train"] and (splits["test"] or splits["val"]):
-                official = {}
-                for s, key in splits.items():
-                    if key is not None:
-                        labels_key = _split_key(keys, ("y", "labels"), s)
-                        official[s] = (data[key], None if labels_key is None else data[labels_key])
-                x = y = None
-            elif image_key is None and len(keys - {"class_names"}) == 1:
-                x, y = data[next(iter(keys - {"class_names"}))], None
-            elif image_key is None:
-                raise DataError(
-                    f"{path} has arrays {sorted(keys)}; name the images 'images' or 'x' (labels 'labels' or"
-                    " 'y'), or give splits as x_train/y_train and x_test/y_test"
-                )
-            else:
-                x, y = data[image_key], None if label_key is None else data[label_key]
+        keys = set(data)
+        if "class_names" in keys:
+            class_names = [str(n) for n in data["class_names"].reshape(-1)]
+        image_key = next((k for k in IMAGE_KEYS if k in keys), None)
+        label_key = next((k for k in LABEL_KEYS if k in keys), None)
+        splits = {s: _split_key(keys, ("x", "images"), s) for s in ("train", "val", "test")}
+        official = None
+        if image_key is None and splits["train"] and (splits["test"] or splits["val"]):
+            official = {}
+            for s, key in splits.items():
+                if key is not None:
+                    labels_key = _split_key(keys, ("y", "labels"), s)
+                    official[s] = (data[key], None if labels_key is None else data[labels_key])
+            x = y = None
+        elif image_key is None and len(keys - {"class_names"}) == 1:
+            x, y = data[next(iter(keys - {"class_names"}))], None
+        elif image_key is None:
+            raise DataError(
+                f"{path} has arrays {sorted(keys)}; name the images 'images' or 'x' (labels 'labels' or"
+                " 'y'), or give splits as x_train/y_train and x_test/y_test"
+            )
+        else:
+            x, y = data[image_key], None if label_key is None else data[label_key]
 
     if official is None:
         images = to_rgb_uint8(x, str(path))

@@ -18,6 +18,7 @@ import warnings
 import numpy as np
 
 from ..errors import ArgumentError, DataError
+from ..limits import check_memory
 from .dataset import (
     GENERATE_STREAM,
     ImageDataset,
@@ -29,6 +30,15 @@ from .dataset import (
 )
 
 BUILTINS = ("digits", "shapes", "photos")
+
+
+def check_generated(source: str, n: int, resolution: int) -> None:
+    """Refuse, before drawing anything, a generated set whose n images cannot fit in memory."""
+    check_memory(
+        n * resolution * resolution * 3,
+        f"{source} with n={n} at resolution={resolution}",
+        "lower n or resolution (--data-option)",
+    )
 
 
 def _name(source: str, options: dict, split: str) -> str:
@@ -197,6 +207,7 @@ def load_shapes(
     resolution = check_positive_int("shapes option resolution", resolution, minimum=4)
     if colour not in SHAPE_COLOURS:
         raise ArgumentError(f"shapes option colour must be one of {', '.join(SHAPE_COLOURS)}, got {colour!r}")
+    check_generated("shapes", n, resolution)
     images, labels = generate_shapes(n, resolution, seed, colour=colour)
     index = split_indices(n, split, seed, val_fraction, test_fraction)
     if len(index) == 0:
@@ -318,6 +329,7 @@ def load_photos(
 ) -> ImageDataset:
     n = check_positive_int("photos option n", n)
     resolution = check_positive_int("photos option resolution", resolution, minimum=2)
+    check_generated("photos", n, resolution)
     names, photos = load_photos_sources()
     codes = tile_splits(len(photos), seed, val_fraction, test_fraction)
     sizes = dict(zip(("train", "val", "test"), split_sizes(n, val_fraction, test_fraction)))

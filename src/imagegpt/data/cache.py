@@ -12,10 +12,12 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ArgumentError, ConfigError, DataError
+from ..files import check_output
+from ..limits import check_disk
+from ..palette import MAX_CLUSTERS
 from .dataset import ImageDataset, ImageFiles, check_positive_int
 
 CACHE_VERSION = 1
-MAX_CLUSTERS = 65535  # ids 0..65534 fit uint16 with room for SOS = n_clusters
 
 
 def cache_path(dataset: ImageDataset, processor, cache_dir: str | Path) -> Path:
@@ -60,6 +62,7 @@ def token_cache(
             f"the token cache stores uint16 ids: at most {MAX_CLUSTERS} clusters, got {clusters}"
         )
     pixels = int(processor.height) * int(processor.width)
+    check_output(cache_dir, directory=True, what="the token cache folder")
     path = cache_path(dataset, processor, cache_dir)
     if path.exists():
         try:
@@ -70,6 +73,12 @@ def token_cache(
             pass  # unreadable: rebuilt below
     batch_size = batch_size or _default_batch_size(dataset, pixels)
     batch_size = check_positive_int("batch_size", batch_size)
+    check_disk(
+        len(dataset) * pixels * 2,
+        path.parent,
+        f"the token ids of {len(dataset)} images of {pixels} tokens",
+        "free some space, or give another --cache-dir",
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
     try:

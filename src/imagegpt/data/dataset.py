@@ -11,9 +11,13 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ArgumentError, DataError, ImageInputError
+from ..limits import check_memory
 from ..pixels import over_white, pil_to_rgb, to_uint8
 
 SPLITS = ("train", "val", "test", "all")
+# Labels are class numbers 0..K-1; a label past this is a damaged file, not a dataset (class names for every
+# number below it would be built).
+MAX_CLASSES = 1_000_000
 # Separate random streams for generating data and for splitting it, so that one never shifts the other.
 GENERATE_STREAM, SPLIT_STREAM, LIMIT_STREAM = 0, 1, 2
 
@@ -164,6 +168,8 @@ def to_rgb_uint8(array: np.ndarray, what: str) -> np.ndarray:
         )
     if array.shape[0] == 0:
         raise DataError(f"{what}: contains no images (shape {array.shape})")
+    n, height, width = array.shape[:3]
+    check_memory(n * height * width * 3, f"{what}: {n} images of {height}x{width}", "use fewer images")
     try:  # the processor's rules for pixel values
         array = to_uint8(array, what, sixteen_bit=False)
     except ImageInputError as e:
@@ -173,6 +179,17 @@ def to_rgb_uint8(array: np.ndarray, what: str) -> np.ndarray:
     if array.shape[-1] == 4:
         array = over_white(array)
     return np.ascontiguousarray(array)
+
+
+def check_labels(labels: np.ndarray, what: str) -> np.ndarray:
+    """Integer labels in [0, MAX_CLASSES) as int64; a DataError naming `what` otherwise."""
+    if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= MAX_CLASSES):
+        low, high = int(labels.min()), int(labels.max())
+        raise DataError(
+            f"{what}: labels must be class numbers 0..K-1 (K <= {MAX_CLASSES:,}), found {low}..{high}; the "
+            "labels file is damaged or holds something else"
+        )
+    return labels.astype(np.int64)
 
 
 def split_sizes(n: int, val_fraction: float, test_fraction: float = 0.0) -> tuple[int, int, int]:

@@ -11,13 +11,15 @@ into a seeded train/val/test split (default 80/10/10). Labels are read when the 
 from __future__ import annotations
 
 import gzip
+import math
 import re
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import DataError
-from .dataset import ImageDataset, empty_split_error, split_indices, to_rgb_uint8
+from ..limits import check_memory
+from .dataset import ImageDataset, check_labels, empty_split_error, split_indices, to_rgb_uint8
 
 IDX_NAME = re.compile(
     r"^(?P<prefix>.*?)(?P<split>train|t10k|test)-(?P<kind>images|labels)[.-]idx(?P<ndim>\d)-ubyte(?P<gz>\.gz)?$"
@@ -28,31 +30,36 @@ FASHION_CLASSES.append("Ankle boot")
 
 
 def read_idx(path: Path) -> np.ndarray:
-    """Parse one IDX file: 2 zero bytes, a dtype code, the number of dimensions, big-endian uint32 sizes."""
+    """Parse one IDX file: 2 zero bytes, a dtype code, the number of dimensions, big-endian uint32 sizes.
+
+    The header is read first and the data only as far as it promises, so a gzip that inflates past it (or a
+    header promising more than memory holds) is refused without decompressing the rest."""
     try:
         with open(path, "rb") as f:
-            raw = f.read()
-        if raw[:2] == b"\x1f\x8b":
-            raw = gzip.decompress(raw)
+            gzipped = f.read(2) == b"\x1f\x8b"
+        with (gzip.open if gzipped else open)(path, "rb") as f:
+            head = f.read(4)
+            if len(head) < 4 or head[0] != 0 or head[1] != 0 or head[2] not in IDX_DTYPES:
+                raise DataError(
+                    f"{path} is not an IDX file: its header {head.hex(' ')} should be 00 00, a dtype code"
+                    f" ({', '.join(f'{c:02x}' for c in IDX_DTYPES)}) and the number of dimensions"
+                )
+            dtype, ndim = np.dtype(IDX_DTYPES[head[2]]), head[3]
+            sizes = f.read(4 * ndim)
+            if len(sizes) < 4 * ndim:
+                raise DataError(f"{path}: truncated IDX header ({4 + len(sizes)} bytes, {ndim} dimensions)")
+            shape = tuple(int(d) for d in np.frombuffer(sizes, dtype=">u4"))
+            expected = math.prod(shape) * dtype.itemsize
+            check_memory(expected, f"{path} (shape {shape} of {dtype.name})", "is the header damaged?")
+            raw = f.read(expected + 1)
     except (OSError, EOFError, gzip.BadGzipFile) as e:
         raise DataError(f"cannot read IDX file {path}: {e}") from e
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in IDX_DTYPES:
-        raise DataError(
-            f"{path} is not an IDX file: its header {raw[:4].hex(' ')} should be 00 00, a dtype code"
-            f" ({', '.join(f'{c:02x}' for c in IDX_DTYPES)}) and the number of dimensions"
-        )
-    dtype, ndim = np.dtype(IDX_DTYPES[raw[2]]), raw[3]
-    header = 4 + 4 * ndim
-    if len(raw) < header:
-        raise DataError(f"{path}: truncated IDX header ({len(raw)} bytes for {ndim} dimensions)")
-    shape = tuple(int(d) for d in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
-    expected = header + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     if len(raw) != expected:
         raise DataError(
-            f"{path}: the header promises shape {shape} of {dtype.name} ({expected} bytes) but the file has"
-            f" {len(raw)} bytes; it is truncated or damaged"
+            f"{path}: the header promises shape {shape} of {dtype.name} ({expected} bytes of data) but the"
+            f" file holds {'more' if len(raw) > expected else len(raw)}; it is truncated or damaged"
         )
-    return np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape).astype(dtype.newbyteorder("="))
+    return np.frombuffer(raw, dtype=dtype).reshape(shape).astype(dtype.newbyteorder("="))
 
 
 def idx_files(folder: Path) -> dict[tuple[str, str], Path]:
@@ -93,7 +100,7 @@ def _read_labels(path: Path | None, n: int) -> np.ndarray | None:
     labels = read_idx(path)
     if labels.shape != (n,):
         raise DataError(f"{path}: {labels.shape} labels for {n} images; the labels file does not match")
-    return labels.astype(np.int64)
+    return check_labels(labels, str(path))
 
 
 def load_idx(
