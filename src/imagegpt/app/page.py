@@ -22,7 +22,7 @@ import gradio as gr  # noqa: E402
 import torch  # noqa: E402
 
 from ..errors import ArgumentError, ImageGPTError  # noqa: E402
-from ..grid import save_png  # noqa: E402
+from ..grid import save_image  # noqa: E402
 from ..sampling import complete, keep_rows, sample  # noqa: E402
 from . import core  # noqa: E402
 
@@ -150,7 +150,7 @@ class Handlers:
         except ImageGPTError as e:
             yield grid, f"**Cannot {what}:** {e}", _no_download()
             return
-        path = save_png(grid, self.out_dir / f"{what}-{uuid.uuid4().hex[:8]}.png")
+        path = save_image(grid, self.out_dir / f"{what}-{uuid.uuid4().hex[:8]}.png")
         done = f"Done in {time.perf_counter() - start:.1f} s."
         yield grid, done, gr.DownloadButton("Download PNG", value=str(path), interactive=True)
 
