@@ -205,3 +205,39 @@ def test_an_example_is_picked_and_completed(browser, app_url, tmp_path):
     wait_for(browser, lambda d: "Done" in text_of(d, "#complete-status"), "the completions")
     browser.save_screenshot(str(shots / "2-example-completed.png"))
     assert fetch_png(browser, "#complete-result img").shape == (4 + 132, 4 + 6 * 132, 3)
+
+
+def test_two_visitors_at_once_each_get_their_own_result(browser, app_url, tmp_path):
+    """Two browsers on the app at the same time, one completing an upload and one sampling: the shared
+    queue runs one generation after the other and each page shows its own result."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in [*FLAGS, f"--user-data-dir={tmp_path / 'second-profile'}"]:
+        options.add_argument(flag)
+    second = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    try:
+        shots = tmp_path / "screenshots"
+        open_page(browser, app_url, shots)
+        open_page(second, app_url, tmp_path / "screenshots-second")
+        upload(browser, write_photo(tmp_path / "photo.png"))
+        wait_for(browser, lambda d: "rows are kept" in text_of(d, "#view-status"), "the model's view")
+        find(second, "#tab-sample-button").click()
+        set_number(second, "samples", 8)
+        find(browser, "#complete-button").click()
+        find(second, "#sample-button").click()
+        wait_for(browser, lambda d: "Done" in text_of(d, "#complete-status"), "the first visitor's result")
+        wait_for(second, lambda d: "Done" in text_of(d, "#sample-status"), "the second visitor's samples")
+        for driver, css in ((browser, "#complete-result img"), (second, "#sample-result img")):
+            shown = f"var i = document.querySelector('{css}'); return !!i && i.complete && i.naturalWidth"
+            wait_for(driver, lambda d, shown=shown: d.execute_script(shown), f"{css} shown in the page")
+        browser.save_screenshot(str(shots / "2-first-visitor.png"))
+        second.save_screenshot(str(tmp_path / "screenshots-second" / "2-second-visitor.png"))
+        height, width, _ = fetch_png(second, "#sample-result img").shape
+        assert (height - 4) // 132 * ((width - 4) // 132) == 8  # eight samples, in rows
+        assert fetch_png(browser, "#complete-result img").shape[0] == 4 + 132
+        assert "Traceback" not in browser.page_source + second.page_source
+    finally:
+        second.quit()
