@@ -16,13 +16,18 @@ CLUSTERS = 16
 
 def save_tiny_model(directory: Path, seed: int = 0) -> Path:
     """A random igpt-nano at 8x8, a 16-colour palette fitted to random pixels, saved with its processor."""
+    return save_model(directory, "igpt-nano", SIDE, seed)
+
+
+def save_model(directory: Path, preset: str, side: int, seed: int = 0) -> Path:
+    """A random model of `preset` at side x side with a 16-colour palette, saved with its processor."""
     rng = np.random.default_rng(seed)
     palette = Palette.fit(rng.integers(0, 256, (8, 16, 16, 3), dtype=np.uint8), clusters=CLUSTERS, seed=seed)
     torch.manual_seed(seed)
-    model = ImageGPT(ImageGPTConfig.from_preset("igpt-nano", resolution=SIDE, clusters=CLUSTERS))
+    model = ImageGPT(ImageGPTConfig.from_preset(preset, resolution=side, clusters=CLUSTERS))
     with torch.no_grad():
         model.lm_head.weight.normal_(0.0, 0.3)  # the zero-initialised head would make every colour equal
-    model.save_pretrained(directory, processor=ImageProcessor(palette, SIDE))
+    model.save_pretrained(directory, processor=ImageProcessor(palette, side))
     return directory
 
 
