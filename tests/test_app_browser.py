@@ -47,11 +47,9 @@ def model_dir(tmp_path_factory) -> Path:
     return save_tiny_model(tmp_path_factory.mktemp("app-model") / "model")
 
 
-@pytest.fixture(scope="module")
-def app_url(model_dir, tmp_path_factory):
-    """`imagegpt app` on a free loopback port, started as a user would; its URL."""
+def serve(model_dir: Path, log: Path):
+    """`imagegpt app` on a free loopback port, started as a user would; yields its URL, then stops it."""
     port = free_port()
-    log = tmp_path_factory.mktemp("app-log") / "app.log"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     with open(log, "w") as out:
         process = subprocess.Popen(
@@ -69,6 +67,11 @@ def app_url(model_dir, tmp_path_factory):
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def app_url(model_dir, tmp_path_factory):
+    yield from serve(model_dir, tmp_path_factory.mktemp("app-log") / "app.log")
 
 
 @pytest.fixture
@@ -249,23 +252,7 @@ def slow_app_url(tmp_path_factory):
     from app_helpers import save_model
 
     model_dir = save_model(tmp_path_factory.mktemp("slow-model") / "model", "igpt-mini", side=32)
-    port = free_port()
-    log = tmp_path_factory.mktemp("slow-app-log") / "app.log"
-    with open(log, "w") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "imagegpt", "app", "--model", str(model_dir), "--port", str(port)],
-            stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + WAIT
-        while f"on {url}" not in log.read_text():
-            assert process.poll() is None and time.monotonic() < deadline, log.read_text()
-            time.sleep(0.2)
-        yield url
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
+    yield from serve(model_dir, tmp_path_factory.mktemp("slow-app-log") / "app.log")
 
 
 def test_stop_ends_a_generation_midway_and_keeps_what_was_drawn(browser, slow_app_url, tmp_path):

@@ -111,9 +111,8 @@ def describe_cpu() -> str:
             key, _, value = line.partition(":")
             if key.strip() == "model name":
                 model = value.strip()
-            elif key.strip() in ("flags", "Features"):
+            elif key.strip() in ("flags", "Features"):  # after the model name: the first CPU is enough
                 flags = set(value.split())
-            if flags and model:
                 break
     names = [n for n in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if n in flags]
     flags = " ".join(names) or "none of avx2/avx512"
