@@ -88,10 +88,8 @@ class FinetuneModel(nn.Module):
         """Image tokens [B, T] (no SOS) -> (class logits, L_clf, L_gen); L_gen is None if gen_weight is 0."""
         transformer = self.classifier.transformer
         inputs = sos_inputs(ids, self.config.sos_id)
-        positions = torch.arange(inputs.size(1), device=inputs.device)
-        x = transformer.drop(transformer.wte(inputs) + transformer.wpe(positions))  # (B, T, C)
-        for block in transformer.h:
-            x = block(x)
+        # the last block's output (B, T, C), kept unnormed: L_gen continues from it through gen_blocks
+        _, (x,) = transformer.forward_intermediates(inputs, [self.layer], norm=False)
         normed = transformer.ln_f(x)
         logits = self.classifier.score(normed.mean(dim=1))  # (B, num_labels)
         clf_loss = None if labels is None else F.cross_entropy(logits.float(), labels)

@@ -149,11 +149,11 @@ def _run_layers(
     dtype: torch.dtype,
     progress: bool,
 ) -> dict[int, np.ndarray]:
-    """Average-pooled normed activations of `layers`, running only the blocks below the deepest one asked."""
-    transformer, config = model.transformer, model.config
-    n, deepest, wanted = ids.size(0), max(layers), set(layers)
+    """Average-pooled normed activations of `layers` (model.forward_intermediates: one pass per batch, only
+    the blocks below the deepest layer asked)."""
+    config = model.config
+    n, deepest = ids.size(0), max(layers)
     features = {layer: np.empty((n, config.n_embd), dtype=np.float32) for layer in layers}
-    positions = torch.arange(config.n_positions, device=device)
     starts = range(0, n, batch_size)
     if progress:
         from tqdm.auto import tqdm
@@ -162,14 +162,9 @@ def _run_layers(
     for start in starts:
         batch = sos_inputs(ids[start : start + batch_size].to(device), config.sos_id)
         with autocast(device, dtype):
-            x = transformer.wte(batch) + transformer.wpe(positions)  # (B, T, C), the input of block 0
-            for layer in range(deepest + 1):
-                if layer in wanted:
-                    norm = transformer.ln_f if layer == config.n_layer else transformer.h[layer].ln_1
-                    pooled = norm(x).float().mean(dim=1)  # (B, C)
-                    features[layer][start : start + len(batch)] = pooled.cpu().numpy()
-                if layer < deepest:
-                    x = transformer.h[layer](x)
+            _, pooled = model.forward_intermediates(batch, layers, norm=True, pool=True)  # each (B, C)
+        for layer, values in zip(layers, pooled):
+            features[layer][start : start + len(batch)] = values.cpu().numpy()
     return features
 
 

@@ -1,4 +1,4 @@
-/* imagegpt._kernels: the decode step's CPU kernels on x86-64 CPUs with AVX2, FMA and F16C.
+/* imagegpt.cpu._kernels: the decode step's CPU kernels on x86-64 CPUs with AVX2, FMA and F16C.
  *
  * decode_attention: a decode step of a batch of images reads every cached key and value once, so on a CPU
  * its attention is bound by memory traffic. PyTorch's CPU SDPA kernel reads a float32 cache at about 60% of
@@ -15,7 +15,7 @@
  * and a KV cache.
  *
  * Work is split over PyTorch's OpenMP pool (`threads` of it); built without OpenMP (setup.py enables it on
- * Linux) the kernels run on the calling thread. Built by setup.py as an optional extension; imagegpt.kernels
+ * Linux) the kernels run on the calling thread. Built by setup.py as an optional extension; imagegpt.cpu.ops
  * falls back to SDPA and the library GEMM when it is missing or the CPU lacks AVX2/FMA/F16C.
  */
 #define PY_SSIZE_T_CLEAN
@@ -442,7 +442,7 @@ static TARGET void linear_blocks_i8(const QuantRows *x, int M, int K, const int8
 /* ---- a whole transformer block for one new token per image ----
  *
  * x (M, C) rows, in place: x += proj(attention(qkv(norm1(x)))); x += out(silu(fc(norm2(x)))), where the
- * packed fc carries quick-GELU's 1.702 and out its 1 / 1.702 (imagegpt.model.packed_weights). The new key and
+ * packed fc carries quick-GELU's 1.702 and out its 1 / 1.702 (imagegpt.cpu.engine). The new key and
  * value are written into the cache at `pos` (rounded to its dtype as PyTorch rounds: to nearest, ties to
  * even) and the attention reads positions [0, pos]. One parallel region, barriers between the phases: a
  * decode step of a small model is otherwise a few hundred short kernels, each a round trip through Python.
@@ -493,7 +493,7 @@ static inline uint16_t to_bf16(float f) {
 }
 
 /* x (n, a multiple of 8) -> round(x / scale) in [-127, 127] with scale = max |x| / 127 (1 where x is all
- * zeros), rounded to nearest even: the same numbers as imagegpt.kernels.quantize_int8 */
+ * zeros), rounded to nearest even: the same numbers as imagegpt.model.quantize_int8 */
 static TARGET void quantize_row(const float *x, int n, int8_t *out, float *scale_out) {
     const __m256 sign = _mm256_set1_ps(-0.0f);
     __m256 top = _mm256_setzero_ps();
@@ -634,19 +634,21 @@ static int cpu_supported(void) { return 0; }
 #endif
 
 static PyObject *decode_attention(PyObject *self, PyObject *args) {
-    unsigned long long q, k, v, out;
-    Py_ssize_t q_sb, q_sh, kv_sb, kv_sh, kv_ss, o_sb, o_sh;
+    unsigned long long q, k, v, ks, vs, out;
+    Py_ssize_t q_sb, q_sh, kv_sb, kv_sh, kv_ss, s_sb, s_sh, o_sb, o_sh;
     int batch, nh, hs, length, dt, threads;
     float scale;
-    if (!PyArg_ParseTuple(args, "KnnKKnnnKnniiiiifi", &q, &q_sb, &q_sh, &k, &v, &kv_sb, &kv_sh, &kv_ss, &out,
-                          &o_sb, &o_sh, &batch, &nh, &hs, &length, &dt, &scale, &threads))
+    if (!PyArg_ParseTuple(args, "KnnKKnnnKKnnKnniiiiifi", &q, &q_sb, &q_sh, &k, &v, &kv_sb, &kv_sh, &kv_ss, &ks,
+                          &vs, &s_sb, &s_sh, &out, &o_sb, &o_sh, &batch, &nh, &hs, &length, &dt, &scale,
+                          &threads))
         return NULL;
     if (!cpu_supported()) {
-        PyErr_SetString(PyExc_RuntimeError, "imagegpt._kernels needs an x86-64 CPU with AVX2, FMA and F16C");
+        PyErr_SetString(PyExc_RuntimeError, "imagegpt.cpu._kernels needs an x86-64 CPU with AVX2, FMA and F16C");
         return NULL;
     }
-    if (batch < 0 || nh < 1 || hs < 8 || hs % 8 != 0 || length < 1 || dt < 0 || dt > 2) {
-        PyErr_SetString(PyExc_ValueError, "decode_attention: bad shape or dtype code");
+    if (batch < 0 || nh < 1 || hs < 8 || hs % 8 != 0 || length < 1 || dt < 0 || dt > 3 ||
+        (dt == 3 && (ks == 0 || vs == 0))) {
+        PyErr_SetString(PyExc_ValueError, "decode_attention: bad shape, dtype code or int8 scales");
         return NULL;
     }
 #if IMAGEGPT_AVX2
@@ -655,11 +657,11 @@ static PyObject *decode_attention(PyObject *self, PyObject *args) {
     if (threads < 1) threads = 1;
     Job job = {(const float *)(uintptr_t)q, (const char *)(uintptr_t)k, (const char *)(uintptr_t)v,
                (float *)(uintptr_t)out, q_sb, q_sh, kv_sb, kv_sh, kv_ss, o_sb, o_sh, nh, hs, length, dt,
-               scale, NULL, NULL, 0, 0, 0, pairs, 0};
+               scale, (const float *)(uintptr_t)ks, (const float *)(uintptr_t)vs, s_sb, s_sh, 0, pairs, 0};
     int failed = 0;
     Py_BEGIN_ALLOW_THREADS;
 #ifdef _OPENMP
-    /* PyTorch's own OpenMP pool when torch loaded libgomp.so.1 first (imagegpt.kernels imports torch
+    /* PyTorch's own OpenMP pool when torch loaded libgomp.so.1 first (imagegpt.cpu.ops imports torch
      * first): its threads are awake right after the step's matrix multiplies, and no second pool competes
      * with them for the cores. */
 #pragma omp parallel num_threads(threads) reduction(| : failed)
@@ -678,7 +680,6 @@ static PyObject *decode_attention(PyObject *self, PyObject *args) {
 #endif
     Py_RETURN_NONE;
 }
-
 
 static PyObject *pack_linear(PyObject *self, PyObject *args) {
     unsigned long long w, packed;
@@ -709,7 +710,7 @@ static PyObject *pack_linear(PyObject *self, PyObject *args) {
 }
 
 /* pack_linear_int8: weight (N, K) * scale, each row (an output column) quantized as quantize_row quantizes
- * (imagegpt.kernels.quantize_int8's numbers), into column blocks of 16, each [K / 4][16][4] bytes, and the
+ * (imagegpt.model.quantize_int8's numbers), into column blocks of 16, each [K / 4][16][4] bytes, and the
  * column scales; the padding columns are zeros with scale 0. K a multiple of 8. */
 static PyObject *pack_linear_int8(PyObject *self, PyObject *args) {
     unsigned long long w, packed, scales;
@@ -718,7 +719,7 @@ static PyObject *pack_linear_int8(PyObject *self, PyObject *args) {
     float scale;
     if (!PyArg_ParseTuple(args, "KiinfKK", &w, &N, &K, &ldw, &scale, &packed, &scales)) return NULL;
     if (!cpu_supported()) {
-        PyErr_SetString(PyExc_RuntimeError, "imagegpt._kernels needs an x86-64 CPU with AVX2, FMA and F16C");
+        PyErr_SetString(PyExc_RuntimeError, "imagegpt.cpu._kernels needs an x86-64 CPU with AVX2, FMA and F16C");
         return NULL;
     }
     if (N < 1 || K < 8 || K % 8 != 0 || ldw < K) {
@@ -769,7 +770,7 @@ static PyObject *packed_linear(PyObject *self, PyObject *args) {
                           &threads))
         return NULL;
     if (!cpu_supported()) {
-        PyErr_SetString(PyExc_RuntimeError, "imagegpt._kernels needs an x86-64 CPU with AVX2, FMA and F16C");
+        PyErr_SetString(PyExc_RuntimeError, "imagegpt.cpu._kernels needs an x86-64 CPU with AVX2, FMA and F16C");
         return NULL;
     }
     if (M < 0 || K < 1 || N < 1 || ldx < K || ldo < N || act < 0 || act > 2 || (scales && K % 8 != 0)) {
@@ -822,7 +823,7 @@ static PyObject *packed_linear(PyObject *self, PyObject *args) {
 }
 
 /* decode_blocks: `layers` blocks one after another (one parallel region, a barrier between blocks), their
- * operands in a table of TABLE_WIDTH pointers per block (imagegpt.kernels.decode_plan): ln1, ln2, then
+ * operands in a table of TABLE_WIDTH pointers per block (imagegpt.cpu.ops.decode_blocks): ln1, ln2, then
  * (w, b, s) of qkv, proj, fc and out, then k, v, ks, vs. Every block has the same shapes and cache layout. */
 enum { TABLE_WIDTH = 18 };
 
@@ -835,7 +836,7 @@ static PyObject *decode_blocks(PyObject *self, PyObject *args) {
                           &kv_sh, &kv_ss, &s_sb, &s_sh, &table, &pos, &scratch, &qscratch, &threads))
         return NULL;
     if (!cpu_supported()) {
-        PyErr_SetString(PyExc_RuntimeError, "imagegpt._kernels needs an x86-64 CPU with AVX2, FMA and F16C");
+        PyErr_SetString(PyExc_RuntimeError, "imagegpt.cpu._kernels needs an x86-64 CPU with AVX2, FMA and F16C");
         return NULL;
     }
     const unsigned long long *T = (const unsigned long long *)(uintptr_t)table;
@@ -896,16 +897,16 @@ static PyObject *supported(PyObject *self, PyObject *args) { return PyBool_FromL
 
 static PyMethodDef methods[] = {
     {"decode_attention", decode_attention, METH_VARARGS,
-     "decode_attention(q, q_sb, q_sh, k, v, kv_sb, kv_sh, kv_ss, out, o_sb, o_sh, batch, nh, hs, length, "
-     "dtype_code, scale, threads): one-token attention over a KV cache, on raw pointers (see "
-     "imagegpt.kernels)."},
+     "decode_attention(q, q_sb, q_sh, k, v, kv_sb, kv_sh, kv_ss, k_scale, v_scale, s_sb, s_sh, out, o_sb, o_sh, "
+     "batch, nh, hs, length, dtype_code, scale, threads): one-token attention over a KV cache (int8: with its "
+     "rows' scales), on raw pointers (see imagegpt.cpu.ops)."},
     {"pack_linear", pack_linear, METH_VARARGS,
      "pack_linear(weight, N, K, ldw, scale, packed): weight (N, K) * scale into column blocks of 16, "
-     "[ceil(N / 16)][K][16] floats, zero-padded (see imagegpt.kernels)."},
+     "[ceil(N / 16)][K][16] floats, zero-padded (see imagegpt.cpu.ops)."},
     {"pack_linear_int8", pack_linear_int8, METH_VARARGS,
      "pack_linear_int8(weight, N, K, ldw, scale, packed, scales): weight (N, K) * scale quantized per row "
      "into int8 column blocks of 16, [ceil(N / 16)][K / 4][16][4] bytes, and the rows' scales (see "
-     "imagegpt.kernels)."},
+     "imagegpt.cpu.ops)."},
     {"packed_linear", packed_linear, METH_VARARGS,
      "packed_linear(x, ldx, M, K, packed, N, bias, act, out, ldo, scales, threads): out (M, N) = act(x (M, "
      "K) W^T + bias) on a packed weight and a bias padded to the blocks; act 0 none, 1 silu, 2 none added "
@@ -916,7 +917,7 @@ static PyMethodDef methods[] = {
      "image, in place on x (M, C), each writing its key and value into its cache at pos (int8: with their "
      "scales); table: 18 pointers per block (ln1, ln2, (w, b, s) of qkv, proj, fc and out, k, v, k_scale, "
      "v_scale); scratch holds M (5 C + N_fc) floats, int8_scratch (int8 weights) 2 M max(C, N_fc) + 4 M "
-     "bytes (see imagegpt.kernels)."},
+     "bytes (see imagegpt.cpu.ops)."},
     {"supported", supported, METH_NOARGS, "whether this CPU can run the kernels"},
     {NULL, NULL, 0, NULL},
 };
