@@ -30,6 +30,7 @@ from .dataset import (
 )
 
 BUILTINS = ("digits", "shapes", "photos")
+GENERATED = ("shapes", "photos")  # drawn at the resolution asked for (an option), rather than resized to it
 
 
 def check_generated(source: str, n: int, resolution: int) -> None:
