@@ -223,7 +223,9 @@ def format_confusion(matrix: np.ndarray, class_names: list[str]) -> str:
 
 def plot_confusion(matrix: np.ndarray, class_names: list[str], path, title: str = "") -> None:
     """Row-normalised confusion matrix as a PNG, counts written in the cells."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg  # no display and no pyplot global state
+    # matplotlib takes 0.3 s to import: only a command that draws pays for it. The Agg canvas: no display,
+    # no pyplot global state.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     k = len(matrix)

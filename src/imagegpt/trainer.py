@@ -203,7 +203,9 @@ def _step(record: dict) -> int:
 
 def plot_metrics(metrics_path: str | os.PathLike, png_path: str | os.PathLike, key: str = "loss") -> Path:
     """Draw `key` against step for every split in metrics.jsonl (train as a line, others as markers)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg  # the Agg canvas: no display, no global state
+    # matplotlib takes 0.3 s to import: only a command that draws pays for it. The Agg canvas: no display,
+    # no pyplot global state.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     by_split: dict[str, list[tuple[int, float]]] = {}

@@ -10,6 +10,7 @@ import uuid
 from pathlib import Path
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from ..errors import ArgumentError, ConfigError, DataError
 from ..files import check_output
@@ -87,8 +88,6 @@ def token_cache(
         )
         starts = range(0, len(dataset), batch_size)
         if progress:
-            from tqdm.auto import tqdm
-
             starts = tqdm(starts, desc=f"tokenising {dataset.name}", unit="batch")
         for start in starts:
             stop = min(start + batch_size, len(dataset))
