@@ -300,7 +300,8 @@ class FinetuneOptions:
                 setattr(self, name, str(getattr(self, name)))
         if isinstance(self.dtype, torch.dtype):
             self.dtype = str(self.dtype).removeprefix("torch.")
-        self.data_options = dict(self.data_options or {})
+        if self.data_options is None:
+            self.data_options = {}
 
     def run_args(self) -> dict:
         """The run's arguments, as args.json holds them."""
@@ -310,8 +311,9 @@ class FinetuneOptions:
         """Every option checked before anything is written."""
         check_finetune_args(self.run_args())
         stop_after = self.stop_after
-        if stop_after is not None and (isinstance(stop_after, bool) or not isinstance(stop_after, int)
-                                       or stop_after < 1):  # fmt: skip
+        if stop_after is not None and (
+            isinstance(stop_after, bool) or not isinstance(stop_after, int) or stop_after < 1
+        ):
             raise ArgumentError(f"--stop-after must be a positive integer, got {stop_after!r}")
         check_output(self.out, directory=True, what="--out")
 
@@ -427,8 +429,15 @@ class FineTuning(TrainingRun):
         step: int,
         best: Best,
     ):
-        super().__init__(model, optimizer, Path(options.out), metrics, dtype=dtype, step=step,
-                         tokens_per_step=options.batch_size * model.config.n_positions)  # fmt: skip
+        super().__init__(
+            model,
+            optimizer,
+            Path(options.out),
+            metrics,
+            dtype=dtype,
+            step=step,
+            tokens_per_step=options.batch_size * model.config.n_positions,
+        )
         self.order, self.train, self.train_ids, self.processor = order, train, train_ids, processor
         self.seed, self.patience, self.best = options.seed, options.patience, best
 
@@ -526,19 +535,17 @@ def run_finetune(options: FinetuneOptions, *, resume: bool = False) -> dict:
     if resume:
         options = options.resumed()  # the run's arguments, checked
     else:
-        options = replace(
-            options, data_options=dict(options.data_options)
-        )  # the caller's copy stays as given
         options.validate()
+        options = replace(options, data_options=dict(options.data_options))  # the caller's copy, as given
     device = resolve_device(options.device)
     resolve_dtype(options.dtype, device, training=True)  # refuse a dtype the device cannot run, early
     pretrained, processor = load_with_processor(ImageGPT, latest_model_dir(options.model_dir))
     dtype = resolve_dtype(options.dtype, device, training=True, width=pretrained.config.n_embd)
     dataset_options = data_options_for(options.data, options.data_options, processor)
-    train = _labelled(
-        load_dataset(options.data, split="train", seed=options.seed, **dataset_options), "train"
+    train, val = (
+        _labelled(load_dataset(options.data, split=split, seed=options.seed, **dataset_options), split)
+        for split in ("train", "val")
     )
-    val = _labelled(load_dataset(options.data, split="val", seed=options.seed, **dataset_options), "val")
     plan = _plan(options, len(train))
     check_memory(
         training_bytes(pretrained.config, options.batch_size) * (2 if options.gen_weight > 0 else 1),
@@ -548,8 +555,13 @@ def run_finetune(options: FinetuneOptions, *, resume: bool = False) -> dict:
     )
     torch.manual_seed(options.seed)  # dropout: the same arguments give the same run (resume restores its RNG)
     class_names = train.class_names or [str(i) for i in range(train.num_classes)]
-    model = FinetuneModel(pretrained, train.num_classes, dict(enumerate(class_names)), layer=options.layer,
-                          generative=options.gen_weight > 0).to(device)  # fmt: skip
+    model = FinetuneModel(
+        pretrained,
+        train.num_classes,
+        dict(enumerate(class_names)),
+        layer=options.layer,
+        generative=options.gen_weight > 0,
+    ).to(device)
     del pretrained
     with RunLock(out):  # for the rest of the run
         prepare_run_dir(out, {}, resume=resume, write=False)  # again under the lock
@@ -563,12 +575,28 @@ def _plan(options: FinetuneOptions, images: int) -> Plan:
     total = options.steps or max(1, round((options.epochs or 10) * steps_per_epoch))
     warmup = options.warmup if options.warmup is not None else min(100, total // 20)
     every = options.eval_every or min(steps_per_epoch, total)
-    return Plan(steps=total, lr=options.lr, warmup=warmup, clip=options.clip, eval_every=every,
-                save_every=every, stop_after=options.stop_after, progress=options.progress)  # fmt: skip
+    return Plan(
+        steps=total,
+        lr=options.lr,
+        warmup=warmup,
+        clip=options.clip,
+        eval_every=every,
+        save_every=every,
+        stop_after=options.stop_after,
+        progress=options.progress,
+    )
 
 
-def _finetune(options: FinetuneOptions, resume: bool, model: FinetuneModel, processor, train, val, plan: Plan,
-              dtype: torch.dtype) -> dict:  # fmt: skip
+def _finetune(
+    options: FinetuneOptions,
+    resume: bool,
+    model: FinetuneModel,
+    processor,
+    train,
+    val,
+    plan: Plan,
+    dtype: torch.dtype,
+) -> dict:
     """The run, holding its lock: its state resumed, the token caches, then the loop; the summary."""
     out = Path(options.out)
     optimizer = make_optimizer(model, options.lr, options.weight_decay)
@@ -580,8 +608,19 @@ def _finetune(options: FinetuneOptions, resume: bool, model: FinetuneModel, proc
     if not resume:
         prepare_run_dir(out, options.run_args())
     metrics = MetricsLog(out / METRICS_FILE, resume_step=step if resume else None)
-    run = FineTuning(options, model, optimizer, order, train, train_ids, processor, metrics, dtype=dtype,
-                     step=step, best=best)  # fmt: skip
+    run = FineTuning(
+        options,
+        model,
+        optimizer,
+        order,
+        train,
+        train_ids,
+        processor,
+        metrics,
+        dtype=dtype,
+        step=step,
+        best=best,
+    )
     objective = Classification(options.gen_weight, val_ids, val.labels, 2 * options.batch_size)
     outcome = train_loop(run, objective, plan)
     summary = {

@@ -285,11 +285,32 @@ class Pretraining(TrainingRun):
 
     command, activity, resume_advice = "train", "Training", " --lr SMALLER"
 
-    def __init__(self, options: TrainOptions, model: ImageGPT, ddp: nn.Module, optimizer, order: BatchOrder,
-                 tokens, processor: ImageProcessor, metrics: MetricsLog, *, dist: Distributed,
-                 dtype: torch.dtype, step: int, on_step=None):  # fmt: skip
-        super().__init__(ddp, optimizer, Path(options.out), metrics, dist=dist, dtype=dtype, step=step,
-                         tokens_per_step=options.batch_size * model.config.n_positions)  # fmt: skip
+    def __init__(
+        self,
+        options: TrainOptions,
+        model: ImageGPT,
+        ddp: nn.Module,
+        optimizer,
+        order: BatchOrder,
+        tokens,
+        processor: ImageProcessor,
+        metrics: MetricsLog,
+        *,
+        dist: Distributed,
+        dtype: torch.dtype,
+        step: int,
+        on_step=None,
+    ):
+        super().__init__(
+            ddp,
+            optimizer,
+            Path(options.out),
+            metrics,
+            dist=dist,
+            dtype=dtype,
+            step=step,
+            tokens_per_step=options.batch_size * model.config.n_positions,
+        )
         self.plain, self.order, self.tokens, self.processor = model, order, tokens, processor
         self.accumulate, self.on_step = options.accumulate, on_step
         self.schedule = {"lr": options.lr, "warmup": options.warmup, "total": options.steps}
@@ -390,13 +411,32 @@ def _train(options: TrainOptions, resume: bool, dist: Distributed, on_step, hold
     if not resume and options.progress and dist.is_main:
         print(_banner(options, config, processor, tokens, dist, is_sharded(ddp), dtype))
     metrics = MetricsLog(run_dir / METRICS_FILE, enabled=dist.is_main, resume_step=step if resume else None)
-    run = Pretraining(options, model, ddp, optimizer, order, tokens[0], processor, metrics, dist=dist,
-                      dtype=dtype, step=step, on_step=on_step)  # fmt: skip
+    run = Pretraining(
+        options,
+        model,
+        ddp,
+        optimizer,
+        order,
+        tokens[0],
+        processor,
+        metrics,
+        dist=dist,
+        dtype=dtype,
+        step=step,
+        on_step=on_step,
+    )
     per_rank = options.batch_size // dist.world_size
     objective = pretraining_objective(config, tokens[1], options.eval_images, per_rank)
-    plan = Plan(steps=options.steps, lr=options.lr, warmup=options.warmup, clip=options.clip,
-                eval_every=options.eval_every, save_every=options.save_every, stop_after=options.stop_after,
-                progress=options.progress)  # fmt: skip
+    plan = Plan(
+        steps=options.steps,
+        lr=options.lr,
+        warmup=options.warmup,
+        clip=options.clip,
+        eval_every=options.eval_every,
+        save_every=options.save_every,
+        stop_after=options.stop_after,
+        progress=options.progress,
+    )
     return _result(run, train_loop(run, objective, plan))
 
 
@@ -480,8 +520,9 @@ def _read_checkpoint(latest: Path, config: ImageGPTConfig) -> tuple[dict, ImageG
     return state, loaded
 
 
-def _tokenise(options: TrainOptions, run_dir: Path, resume: bool, dist: Distributed, palette, resolution,
-              splits) -> tuple[ImageProcessor, tuple]:  # fmt: skip
+def _tokenise(
+    options: TrainOptions, run_dir: Path, resume: bool, dist: Distributed, palette, resolution, splits
+) -> tuple[ImageProcessor, tuple]:
     """(processor, token ids of each split): rank 0 quantises into the token cache, then writes the palette
     and args.json; the other ranks open the cache once it has."""
     cache_dir = Path(options.cache_dir) if options.cache_dir else run_dir / "cache"
