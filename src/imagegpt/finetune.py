@@ -387,7 +387,9 @@ class Classification:
 
     def evaluate(self, run: TrainingRun, final: bool) -> dict[str, float]:
         def score(model: FinetuneModel, batch: LabelledIds) -> tuple[float, int]:
-            logits = predict(model.classifier, batch.ids, len(batch), run.device, run.dtype)
+            logits = predict(
+                model.classifier, batch.ids, batch_size=len(batch), device=run.device, dtype=run.dtype
+            )
             return float((logits.argmax(axis=1) == batch.labels).sum()), len(batch)
 
         return {"accuracy": evaluate_split(run, self.val, score, self.batch_size)}
