@@ -27,10 +27,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
+from .checkpoint import latest_model_dir, load_with_processor
+from .data import load_dataset, token_cache
 from .device import autocast, resolve_device, resolve_dtype
 from .errors import ArgumentError
-from .model import sos_inputs
+from .files import check_folders
+from .model import ImageGPT, sos_inputs
 
 LN2 = math.log(2.0)
 
@@ -51,6 +55,22 @@ def _as_long(ids) -> torch.Tensor:
 
 
 @torch.no_grad()  # not inference_mode: an FSDP model's gathered weights must stay usable for training
+def image_nll(
+    model: nn.Module, ids, *, device: torch.device | None = None, dtype: torch.dtype = torch.float32
+) -> tuple[float, int]:
+    """(sum of next-token losses in nats, number of tokens) of one batch of image tokens [B, H*W].
+
+    The model (in whatever mode it is) reads [SOS, x0, ..., x_{n-2}] and predicts every token x0..x_{n-1}
+    under autocast; the losses are computed in float32 from the logits and summed in float64.
+    """
+    batch = _as_long(ids).to(device or next(model.parameters()).device)
+    with autocast(batch.device, dtype):
+        logits = model(sos_inputs(batch, model.config.sos_id)).logits
+    nll = F.cross_entropy(logits.flatten(0, 1).float(), batch.flatten(), reduction="sum")
+    return float(nll.double()), batch.numel()
+
+
+@torch.no_grad()
 def token_nll(
     model: nn.Module,
     ids,
@@ -60,31 +80,19 @@ def token_nll(
     dtype: torch.dtype = torch.float32,
     progress: bool = False,
 ) -> tuple[float, int]:
-    """(sum of next-token losses in nats, number of tokens) over ids [N, H*W] (a tensor or a uint16 memmap).
-
-    The model reads [SOS, x0, ..., x_{n-2}] and predicts every token x0..x_{n-1}. Losses are computed in
-    float32 from the logits and summed in float64.
-    """
+    """(sum of next-token losses in nats, number of tokens) over ids [N, H*W] (a tensor or a uint16 memmap),
+    in eval mode, image_nll batch by batch."""
     if batch_size < 1:
         raise ArgumentError(f"batch size must be at least 1, got {batch_size}")
     device = device or next(model.parameters()).device
-    sos_id = model.config.sos_id
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     starts = range(0, len(ids), batch_size)
-    if progress:
-        from tqdm.auto import tqdm
-
-        starts = tqdm(starts, desc="evaluating", unit="batch")
     try:
-        for start in starts:
-            batch = _as_long(ids[start : start + batch_size]).to(device)
-            with autocast(device, dtype):
-                logits = model(sos_inputs(batch, sos_id)).logits
-            nll = F.cross_entropy(logits.flatten(0, 1).float(), batch.flatten(), reduction="sum")
-            total += float(nll.double())
-            count += batch.numel()
+        for start in tqdm(starts, desc="evaluating", unit="batch", disable=not progress):
+            nats, tokens = image_nll(model, ids[start : start + batch_size], device=device, dtype=dtype)
+            total, count = total + nats, count + tokens
     finally:
         model.train(was_training)
     return total, count
@@ -171,12 +179,6 @@ def evaluate(
     split is the same). limit: evaluate a seeded subset of at most this many images. cache_dir: keep the token
     ids in imagegpt.data's token cache there. unigram: also compute the unigram baseline on the train split.
     """
-    from .checkpoint import load_with_processor
-    from .data import load_dataset, token_cache
-    from .files import check_folders
-    from .model import ImageGPT
-    from .trainer import latest_model_dir
-
     model_dir = latest_model_dir(model_dir)
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
@@ -184,9 +186,7 @@ def evaluate(
     model, processor = load_with_processor(ImageGPT, model_dir)
     model.to(device)
     options = dict(data_options or {})
-    limit = options.pop(
-        "limit", limit
-    )  # the limit applies to the evaluated split, not to the unigram's train
+    limit = options.pop("limit", limit)  # it applies to the evaluated split, not to the unigram's train
 
     def tokens_of(split_name: str, limit_: int | None):
         dataset = load_dataset(data, split=split_name, seed=seed, limit=limit_, **options)

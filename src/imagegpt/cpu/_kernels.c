@@ -354,6 +354,12 @@ typedef struct {
  * of the eight accumulators on the stack and reloads the broadcasts' addresses (measured: 15-30% slower on
  * a Zen 3 core). The accumulators live in ymm0-7, the weights in ymm8-9, temporaries in ymm10-13. Rows
  * are ld bytes apart; next is where the next block's lines are prefetched (into L2) as this one's pass. */
+/* IMAGEGPT_NO_ASM=1 builds the intrinsics loop below for full tiles too (to measure the assembly against) */
+#ifndef IMAGEGPT_NO_ASM
+#define USE_ASM 1
+#else
+#define USE_ASM 0
+#endif
 INLINE void tile4_i8(const int8_t *q, const uint8_t *a, Py_ssize_t ld, const int8_t *w, const int8_t *next,
                      int K, __m256i c0[4], __m256i c1[4]) {
     register __m256i c00 __asm__("xmm0") = _mm256_setzero_si256();
@@ -389,9 +395,9 @@ INLINE void linear_tile_i8(const QuantRows *x, int m, const int8_t *block, const
     __m256i c0[4], c1[4];
     const int8_t *q = x->q + (Py_ssize_t)m * x->ld;
     const uint8_t *a = x->a + (Py_ssize_t)m * x->ld;
-    if (R == 4) {
+    if (R == 4 && USE_ASM) {
         tile4_i8(q, a, x->ld, block, next, K, c0, c1);
-    } else { /* the last 1-3 rows */
+    } else { /* the last 1-3 rows (and every tile without USE_ASM) */
         const __m256i ones = _mm256_set1_epi16(1);
 #pragma GCC unroll 4
         for (int r = 0; r < 4; r++) c0[r] = c1[r] = _mm256_setzero_si256();
