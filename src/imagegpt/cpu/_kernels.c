@@ -1,13 +1,14 @@
 /* imagegpt.cpu._kernels: the decode step's CPU kernels on x86-64 CPUs with AVX2, FMA and F16C.
  *
  * decode_attention: a decode step of a batch of images reads every cached key and value once, so on a CPU
- * its attention is bound by memory traffic. PyTorch's CPU SDPA kernel reads a float32 cache at about 60% of
- * the bandwidth here, and a bfloat16 or float16 cache at a fraction of that (its reduced-precision path is
- * built for CPUs with bfloat16 units). This kernel streams the cache once in any of the three dtypes,
- * widening to float32 in registers, and computes in float32: softmax(q . K^T / sqrt(hs)) V, with q (and the
- * result) in float32. Layout (strides in elements): for image b and head h, q[b, h, :] starts at
- * b * q_sb + h * q_sh; row s of the keys at b * kv_sb + h * kv_sh + s * kv_ss (the same for the values);
- * the result goes to b * o_sb + h * o_sh. The last dimension (hs, a multiple of 8) is contiguous everywhere.
+ * its attention is bound by memory traffic. PyTorch's CPU SDPA kernel reads a float32 cache below the
+ * bandwidth, and a bfloat16, float16 or int8 one only once widened to float32 whole (docs/performance.md).
+ * This kernel streams the cache once in any of the four dtypes, widening to float32 in registers, and
+ * computes in float32: softmax(q . K^T / sqrt(hs)) V, with q (and the result) in float32. Layout (strides
+ * in elements): for image b and head h, q[b, h, :] starts at b * q_sb + h * q_sh; row s of the keys at
+ * b * kv_sb + h * kv_sh + s * kv_ss (the same for the values; an int8 row's scale at b * s_sb + h * s_sh +
+ * s); the result goes to b * o_sb + h * o_sh. The last dimension (hs, a multiple of 8) is contiguous
+ * everywhere.
  *
  * pack_linear / packed_linear: few-rows linear layers on weights packed once (see below).
  *
@@ -16,7 +17,9 @@
  *
  * Work is split over PyTorch's OpenMP pool (`threads` of it); built without OpenMP (setup.py enables it on
  * Linux) the kernels run on the calling thread. Built by setup.py as an optional extension; imagegpt.cpu.ops
- * falls back to SDPA and the library GEMM when it is missing or the CPU lacks AVX2/FMA/F16C.
+ * registers each entry point as a PyTorch operator that checks its tensors before handing over their
+ * addresses, and sampling runs on PyTorch alone where the extension is missing or the CPU lacks
+ * AVX2/FMA/F16C.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -41,11 +44,9 @@ enum { F32 = 0, BF16 = 1, F16 = 2, I8 = 3 };
 
 #define ELEMENT_SIZE(dt) ((dt) == F32 ? 4 : (dt) == I8 ? 1 : 2)
 
-/* How far ahead (bytes) both passes prefetch the keys and values of a half-precision or int8 cache. Measured
- * on a 2-core AMD EPYC, igpt-s batch 16 at position 960, 2 threads: bfloat16 attention 49 -> 43-45 ms with
- * 512-2048 bytes in the scores pass; adding the values pass, 51-77 -> 40-44 ms (bfloat16) and 35 -> 25-29
- * ms (int8) in A/B runs; 2048 bytes for int8 measured no better. No gain for float32, whose rows the
- * hardware prefetcher keeps up with. */
+/* How far ahead (bytes) both passes prefetch the keys and values of a half-precision or int8 cache: their
+ * rows go by too fast for the hardware prefetcher alone (about 10% faster bfloat16 and 25% faster int8
+ * attention late in an image, docs/performance.md). Not for float32, whose rows the hardware keeps up with. */
 #define PREFETCH 1024
 
 /* 8 cached elements widened to float32. dt is a compile-time constant wherever this is inlined. */
@@ -311,8 +312,8 @@ static TARGET void linear_blocks(const float *x, Py_ssize_t ldx, int M, int K, c
  * to every 32-bit lane meet their columns. vpmaddubsw multiplies unsigned by signed bytes and adds pairs into
  * int16, vpmaddwd adds pairs of those into int32; the unsigned operand is the input's |qx|, the weights take
  * the input's signs (vpsignb), so a product is at most 127 x 127 and a pair fits int16 without saturating.
- * Measured on a Zen 3 core: 97 G multiply-adds/s against 46 G for float32 FMA; the weights are a quarter of
- * the bytes. A 4 x 16 tile keeps 8 int32 accumulators in registers. */
+ * About twice float32 FMA's multiply-adds per cycle, on a quarter of the bytes (docs/performance.md). A
+ * 4 x 16 tile keeps 8 int32 accumulators in registers. */
 
 INLINE __m256i broadcast4(const void *p) {
     int32_t v;
@@ -351,10 +352,11 @@ typedef struct {
     I8_ROW(Q "(%[q],%[ld3])", Q "(%[a],%[ld3])", "c03", "c13")
 
 /* The k loop of a full 4-row tile, K a multiple of 8, as assembly: written with intrinsics, GCC keeps three
- * of the eight accumulators on the stack and reloads the broadcasts' addresses (measured: 15-30% slower on
- * a Zen 3 core). The accumulators live in ymm0-7, the weights in ymm8-9, temporaries in ymm10-13. Rows
- * are ld bytes apart; next is where the next block's lines are prefetched (into L2) as this one's pass. */
-/* IMAGEGPT_NO_ASM=1 builds the intrinsics loop below for full tiles too (to measure the assembly against) */
+ * of the eight accumulators on the stack and reloads the broadcasts' addresses (slower on Zen 3 and on an
+ * AMX Xeon: docs/performance.md). The accumulators live in ymm0-7, the weights in ymm8-9, temporaries in
+ * ymm10-13. Rows are ld bytes apart; next is where the next block's lines are prefetched (into L2) as this
+ * one's pass. Built with -DIMAGEGPT_NO_ASM, full tiles take the intrinsics loop of linear_tile_i8 instead
+ * (to measure the assembly against). */
 #ifndef IMAGEGPT_NO_ASM
 #define USE_ASM 1
 #else
@@ -568,8 +570,7 @@ INLINE QuantRows block_rows(const BlockJob *j, int K) { return (QuantRows){j->rq
 
 /* The next `chunk` of a phase's `total` items into [first, last), or 0 when all are taken. The phases'
  * items go to whichever thread is free: split evenly in advance, a phase lasts as long as the slower
- * core's half, and on a shared machine one core is often slower (measured: ~15% of a step waiting in
- * barriers at pos 0 with static halves). */
+ * core's half, and on a shared machine one core is often slower (docs/performance.md). */
 static inline int claim(int *claimed, int chunk, int total, int *first, int *last) {
     *first = __atomic_fetch_add(claimed, chunk, __ATOMIC_RELAXED);
     *last = *first + chunk < total ? *first + chunk : total;
