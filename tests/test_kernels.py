@@ -351,3 +351,30 @@ def test_without_the_extension_sampling_runs_on_pytorch_and_the_operators_say_so
             sample(model, 1, weight_dtype="int8")
     finally:
         ops.built.cache_clear()
+
+
+def test_the_old_module_name_still_answers_with_a_deprecation_warning():
+    import importlib
+    import sys
+
+    sys.modules.pop("imagegpt.kernels", None)
+    with pytest.warns(DeprecationWarning, match="imagegpt.cpu"):
+        kernels = importlib.import_module("imagegpt.kernels")
+    assert kernels.available() is ops.available() and kernels.MAX_ROWS == ops.MAX_ROWS
+    assert kernels.quantize_int8 is quantize_int8
+
+
+@needs_kernel
+def test_calling_an_operator_imports_no_compiler():
+    """The operators are plain Library kernels: their first call does not import torch._dynamo (about a
+    second at every sampling command's start, which torch.library.custom_op's wrapper costs)."""
+    code = (
+        "import sys, torch\n"
+        "from imagegpt.cpu import ops\n"
+        "q, k = torch.randn(1, 1, 1, 8), torch.randn(1, 1, 3, 8)\n"
+        "ops.decode_attention(q, k, k, None, None)\n"
+        "print('torch._dynamo' in sys.modules)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "False"

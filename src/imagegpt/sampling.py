@@ -248,8 +248,8 @@ class Decoder:
     engine: cpu.DecodeEngine | None
 
     def new_cache(self, config, batch_size: int, length: int) -> KVCache:
-        if self.engine is not None:
-            return self.engine.new_cache(batch_size, length, self.cache_dtype)
+        if self.engine is not None:  # never static: positions below the one written are all it reads
+            return self.engine.new_cache(batch_size, length, self.cache_dtype, zeroed=False)
         # A compiled dynamic step gets one spare position, so that its view of the cache never spans the whole
         # tensor: the last step would otherwise be compiled anew for being contiguous.
         spare = int(bool(self.compile) and not self.static)

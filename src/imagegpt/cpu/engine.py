@@ -68,7 +68,9 @@ class PackedBlocks:
     biases: list[torch.Tensor]  # (L, padded)
     scales: list[torch.Tensor]  # int8: the column scales (L, padded); float32: none
     fc_width: int
-    sources: list[tuple[nn.Parameter, int]]
+    sources: list[
+        tuple[dict, str, nn.Parameter, int]
+    ]  # (where its module holds it, name, parameter, version)
 
 
 def linear_weights(model: ImageGPT) -> list[nn.Linear]:
@@ -130,7 +132,9 @@ def pack_blocks(model: ImageGPT, weight_dtype: torch.dtype = torch.float32) -> P
             weights.append(weight)
             biases.append(bias)
             scales += [scale] if int8 else []
-    sources = [(p, p._version) for p in blocks.parameters()]
+    sources = [
+        (m._parameters, name, p, p._version) for m in blocks.modules() for name, p in m._parameters.items()
+    ]
     return PackedBlocks(norms, weights, biases, scales, fc, sources)
 
 
@@ -179,7 +183,7 @@ class DecodeEngine:
                                   f"batches of at most {self.max_batch}")  # fmt: skip
             x, _ = model.transformer(token, cache, position)
             return model.lm_head(x[:, -1])
-        if not self._fresh(model):
+        if not self._fresh():
             self.packed = pack_blocks(model, self.weight_dtype)  # the weights changed since packing
         transformer, packed = model.transformer, self.packed
         eps = transformer.h[0].ln_1.eps
@@ -191,14 +195,10 @@ class DecodeEngine:
         )  # fmt: skip
         return model.lm_head(transformer.ln_f(x)[:, -1])
 
-    def _fresh(self, model: ImageGPT) -> bool:
-        """Whether the blocks' parameters are the ones packed, unchanged since (each in-place change
-        counts a version)."""
-        current = list(model.transformer.h.parameters())
-        return len(current) == len(self.packed.sources) and all(
-            p is source and p._version == version
-            for p, (source, version) in zip(current, self.packed.sources)
-        )
+    def _fresh(self) -> bool:
+        """Whether the blocks still hold the parameters packed, unchanged since (each in-place change counts
+        a version)."""
+        return all(held.get(name) is p and p._version == v for held, name, p, v in self.packed.sources)
 
     def _scratch(self, batch: int) -> torch.Tensor:
         size = ops.scratch_size(batch, self.model.config.n_embd, self.packed.fc_width)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import os
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -80,6 +81,25 @@ def _threads() -> int:
     return torch.get_num_threads()
 
 
+# The operators' library. Its kernels are registered with Library.impl rather than torch.library.custom_op,
+# whose wrapper imports torch._dynamo on an operator's first call (~1 s at every sampling command's start).
+_LIBRARY = torch.library.Library("imagegpt", "DEF")
+
+
+def _operator(schema: str, fake):
+    """Define imagegpt::<schema> with the decorated function as its CPU kernel and `fake` as its fake
+    implementation; the name then stands for the operator, torch.ops.imagegpt.<name>."""
+
+    def register(kernel):
+        name = schema.split("(", 1)[0]
+        _LIBRARY.define(schema)
+        _LIBRARY.impl(name, kernel, "CPU")
+        torch.library.register_fake(f"imagegpt::{name}", fake, lib=_LIBRARY)
+        return getattr(torch.ops.imagegpt, name)
+
+    return register
+
+
 # ---- one query over a KV cache ----
 
 
@@ -103,7 +123,15 @@ def _check_cache(k: Tensor, v: Tensor, k_scale: Tensor | None, v_scale: Tensor |
         )
 
 
-@torch.library.custom_op("imagegpt::decode_attention", mutates_args=())
+def _fake_attention(q, k, v, k_scale, v_scale):
+    B, nh, _, hs = q.shape
+    return q.new_empty(B, 1, nh, hs).transpose(1, 2)
+
+
+@_operator(
+    "decode_attention(Tensor q, Tensor k, Tensor v, Tensor? k_scale, Tensor? v_scale) -> Tensor",
+    _fake_attention,
+)
 def decode_attention(
     q: Tensor, k: Tensor, v: Tensor, k_scale: Tensor | None, v_scale: Tensor | None
 ) -> Tensor:
@@ -136,12 +164,6 @@ def _check_query(q: Tensor) -> tuple[int, int, int, int]:
     return tuple(q.shape)
 
 
-@decode_attention.register_fake
-def _(q, k, v, k_scale, v_scale):
-    B, nh, _, hs = q.shape
-    return q.new_empty(B, 1, nh, hs).transpose(1, 2)
-
-
 # ---- few-rows linear layers on packed weights ----
 
 
@@ -150,7 +172,10 @@ def column_blocks(n: int) -> int:
     return (n + 15) // 16
 
 
-@torch.library.custom_op("imagegpt::pack_linear", mutates_args=())
+@_operator(
+    "pack_linear(Tensor weight, float scale) -> Tensor",
+    lambda weight, scale: weight.new_empty(column_blocks(weight.size(0)), weight.size(1), 16),
+)
 def pack_linear(weight: Tensor, scale: float) -> Tensor:
     """weight (N, K) float32 times `scale` in column blocks of 16: (ceil(N / 16), K, 16), past N zero."""
     _check(weight, "weight", contiguous=False)
@@ -161,12 +186,13 @@ def pack_linear(weight: Tensor, scale: float) -> Tensor:
     return packed
 
 
-@pack_linear.register_fake
-def _(weight, scale):
-    return weight.new_empty(column_blocks(weight.size(0)), weight.size(1), 16)
+def _fake_pack_int8(weight, scale):
+    N, K = weight.shape
+    packed = weight.new_empty(column_blocks(N), K // 4, 16, 4, dtype=torch.int8)
+    return packed, weight.new_empty(column_blocks(N) * 16)
 
 
-@torch.library.custom_op("imagegpt::pack_linear_int8", mutates_args=())
+@_operator("pack_linear_int8(Tensor weight, float scale) -> (Tensor, Tensor)", _fake_pack_int8)
 def pack_linear_int8(weight: Tensor, scale: float) -> tuple[Tensor, Tensor]:
     """weight (N, K) float32 times `scale`, each row (an output column) quantized to int8 with its own scale
     (model.quantize_int8's rounding), in column blocks of 16, each [K / 4][16][4] bytes: (ceil(N / 16), K / 4,
@@ -181,13 +207,6 @@ def pack_linear_int8(weight: Tensor, scale: float) -> tuple[Tensor, Tensor]:
         weight.data_ptr(), N, K, weight.stride(0), float(scale), packed.data_ptr(), scales.data_ptr()
     )
     return packed, scales
-
-
-@pack_linear_int8.register_fake
-def _(weight, scale):
-    N, K = weight.shape
-    packed = weight.new_empty(column_blocks(N), K // 4, 16, 4, dtype=torch.int8)
-    return packed, weight.new_empty(column_blocks(N) * 16)
 
 
 def in_features(packed: Tensor) -> int:
@@ -205,7 +224,11 @@ def _check_packed(packed: Tensor, bias: Tensor, scales: Tensor | None, N: int, K
         _check(scales, f"{name}'s scales", shape=(16 * column_blocks(N),))
 
 
-@torch.library.custom_op("imagegpt::packed_linear", mutates_args=())
+@_operator(
+    "packed_linear(Tensor x, Tensor packed, Tensor bias, int out_features, str activation, Tensor? scales) "
+    "-> Tensor",
+    lambda x, packed, bias, out_features, activation, scales: x.new_empty(x.size(0), out_features),
+)
 def packed_linear(x: Tensor, packed: Tensor, bias: Tensor, out_features: int, activation: str,
                   scales: Tensor | None) -> Tensor:  # fmt: skip
     """act(x W^T + bias) for x (M, K) float32, M <= MAX_ROWS, with W packed by pack_linear and bias padded to
@@ -230,16 +253,14 @@ def packed_linear(x: Tensor, packed: Tensor, bias: Tensor, out_features: int, ac
     return out
 
 
-@packed_linear.register_fake
-def _(x, packed, bias, out_features, activation, scales):
-    return x.new_empty(x.size(0), out_features)
-
-
 # ---- every block's decode step in one call ----
 
 
-@torch.library.custom_op(
-    "imagegpt::decode_blocks", mutates_args=("x", "k", "v", "k_scale", "v_scale", "scratch")
+@_operator(
+    "decode_blocks(Tensor(a!) x, Tensor norms, Tensor[] weights, Tensor[] biases, Tensor[] scales, "
+    "Tensor(b!)[] k, Tensor(c!)[] v, Tensor(d!)[] k_scale, Tensor(e!)[] v_scale, Tensor(f!) scratch, "
+    "int position, int n_head, float eps, int fc_width) -> ()",
+    lambda *arguments: None,  # it changes its arguments in place and returns nothing
 )
 def decode_blocks(
     x: Tensor, norms: Tensor, weights: list[Tensor], biases: list[Tensor], scales: list[Tensor],
@@ -311,20 +332,15 @@ def _blocks_table(x, norms, weights, biases, scales, k, v, k_scale, v_scale, scr
     _check(scratch, "scratch")
     _require(scratch.numel() >= scratch_size(B, C, fc), f"scratch must hold {scratch_size(B, C, fc)} floats")
 
-    def rows(t: Tensor) -> list[int]:  # the address of each block's slice of a stacked tensor
-        step = t.stride(0) * t.element_size()
-        return [t.data_ptr() + layer * step for layer in range(L)]
-
-    columns = [rows(norms[:, 0]), rows(norms[:, 1])]
+    table = np.zeros((L, TABLE_WIDTH), dtype=np.int64)  # the addresses; 0 for no scales
+    layers = np.arange(L, dtype=np.int64)
+    stacked = [norms[:, 0], norms[:, 1]]
     for i in range(4):
-        columns += [rows(weights[i]), rows(biases[i]), rows(scales[i]) if int8 else [0] * L]
-    columns += [[t.data_ptr() for t in k], [t.data_ptr() for t in v]]
-    columns += (
-        [[t.data_ptr() for t in k_scale], [t.data_ptr() for t in v_scale]] if int8_cache else [[0] * L] * 2
-    )
-    return torch.tensor(list(zip(*columns)), dtype=torch.int64).flatten()  # (L * TABLE_WIDTH,)
-
-
-@decode_blocks.register_fake
-def _(x, norms, weights, biases, scales, k, v, k_scale, v_scale, scratch, position, n_head, eps, fc_width):
-    return None
+        stacked += [weights[i], biases[i], scales[i] if int8 else None]
+    for column, t in enumerate(stacked):  # each block's slice of a tensor stacked over the blocks
+        if t is not None:
+            table[:, column] = t.data_ptr() + layers * (t.stride(0) * t.element_size())
+    for column, caches in enumerate((k, v, k_scale, v_scale), start=14):
+        if caches:
+            table[:, column] = [t.data_ptr() for t in caches]
+    return torch.from_numpy(table.ravel())
