@@ -424,6 +424,44 @@ def load_pretrained(cls, path: str | os.PathLike, **kwargs):
     weights need, every name and shape, and that every weight is finite (NaN or inf weights would sample
     blank images and evaluate to nan, silently).
     """
+    dtype, device, revision, require_head, overrides = _load_arguments(kwargs)
+    directory = resolve_directory(path, revision)
+    values = _read_json(directory / CONFIG_NAME)
+    config = config_from_transformers(values, source=str(directory / CONFIG_NAME))
+    classifier = cls.architecture == CLASSIFIER_ARCHITECTURE
+    if classifier:
+        _check_classifier_problem(values, directory)
+    state = _read_state(directory, dtype)
+    _check_weights(state, config, directory)
+    if classifier:
+        fresh_head = _classifier_head(state, config, overrides, directory, require_head)
+    else:
+        fresh_head = False
+        _require_lm_head(state, directory)
+    if "id2label" in overrides and overrides["id2label"] is not None:
+        overrides["num_labels"] = len(overrides["id2label"])
+    elif "num_labels" in overrides:
+        overrides["id2label"] = None
+    try:
+        config = config.replace(**overrides)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"invalid argument to from_pretrained: {e}") from e
+    with torch.device("meta"):
+        model = cls(config)
+    if fresh_head:
+        shape = model.score.weight.shape
+        check_memory(shape.numel() * dtype.itemsize, f"a score head for {config.num_labels:,} labels")
+        state["score.weight"] = torch.zeros(shape, dtype=dtype)  # as init_weights does
+    _check_names_and_shapes(model, state, directory)
+    model.load_state_dict(state, assign=True)
+    model.eval()
+    if device is not None:
+        model.to(device)
+    return model
+
+
+def _load_arguments(kwargs: dict):
+    """(dtype, device, revision, require_head, config overrides) from load_pretrained's kwargs, checked."""
     dtype = kwargs.pop("dtype", torch.float32)
     device = kwargs.pop("device", None)
     revision = kwargs.pop("revision", None)
@@ -440,13 +478,11 @@ def load_pretrained(cls, path: str | os.PathLike, **kwargs):
         raise ArgumentError(
             f"dtype must be a floating-point torch dtype such as torch.float32, got {dtype!r}"
         )
+    return dtype, device, revision, require_head, overrides
 
-    directory = resolve_directory(path, revision)
-    values = _read_json(directory / CONFIG_NAME)
-    config = config_from_transformers(values, source=str(directory / CONFIG_NAME))
-    classifier = cls.architecture == CLASSIFIER_ARCHITECTURE
-    if classifier:
-        _check_classifier_problem(values, directory)
+
+def _read_state(directory: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Every stored tensor under our name, in `dtype`, once the memory it needs is known to fit."""
     found = _weights_files(directory)
     stored = sum(file.stat().st_size for file in found[1]) if found else 0
     check_memory(  # a lower bound: float32 files read as float32 take their size, as bfloat16 half of it
@@ -454,7 +490,6 @@ def load_pretrained(cls, path: str | os.PathLike, **kwargs):
         f"the weights in {directory} ({stored:,} bytes of files)",
         "load them on a machine with more memory",
     )
-
     # Convert every tensor before building the model, so that the head decision can see all the names.
     state: dict[str, torch.Tensor] = {}
     for name, tensor in _read_weights(directory):
@@ -468,58 +503,48 @@ def load_pretrained(cls, path: str | os.PathLike, **kwargs):
             # An owned, contiguous copy in the wanted dtype: never a view of a memory-mapped file.
             state[name] = tensor.to(dtype=dtype, memory_format=torch.contiguous_format, copy=True)
             del tensor
+    return state
 
-    _check_weights(state, config, directory)
-    fresh_head = False
-    if classifier:
-        state.pop("lm_head.weight", None)
-        if "score.weight" in state:
-            stored = state["score.weight"].size(0)
-            asked = overrides.get(
-                "num_labels", len(overrides["id2label"]) if overrides.get("id2label") else None
-            )
-            if asked is not None and asked != stored:
-                raise CheckpointError(
-                    f"{directory} holds a classifier with {stored} labels, but {asked} were asked for; load "
-                    "it without num_labels/id2label, or start from a causal-LM checkpoint to get a fresh head"
-                )
-            if config.num_labels != stored:
-                raise CheckpointError(
-                    f"{directory}: config.json says {config.num_labels} labels, but score.weight has "
-                    f"{stored} rows; the checkpoint is inconsistent"
-                )
-        elif require_head:
+
+def _classifier_head(state, config, overrides, directory: Path, require_head: bool) -> bool:
+    """Whether a classifier gets a fresh score head; a stored one must match the labels asked and the
+    config. The lm_head, if any, is dropped from `state`."""
+    state.pop("lm_head.weight", None)
+    if "score.weight" not in state:
+        if require_head:
             raise CheckpointError(
                 f"{directory} holds a pretrained model with no classification head: it was never "
                 "fine-tuned, so it has no classes to report. Fine-tune it first (imagegpt finetune --model "
                 f"{directory} --data ... --out RUN), then evaluate RUN"
             )
-        else:
-            fresh_head = True
-    else:
-        if "lm_head.weight" not in state:
-            what = "an image classifier (a score head)" if "score.weight" in state else "only the backbone"
-            raise CheckpointError(
-                f"{directory} holds {what} and no lm_head, so it cannot predict pixels; load it with "
-                "ImageGPTClassifier.from_pretrained, or pass an ImageGPTForCausalImageModeling directory"
-            )
+        return True
+    stored = state["score.weight"].size(0)
+    asked = overrides.get("num_labels", len(overrides["id2label"]) if overrides.get("id2label") else None)
+    if asked is not None and asked != stored:
+        raise CheckpointError(
+            f"{directory} holds a classifier with {stored} labels, but {asked} were asked for; load "
+            "it without num_labels/id2label, or start from a causal-LM checkpoint to get a fresh head"
+        )
+    if config.num_labels != stored:
+        raise CheckpointError(
+            f"{directory}: config.json says {config.num_labels} labels, but score.weight has "
+            f"{stored} rows; the checkpoint is inconsistent"
+        )
+    return False
 
-    if "id2label" in overrides and overrides["id2label"] is not None:
-        overrides["num_labels"] = len(overrides["id2label"])
-    elif "num_labels" in overrides:
-        overrides["id2label"] = None
-    try:
-        config = config.replace(**overrides)
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"invalid argument to from_pretrained: {e}") from e
 
-    with torch.device("meta"):
-        model = cls(config)
+def _require_lm_head(state, directory: Path) -> None:
+    if "lm_head.weight" not in state:
+        what = "an image classifier (a score head)" if "score.weight" in state else "only the backbone"
+        raise CheckpointError(
+            f"{directory} holds {what} and no lm_head, so it cannot predict pixels; load it with "
+            "ImageGPTClassifier.from_pretrained, or pass an ImageGPTForCausalImageModeling directory"
+        )
+
+
+def _check_names_and_shapes(model, state, directory: Path) -> None:
+    """The stored tensors are exactly the model's parameters, shape for shape."""
     expected = {name: p.shape for name, p in model.state_dict().items()}
-    if fresh_head:
-        shape = expected["score.weight"]
-        check_memory(shape.numel() * dtype.itemsize, f"a score head for {config.num_labels:,} labels")
-        state["score.weight"] = torch.zeros(shape, dtype=dtype)  # as init_weights does
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
@@ -539,11 +564,6 @@ def load_pretrained(cls, path: str | os.PathLike, **kwargs):
     ]
     if wrong:
         raise CheckpointError(f"the weights in {directory} do not match its config.json: {_names(wrong)}")
-    model.load_state_dict(state, assign=True)
-    model.eval()
-    if device is not None:
-        model.to(device)
-    return model
 
 
 def _check_weights(state: dict[str, torch.Tensor], config: ImageGPTConfig, directory: Path) -> None:
