@@ -11,6 +11,12 @@ With a palette the model predicts palette ids, not 8-bit sub-pixels, so this is 
 PixelCNN-style models: a lossy palette (512 clusters for 16.7M colours) discards information that the 8-bit
 figure pays for, and the two are not comparable. Compare runs only at the same palette.
 
+A BERT model (imagegpt.objectives) is scored on what it was trained to do: the masked tokens of fixed, seeded
+masks (each position masked with the model's bert_mask_prob; `masks` draws per image, 1 by default, the masks
+training's validation uses), each predicted from all the unmasked ones. Its nats per masked token and the bits
+per dimension made from them are NOT comparable to a next-pixel model's: predicting a pixel from both sides is
+an easier task than predicting it from the pixels before it, and only 15% of the tokens are scored.
+
 Two reference points come with every evaluation:
 - uniform: log2(K) / 3, a model that knows nothing but the palette size;
 - unigram: the entropy of the token frequencies on the training split / 3, a model that knows how often each
@@ -25,12 +31,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .device import autocast, resolve_device, resolve_dtype
 from .errors import ArgumentError
-from .model import sos_inputs
+from .objectives import objective_for
 
 LN2 = math.log(2.0)
 
@@ -59,16 +64,21 @@ def token_nll(
     device: torch.device | None = None,
     dtype: torch.dtype = torch.float32,
     progress: bool = False,
+    indices=None,
+    masks: int = 1,
 ) -> tuple[float, int]:
-    """(sum of next-token losses in nats, number of tokens) over ids [N, H*W] (a tensor or a uint16 memmap).
+    """(sum of the losses in nats, number of tokens scored) over ids [N, H*W] (a tensor or a uint16 memmap).
 
-    The model reads [SOS, x0, ..., x_{n-2}] and predicts every token x0..x_{n-1}. Losses are computed in
-    float32 from the logits and summed in float64.
+    Next-pixel models read [SOS, x0, ..., x_{n-2}] and predict every token x0..x_{n-1}. BERT models predict
+    the masked tokens of `masks` fixed evaluation masks per image (imagegpt.objectives.evaluation_masks),
+    those of the images at `indices` in their split (default 0..N-1). Losses are computed in float32 from the
+    logits and summed in float64.
     """
     if batch_size < 1:
         raise ArgumentError(f"batch size must be at least 1, got {batch_size}")
     device = device or next(model.parameters()).device
-    sos_id = model.config.sos_id
+    objective = objective_for(model.config, masks=masks)
+    indices = np.arange(len(ids)) if indices is None else np.asarray(indices)
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
@@ -80,11 +90,11 @@ def token_nll(
     try:
         for start in starts:
             batch = _as_long(ids[start : start + batch_size]).to(device)
-            with autocast(device, dtype):
-                logits = model(sos_inputs(batch, sos_id)).logits
-            nll = F.cross_entropy(logits.flatten(0, 1).float(), batch.flatten(), reduction="sum")
-            total += float(nll.double())
-            count += batch.numel()
+            for draw in range(objective.masks):
+                with autocast(device, dtype):
+                    nll, tokens = objective.nll(model, batch, indices[start : start + batch_size], draw)
+                total += float(nll.double())
+                count += tokens
     finally:
         model.train(was_training)
     return total, count
@@ -114,11 +124,23 @@ class Evaluation:
     bits_per_dim: float
     uniform_bits_per_dim: float
     unigram_bits_per_dim: float | None = None
+    objective: str = "ar"
+    masks: int | None = None  # BERT: evaluation masks per image (the tokens are the masked ones)
 
     @classmethod
     def from_nll(
-        cls, split: str, images: int, total_nats: float, tokens: int, clusters: int, unigram_nats=None
+        cls,
+        split: str,
+        images: int,
+        total_nats: float,
+        tokens: int,
+        clusters: int,
+        unigram_nats=None,
+        objective: str = "ar",
+        masks: int | None = None,
     ) -> Evaluation:
+        if tokens == 0:
+            raise ArgumentError("no token was scored: evaluate more images (every BERT mask drawn was empty)")
         nats = total_nats / tokens
         return cls(
             split=split,
@@ -130,14 +152,24 @@ class Evaluation:
             bits_per_dim=bits_per_dim(nats),
             uniform_bits_per_dim=math.log2(clusters) / 3.0,
             unigram_bits_per_dim=None if unigram_nats is None else bits_per_dim(unigram_nats),
+            objective=objective,
+            masks=masks if objective == "bert" else None,
         )
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     def summary(self) -> str:
-        lines = [
-            f"{self.split}: {self.images} images, {self.tokens} tokens, palette of {self.clusters} colours",
+        tokens = f"{self.tokens} tokens"
+        if self.objective == "bert":
+            tokens = f"{self.tokens} masked tokens of {self.masks} fixed BERT mask(s) per image"
+        lines = [f"{self.split}: {self.images} images, {tokens}, palette of {self.clusters} colours"]
+        if self.objective == "bert":
+            lines.append(
+                "  a BERT model: each masked token predicted from all unmasked ones. NOT comparable to a "
+                "next-pixel model's bits/dim"
+            )
+        lines += [
             f"  nats per token   {self.nats_per_token:.4f}",
             f"  bits per token   {self.bits_per_token:.4f}",
             f"  bits per dim     {self.bits_per_dim:.4f}   (bits per token / 3 channels)",
@@ -164,12 +196,14 @@ def evaluate(
     unigram: bool = True,
     progress: bool = False,
     data_options: dict | None = None,
+    masks: int = 1,
 ) -> Evaluation:
     """Evaluate a model directory (or a run directory's latest checkpoint) on a split of a dataset.
 
     seed: the dataset's split seed (use the one the model was trained with, 0 by default, so that the held-out
     split is the same). limit: evaluate a seeded subset of at most this many images. cache_dir: keep the token
     ids in imagegpt.data's token cache there. unigram: also compute the unigram baseline on the train split.
+    masks: BERT models only, the fixed evaluation masks per image (see the module's docstring).
     """
     from .checkpoint import load_with_processor
     from .data import load_dataset, token_cache
@@ -197,6 +231,12 @@ def evaluate(
         )
 
     ids = tokens_of(split, limit)
-    total, count = token_nll(model, ids, batch_size=batch_size, device=device, dtype=dtype, progress=progress)
-    unigram_nats = unigram_entropy(tokens_of("train", None), model.config.n_clusters) if unigram else None
-    return Evaluation.from_nll(split, len(ids), total, count, model.config.n_clusters, unigram_nats)
+    objective_for(model.config, masks=masks)  # checks masks before the data is read
+    total, count = token_nll(
+        model, ids, batch_size=batch_size, device=device, dtype=dtype, progress=progress, masks=masks
+    )
+    config = model.config
+    unigram_nats = unigram_entropy(tokens_of("train", None), config.n_clusters) if unigram else None
+    return Evaluation.from_nll(
+        split, len(ids), total, count, config.n_clusters, unigram_nats, config.objective, masks
+    )

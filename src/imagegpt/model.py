@@ -30,6 +30,7 @@ from torch.utils.checkpoint import checkpoint
 from . import kernels
 from .config import ImageGPTConfig
 from .device import cpu_has_bf16
+from .errors import ArgumentError
 from .kernels import quantize_int8
 
 
@@ -37,6 +38,20 @@ def sos_inputs(ids: torch.Tensor, sos_id: int) -> torch.Tensor:
     """[x0, ..., x_{n-1}] -> [SOS, x0, ..., x_{n-2}]: the input whose next-token targets are the image."""
     sos = torch.full_like(ids[:, :1], sos_id)
     return torch.cat([sos, ids[:, :-1]], dim=1)
+
+
+def image_inputs(ids: torch.Tensor, config: ImageGPTConfig) -> torch.Tensor:
+    """What the model reads for image tokens [x0, ..., x_{n-1}]: [SOS, x0, ..., x_{n-2}] for the next-pixel
+    objective, the tokens themselves for BERT models (read with the masked positions' embeddings zeroed)."""
+    return sos_inputs(ids, config.sos_id) if config.is_causal else ids
+
+
+def bert_loss_per_image(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """L_BERT of each image (B,): the cross-entropy of its masked tokens (mask True), averaged over them as in
+    the original code; 0 for an image without a masked position (the paper's sum over an empty M)."""
+    nll = F.cross_entropy(logits.flatten(0, 1).float(), ids.flatten(), reduction="none").view(ids.shape)
+    mask = mask.to(nll.dtype)
+    return (nll * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
 
 
 # bfloat16 on CPUs without bfloat16 units. On such CPUs (AVX2 only, no AVX512-BF16/AMX) PyTorch's bfloat16
@@ -273,25 +288,28 @@ def quick_gelu(x: torch.Tensor) -> torch.Tensor:
     return x * torch.sigmoid(1.702 * x)
 
 
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float = 0.0) -> torch.Tensor:
+def causal_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float = 0.0, causal: bool = True
+) -> torch.Tensor:
     """Attention of T queries over the last T of S keys, each query seeing the keys up to its own position.
 
     q is (B, nh, T, hs); k and v are (B, nh, S, hs) with S >= T (S > T when a KV cache holds earlier
     positions). SDPA's fused kernels never materialise the T x S matrix and scale by 1/sqrt(hs).
+    causal=False (BERT models): every query sees every key; there is no KV cache then (S == T).
     """
     T, S = q.size(-2), k.size(-2)
-    if T == 1 and dropout == 0.0 and q.device.type == "cpu":
+    if T == 1 and dropout == 0.0 and q.device.type == "cpu" and causal:
         y = _native_decode_attention(q, k, v)
         if y is not None:
             return y
     if _emulate_bf16(q):  # bfloat16 operands, float32 kernels (see _Linear)
         with torch.autocast("cpu", enabled=False):
             q, k, v = (t.to(torch.bfloat16).float() for t in (q, k, v))
-            return causal_attention(q, k, v, dropout).to(torch.bfloat16)
+            return causal_attention(q, k, v, dropout, causal).to(torch.bfloat16)
     if k.dtype != q.dtype:  # a cache kept in another precision than the compute: read it in q's
         k, v = k.to(q.dtype), v.to(q.dtype)
     if T == S:
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=causal)
     if T == 1:  # one new token sees every cached position
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
     mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=S - T)
@@ -403,6 +421,7 @@ class CausalSelfAttention(nn.Module):
         self.layer_idx = layer_idx
         self.n_head = config.n_head
         self.attn_pdrop = config.attn_pdrop
+        self.is_causal = config.is_causal  # False for BERT models: "no attention logit masking is required"
         self.c_attn = Linear(config.n_embd, 3 * config.n_embd)
         self.c_proj = Linear(config.n_embd, config.n_embd)
         self.resid_dropout = nn.Dropout(config.resid_pdrop)
@@ -415,7 +434,7 @@ class CausalSelfAttention(nn.Module):
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, start, k, v)  # (B, nh, start + T, hs)
-        y = causal_attention(q, k, v, self.attn_pdrop if self.training else 0.0)
+        y = causal_attention(q, k, v, self.attn_pdrop if self.training else 0.0, self.is_causal)
         y = y.transpose(1, 2).reshape(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -583,11 +602,13 @@ class Transformer(nn.Module):
         kv_cache: KVCache | None = None,
         start: int = 0,
         output_hidden_states: bool = False,
+        mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
         """Returns the final normed hidden state (B, T, C) and, if asked, n_layer + 1 hidden states.
 
         As in transformers, hidden_states[i] is the input of block i for i < n_layer, and the last entry is
-        the output of the final norm.
+        the output of the final norm. mask (B, T) bool, True where masked (BERT models): those positions'
+        token embeddings are zeroed; their position embeddings are still added, as in the original code.
         """
         B, T = input_ids.shape
         if start + T > self.wpe.num_embeddings:
@@ -595,7 +616,10 @@ class Transformer(nn.Module):
                 f"sequence of {start + T} positions exceeds the model's n_positions={self.wpe.num_embeddings}"
             )
         positions = torch.arange(start, start + T, device=input_ids.device)
-        x = self.drop(self.wte(input_ids) + self.wpe(positions))  # (B, T, C)
+        tokens = self.wte(input_ids)  # (B, T, C)
+        if mask is not None:
+            tokens = tokens.masked_fill(mask.unsqueeze(-1), 0.0)
+        x = self.drop(tokens + self.wpe(positions))  # (B, T, C)
         hidden_states = [] if output_hidden_states else None
         # Without autograd and with no hidden state handed out, the blocks update x in place: one fewer
         # (B, T, C) buffer alive and allocated per block.
@@ -764,23 +788,46 @@ class ImageGPT(_Pretrained):
         output_hidden_states: bool = False,
         kv_cache: KVCache | None = None,
         start: int = 0,
+        mask: torch.Tensor | None = None,
     ) -> ImageGPTOutput:
-        """transformers' semantics: ids used as given; loss = CE(logits[:, :-1], labels[:, 1:])."""
-        x, hidden_states = self.transformer(input_ids, kv_cache, start, output_hidden_states)
+        """transformers' semantics: ids used as given; loss = CE(logits[:, :-1], labels[:, 1:]).
+
+        BERT models: mask (B, T) bool, True where masked, zeroes those positions' token embeddings, and the
+        loss is L_BERT of labels at the masked positions (bert_loss_per_image, averaged over the batch).
+        """
+        x, hidden_states = self.transformer(input_ids, kv_cache, start, output_hidden_states, mask)
         logits = self.lm_head(x)  # (B, T, n_clusters)
         loss = None
-        if labels is not None:
+        if labels is not None and self.config.is_causal:
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten())
+        elif labels is not None:
+            if mask is None:
+                raise ArgumentError("a BERT model's loss is over its masked positions: pass mask= as well")
+            loss = bert_loss_per_image(logits, labels, mask).mean()
         return ImageGPTOutput(logits=logits, loss=loss, hidden_states=hidden_states)
 
-    def loss_per_image(self, ids: torch.Tensor) -> torch.Tensor:
-        """Mean next-token loss in nats of each image (B,), predicting every token of ids from [SOS, ...]."""
+    def loss_per_image(self, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean loss in nats of each image (B,) under the model's objective.
+
+        Next-pixel: every token of ids predicted from [SOS, ...]. BERT: the tokens at `mask` (B, T), True
+        where masked, predicted from the others; by default the fixed evaluation masks of images 0..B-1
+        (imagegpt.objectives.evaluation_masks), so that repeated calls agree.
+        """
+        if not self.config.is_causal:
+            if mask is None:
+                from .objectives import evaluation_masks
+
+                mask = evaluation_masks(self.config, range(len(ids))).to(ids.device)
+            return bert_loss_per_image(self(ids, mask=mask).logits, ids, mask)
         logits = self(sos_inputs(ids, self.config.sos_id)).logits
         nll = F.cross_entropy(logits.flatten(0, 1).float(), ids.flatten(), reduction="none")
         return nll.view(ids.shape).mean(dim=1)
 
-    def image_loss(self, ids: torch.Tensor) -> torch.Tensor:
-        """Mean next-token loss in nats over all tokens of the batch, SOS handled (the training objective)."""
+    def image_loss(self, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The training objective's loss in nats for the batch: next-pixel, the mean over all tokens, SOS
+        handled; BERT, the mean over images of loss_per_image(ids, mask)."""
+        if not self.config.is_causal:
+            return self.loss_per_image(ids, mask).mean()
         logits = self(sos_inputs(ids, self.config.sos_id)).logits
         return F.cross_entropy(logits.flatten(0, 1).float(), ids.flatten())
 
@@ -807,9 +854,14 @@ class ImageGPTClassifier(_Pretrained):
         init_weights(self, config)
 
     def forward(
-        self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, output_hidden_states: bool = False
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        output_hidden_states: bool = False,
+        mask: torch.Tensor | None = None,
     ) -> ClassifierOutput:
-        x, hidden_states = self.transformer(input_ids, output_hidden_states=output_hidden_states)
+        """mask: BERT models' masked positions (see ImageGPT.forward)."""
+        x, hidden_states = self.transformer(input_ids, output_hidden_states=output_hidden_states, mask=mask)
         logits = self.score(x.mean(dim=1))  # (B, num_labels)
         loss = None if labels is None else F.cross_entropy(logits.float(), labels)
         return ClassifierOutput(logits=logits, loss=loss, hidden_states=hidden_states)

@@ -1,9 +1,11 @@
-"""Pretraining from pixels: fit a palette, tokenise once, train the next-pixel objective.
+"""Pretraining from pixels: fit a palette, tokenise once, train the next-pixel (or the BERT) objective.
 
 `train(TrainOptions(...))` is a plain function around a plain loop; the run machinery (run directory,
 checkpoints, resume, signals) is imagegpt.trainer's. The paper's recipe: AdamW (0.9, 0.95) without weight
 decay, linear warmup then cosine decay to 0, gradient clipping at 1.0, bfloat16 autocast where supported, and
 SOS handled as the original: the model reads [SOS, x0, ..., x_{n-2}] and predicts [x0, ..., x_{n-1}].
+`objective="bert"` trains the paper's masked-pixel objective instead; imagegpt.objectives supplies each
+objective's loss, masks and evaluation.
 
 Under torchrun, the same function runs DistributedDataParallel (wrapped from outside the model): every rank
 reads its own slice of each global batch from the token cache, and only rank 0 writes files.
@@ -29,6 +31,7 @@ from .evaluate import bits_per_dim, token_nll
 from .files import check_output
 from .limits import check_memory
 from .model import ImageGPT, sos_inputs
+from .objectives import check_mask_prob, check_objective, describe, objective_for
 from .trainer import (
     ARGS_FILE,
     CHECKPOINTS_DIR,
@@ -83,6 +86,8 @@ class TrainOptions:
     fsdp: under torchrun, shard weights, gradients and optimizer state over the ranks (FSDP2) instead of DDP.
     keep_checkpoints: also keep the model at this many log-spaced steps (kept_steps), the last step among
     them, as checkpoints/step-NNNNNNN model directories: what `imagegpt study` probes.
+    objective: "ar" (next-pixel prediction) or "bert" (masked-pixel prediction, each position masked with
+    probability mask_prob; recorded in the model's config as bert_mask_prob).
     """
 
     data: str = "shapes"
@@ -114,6 +119,8 @@ class TrainOptions:
     progress: bool = True
     stop_after: int | None = None
     keep_checkpoints: int = 0
+    objective: str = "ar"
+    mask_prob: float = 0.15
 
     def validate(self) -> None:
         """Every option checked before anything is created: a refused run leaves nothing behind, so the
@@ -149,6 +156,10 @@ class TrainOptions:
         for name in ("gradient_checkpointing", "fsdp", "progress"):
             if not isinstance(getattr(self, name), bool):
                 raise ArgumentError(f"{_flag(name)} must be true or false, got {getattr(self, name)!r}")
+        check_objective(self.objective)
+        check_mask_prob(self.mask_prob)
+        if self.objective != "bert" and self.mask_prob != TrainOptions.mask_prob:
+            raise ArgumentError("--mask-prob is the BERT objective's; give it with --objective bert")
         if self.palette is None:
             check_clusters(self.clusters)
         if self.preset not in PRESETS:
@@ -232,11 +243,15 @@ class TrainResult:
     val_bits_per_dim: float | None
     tokens_per_second: float | None
     dtype: str | None = None  # the compute dtype the run's steps used ("float32", "bfloat16", ...)
+    objective: str = "ar"  # "bert": the losses are of the masked tokens (not comparable to "ar" bits/dim)
     signal: int | None = None  # the signal (SIGINT, SIGTERM) that stopped the run, if one did
 
 
 def image_loss(model: nn.Module, ids: torch.Tensor, sos_id: int) -> torch.Tensor:
-    """Mean next-token loss in nats over the batch, SOS handled. Calls model(...), so a DDP wrapper syncs."""
+    """Mean next-token loss in nats over the batch, SOS handled. Calls model(...), so a DDP wrapper syncs.
+
+    The next-pixel objective's loss; imagegpt.objectives has both objectives' (what `train` uses).
+    """
     logits = model(sos_inputs(ids, sos_id)).logits  # (B, T, n_clusters)
     return F.cross_entropy(logits.flatten(0, 1).float(), ids.flatten())
 
@@ -265,7 +280,7 @@ def _resolution(options: TrainOptions, dataset) -> int | tuple[int, int]:
     return height if height == width else (height, width)
 
 
-def _finished(run_dir: Path, step: int) -> TrainResult:
+def _finished(run_dir: Path, step: int, objective: str) -> TrainResult:
     records = read_metrics(run_dir / METRICS_FILE)
     last = {r.get("split"): r["loss"] for r in records if "loss" in r}  # the last record of each split
     return TrainResult(
@@ -277,6 +292,7 @@ def _finished(run_dir: Path, step: int) -> TrainResult:
         val_loss=last.get("val"),
         val_bits_per_dim=None if "val" not in last else bits_per_dim(last["val"]),
         tokens_per_second=None,
+        objective=objective,
     )
 
 
@@ -359,6 +375,8 @@ def _train(options: TrainOptions, resume: bool, dist: Distributed, on_step, hold
         resid_pdrop=options.dropout,
         embd_pdrop=options.dropout,
         attn_pdrop=options.dropout,
+        objective=options.objective,
+        bert_mask_prob=options.mask_prob,
     )
     what = f"training {options.preset} at {config.n_positions} positions"
     hint = "choose a smaller --preset, --resolution or --batch-size (or a larger --accumulate)"
@@ -380,7 +398,7 @@ def _train(options: TrainOptions, resume: bool, dist: Distributed, on_step, hold
     if latest is not None:  # read and checked before anything of the run is written
         state = load_training_state(latest)
         loaded = ImageGPT.from_pretrained(latest)
-        shape = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head")
+        shape = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "objective", "bert_mask_prob")
         if any(getattr(loaded.config, k) != getattr(config, k) for k in shape):
             raise CheckpointError(
                 f"{latest} holds a model of another shape than this run's arguments describe"
@@ -418,7 +436,7 @@ def _train(options: TrainOptions, resume: bool, dist: Distributed, on_step, hold
     if state is not None:
         step = restore_state(state, optimizer, order, dist, model=ddp, source=latest / STATE_FILE)
         if step >= options.steps and (run_dir / MODEL_DIR / "config.json").is_file():
-            return _finished(run_dir, step)  # resuming a finished run changes nothing
+            return _finished(run_dir, step, config.objective)  # resuming a finished run changes nothing
     if resume and dist.is_main:
         prepare_run_dir(run_dir, asdict(options), resume=True)  # records the overrides of this session
     model.train()
@@ -426,11 +444,12 @@ def _train(options: TrainOptions, resume: bool, dist: Distributed, on_step, hold
 
     metrics = MetricsLog(run_dir / METRICS_FILE, enabled=dist.is_main, resume_step=step if resume else None)
     tokens_per_step = options.batch_size * config.n_positions
-    sos_id = config.sos_id
+    objective = objective_for(config, options.seed)  # its loss (with each step's BERT masks)
 
     def validate(at_step: int, images: int) -> tuple[float, float]:
         ids = val_tokens if images == 0 else val_tokens[:images]
         shard = ids[dist.rank :: dist.world_size]  # each rank its share of the images
+        indices = np.arange(len(ids))[dist.rank :: dist.world_size]  # which fix their BERT masks
         total, count = 0.0, 0
         for start in range(0, math.ceil(len(ids) / dist.world_size), per_rank):
             batch = shard[start : start + per_rank]
@@ -439,7 +458,12 @@ def _train(options: TrainOptions, resume: bool, dist: Distributed, on_step, hold
                     token_nll(ddp, ids[:1], device=device, dtype=dtype)
                 continue
             nats, tokens = token_nll(
-                ddp if sharded else model, batch, batch_size=per_rank, device=device, dtype=dtype
+                ddp if sharded else model,
+                batch,
+                batch_size=per_rank,
+                device=device,
+                dtype=dtype,
+                indices=indices[start : start + per_rank],
             )
             total, count = total + nats, count + tokens
         if sharded:
@@ -481,7 +505,7 @@ def _train(options: TrainOptions, resume: bool, dist: Distributed, on_step, hold
     say = print if options.progress and dist.is_main else (lambda *a, **k: None)
     if not resume:
         say(
-            f"imagegpt train: {options.preset} ({parameters / 1e6:.2f}M parameters) at "
+            f"imagegpt train: {options.preset} ({parameters / 1e6:.2f}M parameters, {describe(config)}) at "
             f"{processor.height}x{processor.width}, {len(palette)} colours, {len(train_tokens)} train / "
             f"{len(val_tokens)} val images, {dist.world_size} process(es){' with FSDP' * sharded} on "
             f"{device}, {str(dtype).split('.')[-1]}"
@@ -502,8 +526,8 @@ def _train(options: TrainOptions, resume: bool, dist: Distributed, on_step, hold
                 result = optimizer_step(
                     ddp,
                     optimizer,
-                    ids.chunk(options.accumulate),
-                    lambda batch: image_loss(ddp, batch, sos_id),
+                    objective.micro_batches(ids, step, dist.rank, dist.world_size, options.accumulate),
+                    lambda batch: objective.loss(ddp, batch),
                     clip=options.clip,
                     device=device,
                     dtype=dtype,
@@ -543,7 +567,8 @@ def _train(options: TrainOptions, resume: bool, dist: Distributed, on_step, hold
                 if options.eval_every and step % options.eval_every == 0 and step < options.steps:
                     val_loss, val_bpd = validate(step, options.eval_images)
                     if options.progress and dist.is_main:
-                        bar.write(f"step {step}: val loss {val_loss:.4f} nats/token, {val_bpd:.4f} bits/dim")
+                        what = "bits/dim" if config.is_causal else "masked-token bits/dim"
+                        bar.write(f"step {step}: val loss {val_loss:.4f} nats/token, {val_bpd:.4f} {what}")
                 if options.save_every and step % options.save_every == 0 and step < options.steps:
                     save(step)
                 if options.stop_after is not None and steps_this_session >= options.stop_after:
@@ -583,4 +608,5 @@ def _train(options: TrainOptions, resume: bool, dist: Distributed, on_step, hold
         tokens_per_second=rate,
         dtype=str(dtype).removeprefix("torch."),
         signal=stop.signal if stopped else None,
+        objective=config.objective,
     )
