@@ -11,6 +11,12 @@ exactly the linear probe's feature n^L (imagegpt.probe). During training, if W >
 L..end, final norm and `lm_head` are kept alongside to compute L_gen on the full model, as pretrained; they
 are dropped when the classifier is saved. The directory written is in transformers'
 ImageGPTForImageClassification format.
+
+A BERT model (imagegpt.objectives) is fine-tuned as the paper does: L_GEN is L_BERT ("L_GEN in {L_AR, L_BERT}",
+section 2.3), computed in the same forward pass as L_CLF on the image with a fresh BERT mask each step (the
+seeded training masks, a function of the run's seed and the step), and the classifier reads images under a
+fixed evaluation mask (section 4.6: "we must also mask them at evaluation time to keep inputs
+in-distribution"). `classify` also reports the paper's ensemble: the modal prediction over 5 masks per image.
 """
 
 from __future__ import annotations
@@ -29,7 +35,8 @@ from .device import DTYPES
 from .errors import ArgumentError, CheckpointError, DataError
 from .files import check_folders, check_output, write_text_atomic
 from .limits import check_memory
-from .model import ImageGPT, ImageGPTClassifier, sos_inputs
+from .model import ImageGPT, ImageGPTClassifier, bert_loss_per_image, image_inputs
+from .objectives import ENSEMBLE_MASKS, ensemble_vote, evaluation_masks, training_masks
 
 # --------------------------------------------------------------------------------------------------- model
 
@@ -84,12 +91,25 @@ class FinetuneModel(nn.Module):
     def config(self):
         return self.classifier.config
 
-    def forward(self, ids: torch.Tensor, labels: torch.Tensor | None = None, gen_weight: float = 0.0):
-        """Image tokens [B, T] (no SOS) -> (class logits, L_clf, L_gen); L_gen is None if gen_weight is 0."""
+    def forward(
+        self,
+        ids: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        gen_weight: float = 0.0,
+        mask: torch.Tensor | None = None,
+    ):
+        """Image tokens [B, T] (no SOS) -> (class logits, L_clf, L_gen); L_gen is None if gen_weight is 0.
+
+        mask: BERT models' masked positions (B, T), True where masked (required for them)."""
         transformer = self.classifier.transformer
-        inputs = sos_inputs(ids, self.config.sos_id)
+        inputs = image_inputs(ids, self.config)
         positions = torch.arange(inputs.size(1), device=inputs.device)
-        x = transformer.drop(transformer.wte(inputs) + transformer.wpe(positions))  # (B, T, C)
+        tokens = transformer.wte(inputs)  # (B, T, C)
+        if not self.config.is_causal:
+            if mask is None:
+                raise ArgumentError("a BERT model reads masked images: pass the mask of the batch")
+            tokens = tokens.masked_fill(mask.unsqueeze(-1), 0.0)
+        x = transformer.drop(tokens + transformer.wpe(positions))  # (B, T, C)
         for block in transformer.h:
             x = block(x)
         normed = transformer.ln_f(x)
@@ -104,7 +124,10 @@ class FinetuneModel(nn.Module):
                     x = block(x)
                 normed = self.gen_norm(x)
             gen_logits = self.lm_head(normed)  # (B, T, n_clusters)
-            gen_loss = F.cross_entropy(gen_logits.flatten(0, 1).float(), ids.flatten())
+            if self.config.is_causal:
+                gen_loss = F.cross_entropy(gen_logits.flatten(0, 1).float(), ids.flatten())
+            else:  # L_BERT
+                gen_loss = bert_loss_per_image(gen_logits, ids, mask).mean()
         return logits, clf_loss, gen_loss
 
 
@@ -159,8 +182,11 @@ def predict(
     batch_size: int = 64,
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
+    draw: int = 0,
 ) -> np.ndarray:
-    """Class logits float32 [N, num_labels] of image tokens [N, H*W]; SOS is prepended here."""
+    """Class logits float32 [N, num_labels] of image tokens [N, H*W]; SOS is prepended here.
+
+    A BERT classifier reads image i (its place in ids) under its fixed evaluation mask number `draw`."""
     from .device import autocast, resolve_device, resolve_dtype
 
     device = next(classifier.parameters()).device if device is None else resolve_device(device)
@@ -170,10 +196,14 @@ def predict(
     ids = torch.as_tensor(np.asarray(ids, dtype=np.int64)) if isinstance(ids, np.ndarray) else ids.long()
     logits = []
     try:
+        config = classifier.config
         for start in range(0, len(ids), batch_size):
-            batch = sos_inputs(ids[start : start + batch_size].to(device), classifier.config.sos_id)
+            batch = image_inputs(ids[start : start + batch_size].to(device), config)
+            mask = None
+            if not config.is_causal:
+                mask = evaluation_masks(config, range(start, start + len(batch)), draw).to(device)
             with autocast(device, dtype):
-                logits.append(classifier(batch).logits.float().cpu())
+                logits.append(classifier(batch, mask=mask).logits.float().cpu())
     finally:
         classifier.train(was_training)
     return torch.cat(logits).numpy()
@@ -455,8 +485,8 @@ def finetune(
         parts = {}
 
         def loss_fn(batch):
-            ids, labels = batch
-            _, clf_loss, gen_loss = model(ids, labels, gen_weight=a["gen_weight"])
+            ids, labels, mask = batch
+            _, clf_loss, gen_loss = model(ids, labels, gen_weight=a["gen_weight"], mask=mask)
             parts["clf_loss"], parts["gen_loss"] = (
                 clf_loss.detach(),
                 None if gen_loss is None else gen_loss.detach(),
@@ -477,7 +507,10 @@ def finetune(
                         ids = encode_images(processor, _batch_images(train, index), augment=True, rng=rng)
                     else:
                         ids = torch.as_tensor(np.asarray(train_ids[index], dtype=np.int64))
-                    batch = (ids.to(device), torch.as_tensor(train.labels[index]).to(device))
+                    mask = None  # BERT: the step's training masks, a function of the seed and the step
+                    if not model.config.is_causal:
+                        mask = training_masks(model.config, a["seed"], step, len(ids)).to(device)
+                    batch = (ids.to(device), torch.as_tensor(train.labels[index]).to(device), mask)
                     result = optimizer_step(
                         model,
                         optimizer,
@@ -550,6 +583,7 @@ def finetune(
             "augment": augment,
             "layer": model.layer,
             "gen_weight": a["gen_weight"],
+            "objective": model.config.objective,
             "signal": signal,  # the signal (SIGINT, SIGTERM) that stopped the run, if one did
         }
         write_text_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
@@ -622,7 +656,9 @@ def classify(
     """Accuracy and confusion matrix of a classifier directory on one split of a labelled dataset.
 
     Writes classify-SPLIT.json and confusion-SPLIT.png into `out` (default: the folder holding the classifier
-    directory, which for `imagegpt finetune --out RUN` is RUN) and returns the report.
+    directory, which for `imagegpt finetune --out RUN` is RUN) and returns the report. A BERT classifier's
+    accuracy and confusion matrix are under its fixed evaluation masks (draw 0); accuracy_ensemble is the
+    modal prediction over 5 masks per image (the module's docstring).
     """
     from .checkpoint import load_with_processor
     from .data import load_dataset, token_cache
@@ -658,7 +694,15 @@ def classify(
         "accuracy": float((predictions == dataset.labels).mean()),
         "class_names": class_names,
         "confusion": matrix.tolist(),
+        "objective": classifier.config.objective,
     }
+    if not classifier.config.is_causal:  # the paper's ensemble: the modal prediction over 5 masks per image
+        votes = [predictions] + [
+            predict(classifier, ids, batch_size=batch_size, device=device, dtype=dtype, draw=d).argmax(axis=1)
+            for d in range(1, ENSEMBLE_MASKS)
+        ]
+        report["ensemble_masks"] = ENSEMBLE_MASKS
+        report["accuracy_ensemble"] = float((ensemble_vote(np.stack(votes)) == dataset.labels).mean())
     out.mkdir(parents=True, exist_ok=True)
     report["json"] = str(out / f"classify-{split}.json")
     report["plot"] = str(out / f"confusion-{split}.png")
