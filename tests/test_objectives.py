@@ -34,7 +34,9 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def bert_config(**overrides) -> ImageGPTConfig:
-    return ImageGPTConfig.from_preset("igpt-nano", resolution=(4, 5), clusters=7, **{"objective": "bert", **overrides})
+    return ImageGPTConfig.from_preset(
+        "igpt-nano", resolution=(4, 5), clusters=7, **{"objective": "bert", **overrides}
+    )
 
 
 def randomised(model, seed=0, scale=0.2):
@@ -59,7 +61,7 @@ def a_mask(config, batch=3, seed=1, prob=0.3):
 
 
 def bert_loss_by_definition(model, ids, mask):
-    """L_BERT from the paper and OpenAI's src/model.py, written out in float64 with none of imagegpt's modules:
+    """L_BERT from the paper and OpenAI's src/model.py, in float64 with none of imagegpt's modules:
     token embeddings zeroed at M, position embeddings added, GPT-2 blocks with attention over every position,
     the cross-entropy at M averaged per image, then over the batch."""
     c, w = model.config, {k: v.double() for k, v in model.state_dict().items()}
@@ -240,7 +242,9 @@ def test_a_bert_directory_records_its_objective_and_reloads(tmp_path):
 def test_a_hand_edited_objective_that_contradicts_model_type_is_refused(tmp_path, model_type, objective):
     ImageGPT(bert_config()).save_pretrained(tmp_path)
     values = json.loads((tmp_path / "config.json").read_text())
-    (tmp_path / "config.json").write_text(json.dumps(values | dict(model_type=model_type, objective=objective)))
+    (tmp_path / "config.json").write_text(
+        json.dumps(values | dict(model_type=model_type, objective=objective))
+    )
     with pytest.raises(CheckpointError, match="edited by hand"):
         ImageGPT.from_pretrained(tmp_path)
 
@@ -400,7 +404,9 @@ def test_evaluation_scores_the_masked_tokens_of_fixed_masks_whatever_the_batch()
     total, count = token_nll(model, ids, batch_size=3)
     mask = evaluation_masks(config, range(7))
     with torch.no_grad():
-        log_p = torch.log_softmax(model(ids, mask=mask).logits.double(), -1).gather(-1, ids[..., None])[..., 0]
+        log_p = torch.log_softmax(model(ids, mask=mask).logits.double(), -1).gather(-1, ids[..., None])[
+            ..., 0
+        ]
     assert count == int(mask.sum()) and total == pytest.approx(-log_p[mask].sum().item(), rel=1e-5)
     assert token_nll(model, ids, batch_size=7) == pytest.approx((total, count), rel=1e-6)
     # The images' own masks: a slice evaluated with its indices scores what it scores in the whole.
@@ -444,7 +450,9 @@ def test_probe_reads_bert_images_masked_and_reports_the_ensemble(tmp_path):
     assert all(0 <= row["test_accuracy_ensemble"] <= 1 for row in report["rows"])
     text = format_report(report)
     assert "BERT objective (p=0.3)" in text and "5-mask vote" in text
-    ar = run_probe(randomised(ImageGPT(config.replace(objective="ar"))), None, *splits, layers="0", baseline=False)
+    ar = run_probe(
+        randomised(ImageGPT(config.replace(objective="ar"))), None, *splits, layers="0", baseline=False
+    )
     assert ar["objective"] == "ar" and ar["ensemble_masks"] is None
     assert "next-pixel (ar) objective" in format_report(ar) and "vote" not in format_report(ar)
 
@@ -477,7 +485,9 @@ def test_finetune_and_classify_a_bert_run_end_to_end(tmp_path):
     summary = finetune(pretrained.model_dir, "digits", tmp_path / "ft", steps=4, batch_size=16, device="cpu",
                        dtype="float32")  # fmt: skip
     assert summary["objective"] == "bert"
-    assert json.loads((tmp_path / "ft" / "model" / "config.json").read_text())["model_type"] == "imagegpt_bert"
+    assert (
+        json.loads((tmp_path / "ft" / "model" / "config.json").read_text())["model_type"] == "imagegpt_bert"
+    )
     report = classify(tmp_path / "ft", "digits", device="cpu")
     assert report["objective"] == "bert" and report["ensemble_masks"] == 5
     assert 0 <= report["accuracy_ensemble"] <= 1

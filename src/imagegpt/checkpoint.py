@@ -16,10 +16,10 @@ head with `num_labels` labels (a keyword argument; the lm_head is dropped): this
 ImageGPT loaded from a directory without an `lm_head` is a CheckpointError: a model that predicts nothing is
 never what was meant.
 
-BERT models (objective "bert", imagegpt.objectives) have no transformers class: transformers' ImageGPT is causal
-and would read their weights as a next-pixel model, silently wrong. Their directories are written so that
-transformers refuses them: config.json has `model_type: "imagegpt_bert"` (AutoConfig and every AutoModel raise
-"does not recognize this architecture") plus `objective` and `bert_mask_prob`, and the weights are
+BERT models (objective "bert", imagegpt.objectives) have no transformers class: transformers' ImageGPT is
+causal and would read their weights as a next-pixel model, silently wrong. Their directories are written so
+that transformers refuses them: config.json has `model_type: "imagegpt_bert"` (AutoConfig and every AutoModel
+raise "does not recognize this architecture") plus `objective` and `bert_mask_prob`, and the weights are
 `imagegpt-bert.safetensors`, a name transformers never reads (ImageGPTForCausalImageModeling.from_pretrained
 raises for want of model.safetensors). imagegpt reads both.
 
@@ -168,8 +168,8 @@ def config_from_transformers(values: dict, *, source: str = "config.json") -> Im
         raise CheckpointError(
             f"{source} has model_type={model_type!r} but objective={objective!r}; a BERT model's config.json "
             f"has model_type {BERT_MODEL_TYPE!r} (so that transformers does not read it as a causal model), "
-            "a next-pixel model's 'imagegpt'. The file was edited by hand: restore the one the model was saved "
-            "with"
+            "a next-pixel model's 'imagegpt'. The file was edited by hand: restore the one the model was "
+            "saved with"
         )
     for key, (wanted, why) in _REQUIRED_VALUES.items():
         if key in values and values[key] != wanted:
@@ -262,7 +262,9 @@ def config_to_transformers(config: ImageGPTConfig, architecture: str = CAUSAL_LM
         "pad_token_id": None,
     }
     if not config.is_causal:  # written so that transformers refuses it (see the module docstring)
-        values.update(model_type=BERT_MODEL_TYPE, objective=config.objective, bert_mask_prob=config.bert_mask_prob)
+        values.update(
+            model_type=BERT_MODEL_TYPE, objective=config.objective, bert_mask_prob=config.bert_mask_prob
+        )
     if architecture == CLASSIFIER_ARCHITECTURE or config.id2label is not None:
         id2label = config.id2label or {i: f"LABEL_{i}" for i in range(config.num_labels)}
         values["id2label"] = {str(k): v for k, v in sorted(id2label.items())}

@@ -12,10 +12,10 @@ L..end, final norm and `lm_head` are kept alongside to compute L_gen on the full
 are dropped when the classifier is saved. The directory written is in transformers'
 ImageGPTForImageClassification format.
 
-A BERT model (imagegpt.objectives) is fine-tuned as the paper does: L_GEN is L_BERT ("L_GEN in {L_AR, L_BERT}",
-section 2.3), computed in the same forward pass as L_CLF on the image with a fresh BERT mask each step (the
-seeded training masks, a function of the run's seed and the step), and the classifier reads images under a
-fixed evaluation mask (section 4.6: "we must also mask them at evaluation time to keep inputs
+A BERT model (imagegpt.objectives) is fine-tuned as the paper does: L_GEN is L_BERT ("L_GEN in
+{L_AR, L_BERT}", section 2.3), computed in the same forward pass as L_CLF on the image with a fresh BERT mask
+each step (the seeded training masks, a function of the run's seed and the step), and the classifier reads
+images under a fixed evaluation mask (section 4.6: "we must also mask them at evaluation time to keep inputs
 in-distribution"). `classify` also reports the paper's ensemble: the modal prediction over 5 masks per image.
 """
 

@@ -35,7 +35,8 @@ from .config import OBJECTIVES, ImageGPTConfig
 from .errors import ArgumentError, ConfigError
 from .model import bert_loss_per_image, sos_inputs
 
-# The paper's evaluation ensemble: "we sample 5 independent masks for each input and take the modal prediction".
+# The paper's evaluation ensemble: "we sample 5 independent masks for each input and take the modal
+# prediction".
 ENSEMBLE_MASKS = 5
 
 # The streams of the seeded generators (numpy SeedSequence entropy words), so that no two uses share draws.
@@ -46,8 +47,8 @@ def check_objective(name) -> str:
     """name if it is an objective imagegpt trains ("ar" or "bert"); an ArgumentError otherwise."""
     if name not in OBJECTIVES:
         raise ArgumentError(
-            f"unknown --objective {name!r}; use ar (next-pixel prediction, the default) or bert (masked-pixel "
-            "prediction)"
+            f"unknown --objective {name!r}; use ar (next-pixel prediction, the default) or bert "
+            "(masked-pixel prediction)"
         )
     return name
 
@@ -83,12 +84,15 @@ def training_masks(
     config: ImageGPTConfig, seed: int, step: int, global_batch: int, rows: slice | None = None
 ) -> torch.Tensor:
     """The BERT masks (len(rows), n_positions) bool, True where masked, of training step `step` (0-based):
-    drawn for the whole global batch from a generator seeded with (seed, step); `rows` picks this process's."""
+    drawn for the whole global batch from a generator seeded with (seed, step); `rows` picks this
+    process's."""
     uniform = np.random.default_rng([_TRAINING, seed, step]).random((global_batch, config.n_positions))
     return torch.from_numpy(uniform[rows if rows is not None else slice(None)] < config.bert_mask_prob)
 
 
-def evaluation_masks(config: ImageGPTConfig, indices: Sequence[int], draw: int = 0, seed: int = 0) -> torch.Tensor:
+def evaluation_masks(
+    config: ImageGPTConfig, indices: Sequence[int], draw: int = 0, seed: int = 0
+) -> torch.Tensor:
     """The fixed BERT masks (len(indices), n_positions) bool of the images at `indices` of a split: mask
     number `draw` of image i is drawn from a generator seeded with (seed, i, draw)."""
     rows = [
@@ -123,7 +127,9 @@ class NextPixel:
     def __init__(self, config: ImageGPTConfig, seed: int = 0):
         self.config, self.seed = config, seed
 
-    def micro_batches(self, ids: torch.Tensor, step: int, rank: int = 0, world_size: int = 1, chunks: int = 1):
+    def micro_batches(
+        self, ids: torch.Tensor, step: int, rank: int = 0, world_size: int = 1, chunks: int = 1
+    ):
         """This process's micro-batches of the step's image tokens (B, T) (its share of the global batch)."""
         return list(ids.chunk(chunks))
 
@@ -132,14 +138,16 @@ class NextPixel:
         logits = model(sos_inputs(batch, self.config.sos_id)).logits  # (B, T, n_clusters)
         return F.cross_entropy(logits.flatten(0, 1).float(), batch.flatten())
 
-    def nll(self, model: nn.Module, ids: torch.Tensor, indices=None, draw: int = 0) -> tuple[torch.Tensor, int]:
+    def nll(
+        self, model: nn.Module, ids: torch.Tensor, indices=None, draw: int = 0
+    ) -> tuple[torch.Tensor, int]:
         """(summed next-token loss in nats, tokens scored) of a batch of image tokens."""
         logits = model(sos_inputs(ids, self.config.sos_id)).logits
         return F.cross_entropy(logits.flatten(0, 1).float(), ids.flatten(), reduction="sum"), ids.numel()
 
 
 class MaskedPixels(NextPixel):
-    """L_BERT: the training loss and the evaluation of the masked-pixel objective (see the module's docstring).
+    """L_BERT: the training loss and the evaluation of the masked-pixel objective (the module's docstring).
 
     Evaluation scores the masked tokens of the fixed evaluation masks: `masks` draws per image (1 by default,
     the masks that training's validation uses), with the evaluation seed 0.

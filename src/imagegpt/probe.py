@@ -219,7 +219,8 @@ def extract_features(
     cache_dir: if given, features are cached there per layer, keyed by the model's weights, the token ids and
         the dtype, so a second call (or another layer selection) reuses what was computed.
     draw: BERT models read image i (its place in images_or_ids) under its fixed evaluation mask number
-        `draw` (imagegpt.objectives.evaluation_masks), as the paper evaluates them; next-pixel models ignore it.
+        `draw` (imagegpt.objectives.evaluation_masks), as the paper evaluates them; next-pixel models
+        ignore it.
     """
     if batch_size < 1:
         raise ArgumentError(f"batch_size must be at least 1, got {batch_size}")
@@ -408,7 +409,9 @@ def _probe_row(name, train, val, test, labels_per_class, seeds, Cs, ensemble=())
     for seed in range(seeds):
         subset = labels_per_class_subset(train_y, labels_per_class, seed)
         runs.append(
-            fit_probe(train_x[subset], train_y[subset], val_x, val_y, test_x, test_y, Cs=Cs, ensemble=ensemble)
+            fit_probe(
+                train_x[subset], train_y[subset], val_x, val_y, test_x, test_y, Cs=Cs, ensemble=ensemble
+            )
         )
     tests = np.array([r.test_accuracy for r in runs])
     vals = np.array([r.val_accuracy for r in runs])
@@ -635,11 +638,13 @@ def _objective_line(report: dict) -> str:
     if report.get("objective", "ar") == "ar":
         return "model pretrained with the next-pixel (ar) objective: images read as [SOS, x0, ..., x_{n-2}]"
     line = (
-        f"model pretrained with the BERT objective (p={report['bert_mask_prob']:g}): images read under a fixed "
-        "mask, as in training"
+        f"model pretrained with the BERT objective (p={report['bert_mask_prob']:g}): images read under a "
+        "fixed mask, as in training"
     )
     if report.get("ensemble_masks"):
-        line += f"; the vote column is the modal prediction over {report['ensemble_masks']} masks per test image"
+        line += (
+            f"; the vote column is the modal prediction over {report['ensemble_masks']} masks per test image"
+        )
     return line
 
 

@@ -19,8 +19,8 @@ def register(subparsers) -> None:
             "/ 3 channels; with a palette this is not the 8-bit bits/dim of PixelCNN-style models). "
             "Also reports a palette-unigram baseline (entropy of the colour frequencies of the train split) "
             "and the uniform baseline (log2 K / 3). A BERT model (train --objective bert) is scored on the "
-            "masked tokens of fixed, seeded masks instead (--masks per image), each predicted from all unmasked "
-            "tokens: its numbers are not comparable to a next-pixel model's."
+            "masked tokens of fixed, seeded masks instead (--masks per image), each predicted from all "
+            "unmasked tokens: its numbers are not comparable to a next-pixel model's."
         ),
     )
     parser.add_argument(

@@ -72,8 +72,8 @@ def register(subparsers) -> None:
             "L-BFGS logistic regression on the standardised features with C chosen on the validation split, "
             "and test accuracy for that choice; logistic regressions on the raw and on the palette-quantised "
             "pixels of the same splits as baselines. A BERT model (train --objective bert) reads each image "
-            "under a fixed mask, as the paper evaluates it, and the test accuracy of the modal prediction over "
-            "--ensemble-masks masks per image is reported beside. "
+            "under a fixed mask, as the paper evaluates it, and the test accuracy of the modal prediction "
+            "over --ensemble-masks masks per image is reported beside. "
             "Writes probe.json and probe.png under --out."
         ),
         epilog=EXAMPLE,

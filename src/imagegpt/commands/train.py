@@ -58,10 +58,10 @@ def register(subparsers) -> None:
         help="pretrain an ImageGPT on a dataset",
         description=(
             "Fit a palette (unless --palette is given), tokenise the dataset once (cached), and train the "
-            "next-pixel objective (or, with --objective bert, the paper's masked-pixel one) with AdamW (0.9, 0.95), linear warmup then cosine decay to 0, gradient "
-            "clipping at 1.0 and bfloat16 autocast where supported. RUN_DIR gets args.json, metrics.jsonl, "
-            "loss.png, checkpoints/latest (a transformers model directory plus the training state) and, when "
-            "the run finishes, model/. Ctrl-C or SIGTERM saves a checkpoint; --resume RUN_DIR continues "
+            "next-pixel objective (or, with --objective bert, the paper's masked-pixel one) with AdamW "
+            "(0.9, 0.95), linear warmup then cosine decay to 0, gradient clipping at 1.0 and bfloat16 "
+            "autocast where supported. RUN_DIR gets args.json, metrics.jsonl, loss.png, checkpoints/latest "
+            "(a transformers model directory plus the training state) and, when the run finishes, model/. Ctrl-C or SIGTERM saves a checkpoint; --resume RUN_DIR continues "
             "exactly. Under torchrun the same command runs DistributedDataParallel."
         ),
         epilog=EXAMPLE + "\n" + EXIT_STATUS,
@@ -109,7 +109,7 @@ def register(subparsers) -> None:
     model.add_argument(
         "--objective",
         choices=["ar", "bert"],
-        help="ar: predict each pixel from the ones before (default); bert: predict masked pixels from the rest",
+        help="ar: predict each pixel from the ones before (default); bert: masked pixels from the rest",
     )
     model.add_argument(
         "--mask-prob",
@@ -210,7 +210,11 @@ def run_train(args) -> int:
             f"`imagegpt train --resume {result.run_dir}`"
         )
     elif result.val_bits_per_dim is not None:
-        what = "bits/dim" if result.objective == "ar" else "bits/dim of masked tokens (BERT; not comparable to ar)"
+        what = (
+            "bits/dim"
+            if result.objective == "ar"
+            else "bits/dim of masked tokens (BERT; not comparable to ar)"
+        )
         print(
             f"step {result.step}: validation {result.val_loss:.4f} nats/token = "
             f"{result.val_bits_per_dim:.4f} {what}; model in {result.model_dir}"
