@@ -61,8 +61,9 @@ def register(subparsers) -> None:
             "next-pixel objective (or, with --objective bert, the paper's masked-pixel one) with AdamW "
             "(0.9, 0.95), linear warmup then cosine decay to 0, gradient clipping at 1.0 and bfloat16 "
             "autocast where supported. RUN_DIR gets args.json, metrics.jsonl, loss.png, checkpoints/latest "
-            "(a transformers model directory plus the training state) and, when the run finishes, model/. Ctrl-C or SIGTERM saves a checkpoint; --resume RUN_DIR continues "
-            "exactly. Under torchrun the same command runs DistributedDataParallel."
+            "(a transformers model directory plus the training state) and, when the run finishes, model/. "
+            "Ctrl-C or SIGTERM saves a checkpoint; --resume RUN_DIR continues exactly. Under torchrun the "
+            "same command runs DistributedDataParallel."
         ),
         epilog=EXAMPLE + "\n" + EXIT_STATUS,
         formatter_class=argparse.RawDescriptionHelpFormatter,
