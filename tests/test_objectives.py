@@ -498,3 +498,20 @@ def test_objective_for_picks_by_config():
     assert objective_for(bert_config(objective="ar")).name == "ar"
     with pytest.raises(ArgumentError, match="masks"):
         objective_for(bert_config(), masks=0)
+
+
+def test_a_study_labels_a_bert_run_and_never_mixes_it_with_next_pixel_runs(tmp_path):
+    from imagegpt.study import StudyOptions, format_study, run_study
+
+    for objective in ("bert", "ar"):
+        kept = options(tmp_path / objective, objective=objective, steps=2, eval_every=0, save_every=0)
+        train(TrainOptions(**{**kept.__dict__, "keep_checkpoints": 2}))
+    study = dict(data="digits", data_options={}, Cs=(1.0,), device="cpu", dtype="float32", progress=False)
+    with pytest.raises(ArgumentError, match="mix objectives"):
+        run_study(
+            StudyOptions(
+                out=str(tmp_path / "s"), runs=[str(tmp_path / "bert"), str(tmp_path / "ar")], **study
+            )
+        )
+    result = run_study(StudyOptions(out=str(tmp_path / "s"), runs=[str(tmp_path / "bert")], **study))
+    assert result["runs"][0]["objective"] == "bert" and "a BERT run" in format_study(result)
