@@ -97,9 +97,10 @@ def test_fsdp_on_two_processes_matches_one_process_and_resumes(tmp_path, single)
 
 
 @pytest.mark.slow
-def test_bert_ddp_on_two_processes_matches_one_process_with_the_same_global_batch(tmp_path):
+def test_bert_ddp_and_fsdp_on_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
     """The step's BERT masks are drawn for the global batch and each rank takes its rows, so two ranks train
-    on exactly the masks of one process; validation masks belong to the images, whichever rank reads them."""
+    on exactly the masks of one process; validation masks belong to the images, whichever rank reads them.
+    FSDP is interrupted and resumed: the masks of the resumed steps are those of the uninterrupted run."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -109,3 +110,6 @@ def test_bert_ddp_on_two_processes_matches_one_process_with_the_same_global_batc
     torchrun("--out", str(tmp_path / "ddp"), "--objective", "bert")
     assert ImageGPT.from_pretrained(tmp_path / "ddp" / "model").config.objective == "bert"
     assert_same_run(tmp_path / "ddp", single)
+    torchrun("--out", str(tmp_path / "fsdp"), "--objective", "bert", "--fsdp", "--stop-after", "2")
+    torchrun("--resume", str(tmp_path / "fsdp"))
+    assert_same_run(tmp_path / "fsdp", single)
