@@ -11,6 +11,11 @@ Two levels of API:
 - `loss_per_image(ids)` and friends take image tokens [x0, ..., x_{n-1}] and feed [SOS, x0, ..., x_{n-2}], as
   the released models were trained, so every token of the image is predicted.
 
+The same network is the paper's BERT model when `config.objective == "bert"`: attention is not causal, the
+model reads the image tokens themselves (no SOS), `mask=` zeroes the token embeddings of masked positions, and
+the loss is the cross-entropy at the masked positions (`bert_loss_per_image`; imagegpt.objectives draws the
+masks).
+
 Module and parameter names mirror transformers' (transformer.h.{i}.attn.c_attn, ...) so that checkpoint
 conversion is a transpose of the linear weights and nothing else.
 """
