@@ -33,11 +33,11 @@ def test_a_study_trains_keeps_checkpoints_and_probes_each_one(tmp_path, monkeypa
     # An interrupted study: one checkpoint's point is missing. Only it is computed again.
     (tmp_path / "s" / "points" / "igpt-nano-step-3.json").unlink()
     probed = []
-    import imagegpt.probe
+    import imagegpt.study
 
-    real = imagegpt.probe.probe_pretrained
+    real = imagegpt.study.probe_pretrained
     monkeypatch.setattr(
-        imagegpt.probe, "probe_pretrained", lambda *a, **k: probed.append(a[0]) or real(*a, **k)
+        imagegpt.study, "probe_pretrained", lambda *a, **k: probed.append(a[0]) or real(*a, **k)
     )
     again = run_study(StudyOptions(out=str(tmp_path / "s"), presets=["igpt-nano"], **TINY))
     assert [p.name for p in probed] == ["step-0000003"]

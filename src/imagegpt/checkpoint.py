@@ -706,3 +706,63 @@ def save_pretrained(model, path: str | os.PathLike, processor=None) -> None:
         fsync_dir(target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+# Run directories: where a training run (imagegpt.trainer) keeps its models. Every reader of a run resolves it
+# here, so that sampling, evaluation and probes never import the training code.
+
+CHECKPOINTS_DIR = "checkpoints"  # RUN_DIR/checkpoints/latest: the last checkpoint (model + training state)
+MODEL_DIR = "model"  # RUN_DIR/model: the finished run's model
+STATE_FILE = "training_state.pt"  # beside a checkpoint's model: optimizer, step, RNG states, data position
+
+
+def find_checkpoint(
+    checkpoints_dir: str | os.PathLike, name: str = "latest", *, repair: bool = True
+) -> Path | None:
+    """The directory of the named checkpoint, or None if there is none yet.
+
+    repair (only for the process holding the run's RunLock): fix what a crash can leave: a `name.old` with
+    no `name` (a crash between save_checkpoint's two renames) is renamed back; temporary directories of an
+    interrupted write are removed. Without it (a reader beside a running training) nothing is changed, and
+    `name.old` is returned where `name` is missing.
+    """
+    checkpoints_dir = Path(checkpoints_dir)
+    if checkpoints_dir.exists() and not checkpoints_dir.is_dir():
+        raise CheckpointError(f"{checkpoints_dir} is a file, where the run keeps its checkpoints folder")
+    if not checkpoints_dir.is_dir():
+        return None
+    target, old = checkpoints_dir / name, checkpoints_dir / f"{name}.old"
+    if repair:
+        for tmp in checkpoints_dir.glob(f".{name}.tmp-*"):
+            shutil.rmtree(tmp, ignore_errors=True)
+        if not target.exists() and old.exists():
+            os.rename(old, target)
+    elif not target.exists() and old.exists():
+        target = old
+    if not target.exists():
+        return None
+    if not (target / STATE_FILE).is_file():
+        raise CheckpointError(
+            f"{target} has no {STATE_FILE}; it is not a checkpoint written by imagegpt training"
+        )
+    return target
+
+
+def latest_model_dir(path: str | os.PathLike) -> str | os.PathLike:
+    """A model directory from a model directory or a run directory (its model/, else checkpoints/latest).
+
+    A path that does not exist here is returned as given, for from_pretrained to read as a Hub id (or to
+    report as missing)."""
+    if not Path(path).expanduser().exists():
+        return path
+    path = Path(path).expanduser()
+    if (path / CONFIG_NAME).is_file():
+        return path
+    if (path / MODEL_DIR / CONFIG_NAME).is_file():
+        return path / MODEL_DIR
+    checkpoint = find_checkpoint(path / CHECKPOINTS_DIR, repair=False)  # a reader never changes the run
+    if checkpoint is None:
+        raise CheckpointError(
+            f"{path} is neither a model directory (no config.json) nor a run directory with a checkpoint"
+        )
+    return checkpoint

@@ -16,9 +16,21 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 
+from .checkpoint import load_with_processor, read_config
+from .data import BUILTINS, GENERATED, fit_palette, load_dataset
+from .device import resolve_device, resolve_dtype
 from .errors import ArgumentError, Interrupted
+from .evaluate import evaluate
 from .files import check_output, write_text_atomic
+from .grid import completion_grid, sample_grid, save_image
+from .model import ImageGPT
+from .palette import check_clusters
+from .probe import format_report, probe_pretrained
+from .sampling import complete, image_shape, keep_rows, sample
+from .train import TrainOptions, train
+from .trainer import LOCK_FILE, RunLock
 
 
 @dataclass
@@ -53,7 +65,7 @@ class DemoOptions:
     device: str = "auto"
     dtype: str = "auto"
     # One intra-op thread: the demo's model is so small that a second thread costs more in synchronisation
-    # than it gains (igpt-micro 12x12 training step on a busy 2-core CPU: 1.4 s with 1 thread, 7.7 s with 2).
+    # than it gains (docs/performance.md, "The demo's thread count").
     threads: int = 1
     overwrite: bool = False
     progress: bool = True
@@ -62,8 +74,6 @@ class DemoOptions:
     def data_options(self) -> dict:
         """Options for load_dataset: the generated datasets take a size and a resolution; digits takes none
         (the processor resizes it)."""
-        from .train import GENERATED
-
         if self.data not in GENERATED:
             return {}
         colour = {"colour": self.colour} if self.data == "shapes" else {}
@@ -72,10 +82,6 @@ class DemoOptions:
     def validate(self) -> None:
         """Every option checked before anything is created, with the checks the other commands use: the
         palette's size as `palette fit` and `train` check it, the training options as `train` does."""
-        from .data import BUILTINS, load_dataset
-        from .device import resolve_device, resolve_dtype
-        from .palette import check_clusters
-
         counts = ("resolution", "images", "steps", "batch_size", "completions", "completion_images")
         for name in (*counts, "samples", "threads"):
             value = getattr(self, name)
@@ -102,8 +108,6 @@ class DemoOptions:
 
 def train_options(o: DemoOptions, out: Path, palette: Path):
     """The demo's pretraining run (out/run), on the palette fitted in `palette`."""
-    from .train import TrainOptions
-
     return TrainOptions(
         data=o.data,
         out=str(out / "run"),
@@ -147,9 +151,6 @@ class DemoContext:
 
 
 def fit_palette_step(ctx: DemoContext) -> None:
-    from .data import load_dataset
-    from .train import fit_palette
-
     o = ctx.options
     train = load_dataset(o.data, split="train", seed=o.seed, **ctx.data_options)
     palette = fit_palette(train, o.clusters, seed=o.seed)
@@ -160,8 +161,6 @@ def fit_palette_step(ctx: DemoContext) -> None:
 
 
 def train_step(ctx: DemoContext) -> None:
-    from .train import train
-
     o = ctx.options
     options = train_options(o, ctx.out, ctx.palette_path)
     run_dir = Path(options.out)
@@ -185,8 +184,6 @@ def train_step(ctx: DemoContext) -> None:
 
 
 def evaluate_step(ctx: DemoContext) -> None:
-    from .evaluate import evaluate
-
     o = ctx.options
     evaluation = evaluate(
         ctx.model_dir,
@@ -203,17 +200,10 @@ def evaluate_step(ctx: DemoContext) -> None:
 
 
 def _load(ctx: DemoContext):
-    from .checkpoint import load_with_processor
-    from .model import ImageGPT
-
     return load_with_processor(ImageGPT, ctx.model_dir)
 
 
 def complete_step(ctx: DemoContext) -> None:
-    from .data import load_dataset
-    from .grid import completion_grid, save_image
-    from .sampling import complete, image_shape, keep_rows
-
     o = ctx.options
     model, processor = _load(ctx)
     test = load_dataset(o.data, split="test", seed=o.seed, **ctx.data_options)
@@ -233,9 +223,6 @@ def complete_step(ctx: DemoContext) -> None:
 
 
 def sample_step(ctx: DemoContext) -> None:
-    from .grid import sample_grid, save_image
-    from .sampling import sample
-
     o = ctx.options
     model, processor = _load(ctx)
     ids = sample(model, o.samples, top_k=o.top_k, seed=o.seed, device=o.device, dtype=o.dtype)
@@ -251,8 +238,6 @@ DEMO_CS = (0.1, 1.0, 10.0)
 
 
 def probe_step(ctx: DemoContext) -> None:
-    from .probe import format_report, probe_pretrained
-
     o = ctx.options
     if not o.probe:
         return
@@ -292,16 +277,12 @@ STEPS: list[tuple[str, Step]] = [
 
 
 def _parameters(model_dir: Path) -> int:
-    from .checkpoint import read_config
-
     return read_config(model_dir).num_parameters()
 
 
 def _prepare(out: Path, overwrite: bool) -> None:
     """A finished demo is kept unless overwrite; an interrupted one is resumed. Call holding out's RunLock
     (whose file stays)."""
-    from .trainer import LOCK_FILE
-
     if (out / "summary.json").exists():
         if not overwrite:
             raise ArgumentError(
@@ -318,8 +299,6 @@ def _prepare(out: Path, overwrite: bool) -> None:
 
 def run_demo(options: DemoOptions | None = None, steps: list[tuple[str, Step]] | None = None) -> DemoContext:
     """Run every step in order; returns the context with results, files and timings (also in summary.json)."""
-    import torch
-
     options = options or DemoOptions()
     options.validate()
     threads = torch.get_num_threads()
@@ -331,8 +310,6 @@ def run_demo(options: DemoOptions | None = None, steps: list[tuple[str, Step]] |
 
 
 def _run_steps(options: DemoOptions, steps: list[tuple[str, Step]] | None) -> DemoContext:
-    from .trainer import RunLock
-
     out = Path(options.out)
     with RunLock(out):  # one demo at a time in out
         return _locked_steps(options, steps, out)

@@ -31,11 +31,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
+from .checkpoint import latest_model_dir, load_with_processor
+from .data import load_dataset, token_cache
 from .device import autocast, resolve_device, resolve_dtype
 from .errors import ArgumentError
-from .objectives import objective_for
+from .files import check_folders
+from .model import ImageGPT, sos_inputs
+from .objectives import check_evaluation_masks, evaluation_masks
 
 LN2 = math.log(2.0)
 
@@ -56,6 +62,38 @@ def _as_long(ids) -> torch.Tensor:
 
 
 @torch.no_grad()  # not inference_mode: an FSDP model's gathered weights must stay usable for training
+def image_nll(
+    model: nn.Module,
+    ids,
+    *,
+    device: torch.device | None = None,
+    dtype: torch.dtype = torch.float32,
+    indices=None,
+    draw: int = 0,
+) -> tuple[float, int]:
+    """(sum of the losses in nats, number of tokens scored) of one batch of image tokens [B, H*W].
+
+    The model (in whatever mode it is) reads [SOS, x0, ..., x_{n-2}] and predicts every token x0..x_{n-1}
+    under autocast; the losses are computed in float32 from the logits and summed in float64. A BERT model
+    predicts the masked tokens of evaluation mask number `draw` of the images at `indices` in their split
+    (default 0..B-1; imagegpt.objectives.evaluation_masks) from the unmasked ones.
+    """
+    batch = _as_long(ids).to(device or next(model.parameters()).device)
+    config = model.config
+    mask = None
+    if not config.is_causal:
+        indices = range(len(batch)) if indices is None else indices
+        mask = evaluation_masks(config, indices, draw).to(batch.device)
+    with autocast(batch.device, dtype):
+        logits = model(batch if mask is not None else sos_inputs(batch, config.sos_id), mask=mask).logits
+    if mask is None:
+        nll = F.cross_entropy(logits.flatten(0, 1).float(), batch.flatten(), reduction="sum")
+        return float(nll.double()), batch.numel()
+    nll = F.cross_entropy(logits.flatten(0, 1).float(), batch.flatten(), reduction="none")
+    return float((nll.double() * mask.flatten()).sum()), int(mask.sum())
+
+
+@torch.no_grad()
 def token_nll(
     model: nn.Module,
     ids,
@@ -64,37 +102,26 @@ def token_nll(
     device: torch.device | None = None,
     dtype: torch.dtype = torch.float32,
     progress: bool = False,
-    indices=None,
     masks: int = 1,
 ) -> tuple[float, int]:
-    """(sum of the losses in nats, number of tokens scored) over ids [N, H*W] (a tensor or a uint16 memmap).
-
-    Next-pixel models read [SOS, x0, ..., x_{n-2}] and predict every token x0..x_{n-1}. BERT models predict
-    the masked tokens of `masks` fixed evaluation masks per image (imagegpt.objectives.evaluation_masks),
-    those of the images at `indices` in their split (default 0..N-1). Losses are computed in float32 from the
-    logits and summed in float64.
-    """
+    """(sum of the losses in nats, number of tokens scored) over ids [N, H*W] (a tensor or a uint16 memmap),
+    in eval mode, image_nll batch by batch. BERT models: over `masks` evaluation masks per image (image i
+    of ids is image i of its split)."""
     if batch_size < 1:
         raise ArgumentError(f"batch size must be at least 1, got {batch_size}")
+    draws = range(1 if model.config.is_causal else check_evaluation_masks(masks))
     device = device or next(model.parameters()).device
-    objective = objective_for(model.config, masks=masks)
-    indices = np.arange(len(ids)) if indices is None else np.asarray(indices)
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     starts = range(0, len(ids), batch_size)
-    if progress:
-        from tqdm.auto import tqdm
-
-        starts = tqdm(starts, desc="evaluating", unit="batch")
     try:
-        for start in starts:
-            batch = _as_long(ids[start : start + batch_size]).to(device)
-            for draw in range(objective.masks):
-                with autocast(device, dtype):
-                    nll, tokens = objective.nll(model, batch, indices[start : start + batch_size], draw)
-                total += float(nll.double())
-                count += tokens
+        for start in tqdm(starts, desc="evaluating", unit="batch", disable=not progress):
+            batch = ids[start : start + batch_size]
+            indices = range(start, start + len(batch))
+            for draw in draws:
+                nats, tokens = image_nll(model, batch, device=device, dtype=dtype, indices=indices, draw=draw)
+                total, count = total + nats, count + tokens
     finally:
         model.train(was_training)
     return total, count
@@ -166,7 +193,7 @@ class Evaluation:
         lines = [f"{self.split}: {self.images} images, {tokens}, palette of {self.clusters} colours"]
         if self.objective == "bert":
             lines.append(
-                "  a BERT model: each masked token predicted from all unmasked ones. NOT comparable to a "
+                "  a BERT model, each masked token predicted from all the unmasked ones: NOT comparable to a "
                 "next-pixel model's bits/dim"
             )
         lines += [
@@ -205,12 +232,7 @@ def evaluate(
     ids in imagegpt.data's token cache there. unigram: also compute the unigram baseline on the train split.
     masks: BERT models only, the fixed evaluation masks per image (see the module's docstring).
     """
-    from .checkpoint import load_with_processor
-    from .data import load_dataset, token_cache
-    from .files import check_folders
-    from .model import ImageGPT
-    from .trainer import latest_model_dir
-
+    check_evaluation_masks(masks)
     model_dir = latest_model_dir(model_dir)
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
@@ -218,9 +240,7 @@ def evaluate(
     model, processor = load_with_processor(ImageGPT, model_dir)
     model.to(device)
     options = dict(data_options or {})
-    limit = options.pop(
-        "limit", limit
-    )  # the limit applies to the evaluated split, not to the unigram's train
+    limit = options.pop("limit", limit)  # it applies to the evaluated split, not to the unigram's train
 
     def tokens_of(split_name: str, limit_: int | None):
         dataset = load_dataset(data, split=split_name, seed=seed, limit=limit_, **options)
@@ -231,7 +251,6 @@ def evaluate(
         )
 
     ids = tokens_of(split, limit)
-    objective_for(model.config, masks=masks)  # checks masks before the data is read
     total, count = token_nll(
         model, ids, batch_size=batch_size, device=device, dtype=dtype, progress=progress, masks=masks
     )

@@ -24,6 +24,9 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
+import signal
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -31,12 +34,37 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .device import DTYPES
+from .checkpoint import latest_model_dir, load_with_processor
+from .data import detect_format, load_dataset, token_cache
+from .device import DTYPES, autocast, resolve_device, resolve_dtype
 from .errors import ArgumentError, CheckpointError, DataError
 from .files import check_folders, check_output, write_text_atomic
 from .limits import check_memory
+from .loop import EARLY, SIGNAL, STOPPED, Outcome, Plan, TrainingRun, evaluate_split, train_loop
 from .model import ImageGPT, ImageGPTClassifier, bert_loss_per_image, image_inputs
 from .objectives import ENSEMBLE_MASKS, ensemble_vote, evaluation_masks, training_masks
+from .probe import data_options_for
+from .trainer import (
+    ARGS_FILE,
+    CHECKPOINTS_DIR,
+    METRICS_FILE,
+    MODEL_DIR,
+    STATE_FILE,
+    BatchOrder,
+    MetricsLog,
+    RunLock,
+    StepResult,
+    capture_state,
+    damaged,
+    find_checkpoint,
+    load_args,
+    load_training_state,
+    make_optimizer,
+    prepare_run_dir,
+    restore_state,
+    save_checkpoint,
+    training_bytes,
+)
 
 # --------------------------------------------------------------------------------------------------- model
 
@@ -183,25 +211,26 @@ def predict(
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
     draw: int = 0,
+    indices=None,
 ) -> np.ndarray:
     """Class logits float32 [N, num_labels] of image tokens [N, H*W]; SOS is prepended here.
 
-    A BERT classifier reads image i (its place in ids) under its fixed evaluation mask number `draw`."""
-    from .device import autocast, resolve_device, resolve_dtype
-
+    A BERT classifier reads each image under its fixed evaluation mask number `draw`, that of the image at
+    `indices` in its split (default 0..N-1)."""
     device = next(classifier.parameters()).device if device is None else resolve_device(device)
     dtype = resolve_dtype(dtype, device)
     was_training = classifier.training
     classifier.to(device).eval()
     ids = torch.as_tensor(np.asarray(ids, dtype=np.int64)) if isinstance(ids, np.ndarray) else ids.long()
+    config = classifier.config
+    indices = np.arange(len(ids)) if indices is None else np.asarray(indices)
     logits = []
     try:
-        config = classifier.config
         for start in range(0, len(ids), batch_size):
             batch = image_inputs(ids[start : start + batch_size].to(device), config)
             mask = None
             if not config.is_causal:
-                mask = evaluation_masks(config, range(start, start + len(batch)), draw).to(device)
+                mask = evaluation_masks(config, indices[start : start + batch_size], draw).to(device)
             with autocast(device, dtype):
                 logits.append(classifier(batch, mask=mask).logits.float().cpu())
     finally:
@@ -227,7 +256,9 @@ def format_confusion(matrix: np.ndarray, class_names: list[str]) -> str:
 
 def plot_confusion(matrix: np.ndarray, class_names: list[str], path, title: str = "") -> None:
     """Row-normalised confusion matrix as a PNG, counts written in the cells."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg  # no display and no pyplot global state
+    # matplotlib takes 0.3 s to import: only a command that draws pays for it. The Agg canvas: no display,
+    # no pyplot global state.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     k = len(matrix)
@@ -262,332 +293,76 @@ def plot_confusion(matrix: np.ndarray, class_names: list[str], path, title: str 
 # ------------------------------------------------------------------------------------------------ training
 
 
-def default_augment(data) -> bool:
-    """Augmentation is on for natural and generated images, off for handwriting (a flipped digit changes)."""
-    from .data import detect_format
+@dataclass
+class FinetuneOptions:
+    """Everything a fine-tuning run depends on. The fields from model_dir to dtype are the run's: saved as its
+    args.json, and read back from there on resume. out, device, stop_after and progress belong to a session.
 
-    if str(data) == "digits":
-        return False
-    path = Path(str(data)).expanduser()
-    return not (str(data) not in ("shapes", "photos") and path.exists() and detect_format(path) == "idx")
-
-
-def _labelled(dataset, split: str):
-    if dataset.labels is None:
-        raise DataError(
-            f"the {split} split of {dataset.name} has no labels; fine-tuning needs a labelled dataset "
-            "(digits, shapes, photos, CIFAR, MNIST, or an image folder with one subfolder per class)"
-        )
-    return dataset
-
-
-def _batch_images(dataset, index: np.ndarray):
-    subset = dataset[index]
-    return subset.batch(0, len(subset))
-
-
-def evaluate_ids(classifier, ids, labels, batch_size: int, device, dtype) -> float:
-    predictions = predict(classifier, ids, batch_size=batch_size, device=device, dtype=dtype).argmax(axis=1)
-    return float((predictions == np.asarray(labels)).mean())
-
-
-def finetune(
-    model_dir,
-    data,
-    out,
-    *,
-    layer: int | None = None,
-    gen_weight: float = 1.0,
-    augment: bool | None = None,
-    steps: int | None = None,
-    epochs: float | None = None,
-    lr: float = 1e-3,
-    warmup: int | None = None,
-    weight_decay: float = 0.0,
-    batch_size: int = 32,
-    eval_every: int | None = None,
-    patience: int | None = 5,
-    seed: int = 0,
-    data_options: dict | None = None,
-    device: str | torch.device | None = "auto",
-    dtype: str | torch.dtype | None = "auto",
-    clip: float = 1.0,
-    resume: bool = False,
-    stop_after: int | None = None,
-    progress: bool = False,
-) -> dict:
-    """Fine-tune a pretrained model directory into a classifier; returns a summary (also in OUT/summary.json).
-
-    OUT is a run directory (imagegpt.trainer): args.json, metrics.jsonl, loss.png, checkpoints/latest (the
-    classifier plus the training state, and the generative parts L_gen needs) and OUT/model, the classifier of
-    the best validation accuracy so far, in transformers' ImageGPTForImageClassification format.
-
-    steps / epochs: the length (default 10 epochs). eval_every: steps between validations (default one epoch);
-    each validation saves checkpoints/latest. patience: validations without improvement before stopping early
-    (None: never). augment: None = on, except for digits and MNIST-style data. resume: continue the run in OUT
-    from its last checkpoint; the arguments are read back from OUT/args.json. stop_after: stop, resumably,
-    after this many steps of this session.
+    layer: the head sits after block L (default: the final layer). gen_weight: W in L_clf + W * L_gen (0: no
+    L_gen). augment: None = on, except for digits and MNIST-style data. steps / epochs: the length (default
+    10 epochs). warmup: default 5% of the run, at most 100 steps. eval_every: steps between validations
+    (default one epoch); each saves checkpoints/latest. patience: validations without improvement before
+    stopping early (None: never). stop_after: stop, resumably, after this many steps of this session.
     """
-    from .checkpoint import load_with_processor
-    from .data import load_dataset, token_cache
-    from .device import resolve_device, resolve_dtype
-    from .probe import data_options_for
-    from .trainer import (
-        ARGS_FILE,
-        CURVE_FILE,
-        METRICS_FILE,
-        MODEL_DIR,
-        STATE_FILE,
-        BatchOrder,
-        MetricsLog,
-        NonFiniteLossError,
-        RunLock,
-        StopRequest,
-        capture_state,
-        cosine_lr,
-        damaged,
-        find_checkpoint,
-        latest_model_dir,
-        load_args,
-        load_training_state,
-        make_optimizer,
-        optimizer_step,
-        plot_metrics,
-        prepare_run_dir,
-        progress_bar,
-        restore_state,
-        save_checkpoint,
-        set_lr,
-        training_bytes,
-    )
 
-    out = Path(out)
-    args = {
-        "model_dir": str(model_dir),
-        "data": str(data),
-        "layer": layer,
-        "gen_weight": gen_weight,
-        "augment": augment,
-        "steps": steps,
-        "epochs": epochs,
-        "lr": lr,
-        "warmup": warmup,
-        "weight_decay": weight_decay,
-        "batch_size": batch_size,
-        "eval_every": eval_every,
-        "patience": patience,
-        "seed": seed,
-        "data_options": data_options or {},
-        "clip": clip,
-        "dtype": dtype if isinstance(dtype, str) or dtype is None else str(dtype).removeprefix("torch."),
-    }
-    # Everything is checked before anything is written: a refused run leaves OUT as it was.
-    check_output(out, directory=True, what="--out")
-    prepare_run_dir(out, {}, resume=resume, write=False)  # a clear error if there is no run, or one already
-    if resume:
-        saved = load_args(out)
-        args = {k: saved.get(k, v) for k, v in args.items()}
+    model_dir: str | None = None
+    data: str | None = None
+    layer: int | None = None
+    gen_weight: float = 1.0
+    augment: bool | None = None
+    steps: int | None = None
+    epochs: float | None = None
+    lr: float = 1e-3
+    warmup: int | None = None
+    weight_decay: float = 0.0
+    batch_size: int = 32
+    eval_every: int | None = None
+    patience: int | None = 5
+    seed: int = 0
+    data_options: dict = field(default_factory=dict)
+    clip: float = 1.0
+    dtype: str | None = "auto"
+    out: str = "runs/finetune"
+    device: str | None = "auto"
+    stop_after: int | None = None
+    progress: bool = False
+
+    def __post_init__(self):  # the spellings the Python API takes: paths, a torch.dtype, None for no options
+        for name in ("model_dir", "data", "out"):
+            if isinstance(getattr(self, name), os.PathLike):
+                setattr(self, name, str(getattr(self, name)))
+        if isinstance(self.dtype, torch.dtype):
+            self.dtype = str(self.dtype).removeprefix("torch.")
+        if self.data_options is None:
+            self.data_options = {}
+
+    def run_args(self) -> dict:
+        """The run's arguments, as args.json holds them."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in SESSION_OPTIONS}
+
+    def validate(self) -> None:
+        """Every option checked before anything is written."""
+        check_finetune_args(self.run_args())
+        stop_after = self.stop_after
+        if stop_after is not None and (
+            isinstance(stop_after, bool) or not isinstance(stop_after, int) or stop_after < 1
+        ):
+            raise ArgumentError(f"--stop-after must be a positive integer, got {stop_after!r}")
+        check_output(self.out, directory=True, what="--out")
+
+    def resumed(self) -> FinetuneOptions:
+        """These options with the run's own arguments (OUT/args.json) in place of the given ones."""
+        path = Path(self.out) / ARGS_FILE
+        saved = load_args(self.out)
+        options = replace(self, **{k: v for k, v in saved.items() if k in self.run_args()})
         try:
-            check_finetune_args(args)
+            options.validate()
         except ArgumentError as e:
-            raise damaged(out / ARGS_FILE, f"its arguments are not valid ({e})") from e
-    else:
-        check_finetune_args(args)
-    a = args
-    clip = a["clip"]
-    device = resolve_device(device)
-    resolve_dtype(a["dtype"], device, training=True)  # refuse a dtype the device cannot run, early
-    augment = default_augment(a["data"]) if a["augment"] is None else bool(a["augment"])
+            raise damaged(path, f"its arguments are not valid ({e})") from e
+        return options
 
-    model_dir = latest_model_dir(a["model_dir"])
-    pretrained, processor = load_with_processor(ImageGPT, model_dir)
-    dtype = resolve_dtype(a["dtype"], device, training=True, width=pretrained.config.n_embd)
-    options = data_options_for(a["data"], a["data_options"], processor)
-    train = _labelled(load_dataset(a["data"], split="train", seed=a["seed"], **options), "train")
-    val = _labelled(load_dataset(a["data"], split="val", seed=a["seed"], **options), "val")
-    num_classes = train.num_classes
-    class_names = train.class_names or [str(i) for i in range(num_classes)]
 
-    steps_per_epoch = max(1, len(train) // a["batch_size"])
-    total = a["steps"] or max(1, round((a["epochs"] or 10) * steps_per_epoch))
-    warmup_steps = a["warmup"] if a["warmup"] is not None else min(100, total // 20)
-    every = a["eval_every"] or min(steps_per_epoch, total)
-    check_memory(
-        training_bytes(pretrained.config, a["batch_size"]) * (2 if a["gen_weight"] > 0 else 1),
-        f"fine-tuning {model_dir} on {a['batch_size']} images a step",
-        "lower --batch-size, or use --gen-weight 0 (no copy of the generative blocks)",
-        device,
-    )
-    torch.manual_seed(a["seed"])  # dropout: the same arguments give the same run (resume restores its RNG)
-    model = FinetuneModel(
-        pretrained,
-        num_classes,
-        dict(enumerate(class_names)),
-        layer=a["layer"],
-        generative=a["gen_weight"] > 0,
-    ).to(device)
-    del pretrained
-    optimizer = make_optimizer(model, a["lr"], a["weight_decay"])
-    order = BatchOrder(len(train), a["batch_size"], seed=a["seed"])
-    checkpoints = out / "checkpoints"
-    start, best, best_step, since_best = 0, -1.0, 0, 0
-
-    with RunLock(out):  # for the rest of the run
-        prepare_run_dir(out, {}, resume=resume, write=False)  # again under the lock
-        if resume:
-            latest = find_checkpoint(checkpoints)
-            if latest is None:
-                raise CheckpointError(
-                    f"{out} has no checkpoint yet to resume from; start the run again without --resume"
-                )
-            state = load_training_state(latest)
-            source = latest / STATE_FILE
-            try:
-                best, best_step, since_best = state["best_accuracy"], state["best_step"], state["since_best"]
-                done = bool(state.get("done"))
-                generative = state.get("generative", {})
-                classifier = ImageGPTClassifier.from_pretrained(latest, require_head=True)
-                model.classifier.load_state_dict(classifier.state_dict())
-                missing, unexpected = model.load_state_dict(generative, strict=False)
-            except (KeyError, TypeError, RuntimeError, AttributeError) as e:
-                raise damaged(source, f"its state does not fit this run ({type(e).__name__}: {e})") from e
-            if unexpected or any(not k.startswith("classifier.") for k in missing):
-                raise CheckpointError(
-                    f"{latest} does not match this fine-tuning run (layer {model.layer}, gen weight "
-                    f"{a['gen_weight']}); resume with the arguments the run was started with"
-                )
-            if done:
-                raise ArgumentError(
-                    f"the run in {out} has already finished; its classifier is in {out / MODEL_DIR}"
-                )
-            start = restore_state(state, optimizer, order, source=source)
-        cache = out / "cache"
-        val_ids = token_cache(val, processor, cache)
-        train_ids = None if augment else token_cache(train, processor, cache)
-        if not resume:
-            prepare_run_dir(out, args)
-        metrics = MetricsLog(out / METRICS_FILE, resume_step=start if resume else None)
-
-        def save_latest(step: int, done: bool = False) -> None:
-            generative = {k: v for k, v in model.state_dict().items() if not k.startswith("classifier.")}
-            state = capture_state(
-                step,
-                optimizer,
-                order,
-                best_accuracy=best,
-                best_step=best_step,
-                since_best=since_best,
-                done=done,
-                generative=generative,
-            )
-            save_checkpoint(checkpoints, model.classifier, state, processor=processor)
-
-        parts = {}
-
-        def loss_fn(batch):
-            ids, labels, mask = batch
-            _, clf_loss, gen_loss = model(ids, labels, gen_weight=a["gen_weight"], mask=mask)
-            parts["clf_loss"], parts["gen_loss"] = (
-                clf_loss.detach(),
-                None if gen_loss is None else gen_loss.detach(),
-            )
-            return joint_loss(clf_loss, gen_loss, a["gen_weight"])
-
-        status, signal = "finished", None
-        step = start
-        bar = progress_bar(total, initial=start, enabled=progress, desc="finetune")
-        model.train()
-        try:
-            with StopRequest() as stop:
-                while step < total:
-                    set_lr(optimizer, cosine_lr(step, lr=a["lr"], warmup=warmup_steps, total=total))
-                    index = np.sort(order.next())  # sorted: reads the token memmap in file order
-                    if augment:
-                        rng = np.random.default_rng([a["seed"], step])  # a function of the step: resumes
-                        ids = encode_images(processor, _batch_images(train, index), augment=True, rng=rng)
-                    else:
-                        ids = torch.as_tensor(np.asarray(train_ids[index], dtype=np.int64))
-                    mask = None  # BERT: the step's training masks, a function of the seed and the step
-                    if not model.config.is_causal:
-                        mask = training_masks(model.config, a["seed"], step, len(ids)).to(device)
-                    batch = (ids.to(device), torch.as_tensor(train.labels[index]).to(device), mask)
-                    result = optimizer_step(
-                        model,
-                        optimizer,
-                        [batch],
-                        loss_fn,
-                        clip=clip,
-                        device=device,
-                        dtype=dtype,
-                        step=step + 1,
-                    )
-                    step += 1
-                    record = {"step": step, "split": "train", "loss": result.loss}
-                    record["clf_loss"] = float(parts["clf_loss"])
-                    if parts["gen_loss"] is not None:
-                        record["gen_loss"] = float(parts["gen_loss"])
-                    record.update(lr=optimizer.param_groups[0]["lr"], grad_norm=result.grad_norm)
-                    metrics.write(record)
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{result.loss:.3f}", best_val=f"{max(best, 0):.3f}", refresh=False)
-                    if step % every == 0 or step == total:
-                        accuracy = evaluate_ids(
-                            model.classifier, val_ids, val.labels, 2 * a["batch_size"], device, dtype
-                        )
-                        model.train()
-                        metrics.write({"step": step, "split": "val", "accuracy": accuracy})
-                        if accuracy > best:
-                            best, best_step, since_best = accuracy, step, 0
-                            save_checkpoint(out, model.classifier, None, processor=processor, name=MODEL_DIR)
-                        else:
-                            since_best += 1
-                        early = a["patience"] is not None and since_best >= a["patience"]
-                        save_latest(step, done=early or step == total)
-                        if early:
-                            status = (
-                                f"stopped early: no better validation accuracy in {a['patience']} validations"
-                            )
-                            break
-                    asked = stop.requested or (stop_after is not None and step - start >= stop_after)
-                    if asked and step < total:  # at the last step the run is complete and saved as done
-                        save_latest(step)
-                        why = (
-                            f"interrupted ({stop.signal_name})"
-                            if stop.requested
-                            else f"stopped after {stop_after} steps"
-                        )
-                        status = f"{why}; continue with `imagegpt finetune --resume {out}`"
-                        signal = stop.signal
-                        break
-        except NonFiniteLossError as e:
-            bar.close()
-            plot_metrics(out / METRICS_FILE, out / CURVE_FILE)
-            last = find_checkpoint(checkpoints)
-            where = (
-                f"the last good checkpoint is {last}; resume it with `imagegpt finetune --resume {out}` "
-                "after lowering --lr in its args.json, or start again with a smaller --lr"
-                if last is not None
-                else "no checkpoint was saved yet; start again with a smaller --lr or a longer --warmup"
-            )
-            raise NonFiniteLossError(f"{e}. Fine-tuning stopped; {where}") from None
-        bar.close()
-        plot_metrics(out / METRICS_FILE, out / CURVE_FILE)
-        summary = {
-            "status": status,
-            "step": step,
-            "steps": total,
-            "best_val_accuracy": best,
-            "best_step": best_step,
-            "model": str(out / MODEL_DIR),
-            "classes": num_classes,
-            "augment": augment,
-            "layer": model.layer,
-            "gen_weight": a["gen_weight"],
-            "objective": model.config.objective,
-            "signal": signal,  # the signal (SIGINT, SIGTERM) that stopped the run, if one did
-        }
-        write_text_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
-        return summary
+SESSION_OPTIONS = ("out", "device", "stop_after", "progress")
 
 
 def check_finetune_args(a: dict) -> None:
@@ -622,6 +397,355 @@ def check_finetune_args(a: dict) -> None:
         raise ArgumentError(f"unknown --dtype {a['dtype']!r}; use one of auto, {', '.join(DTYPES)}")
     if not isinstance(a["model_dir"], str) or not isinstance(a["data"], str):
         raise ArgumentError("the pretrained model and the data must be given as paths or names")
+
+
+class Classification:
+    """Fine-tuning's objective: the paper's L_clf + W * L_gen (FinetuneModel computes both), scored by the
+    accuracy on the validation split."""
+
+    def __init__(self, gen_weight: float, val_ids, val_labels: np.ndarray, batch_size: int = 64):
+        self.gen_weight, self.batch_size = gen_weight, batch_size
+        self.val = LabelledIds(val_ids, val_labels)
+
+    def loss(self, model: FinetuneModel, batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]):
+        ids, labels, mask = batch  # mask: a BERT model's training mask of the step, else None
+        _, clf_loss, gen_loss = model(ids, labels, gen_weight=self.gen_weight, mask=mask)
+        parts = {"clf_loss": clf_loss.detach()}
+        if gen_loss is not None:
+            parts["gen_loss"] = gen_loss.detach()
+        return joint_loss(clf_loss, gen_loss, self.gen_weight), parts
+
+    def train_metrics(self, result: StepResult) -> dict[str, float]:
+        return result.parts
+
+    def evaluate(self, run: TrainingRun, final: bool) -> dict[str, float]:
+        def score(model: FinetuneModel, batch: LabelledIds) -> tuple[float, int]:
+            logits = predict(
+                model.classifier,
+                batch.ids,
+                batch_size=len(batch),
+                device=run.device,
+                dtype=run.dtype,
+                indices=batch.indices,  # a BERT model's images each under their own evaluation mask
+            )
+            return float((logits.argmax(axis=1) == batch.labels).sum()), len(batch)
+
+        return {"accuracy": evaluate_split(run, self.val, score, self.batch_size)}
+
+
+class LabelledIds:
+    """Token ids [N, H*W], their labels [N] and their indices in the split, sliced together."""
+
+    def __init__(self, ids, labels: np.ndarray, indices: np.ndarray | None = None):
+        self.ids, self.labels = ids, labels
+        self.indices = np.arange(len(labels)) if indices is None else indices
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: slice) -> LabelledIds:
+        return LabelledIds(self.ids[index], self.labels[index], self.indices[index])
+
+
+class FineTuning(TrainingRun):
+    """A fine-tuning run for the loop: labelled batches (augmented on pixels before quantisation, or read from
+    the token cache), checkpoints/latest with the generative parts, and OUT/model, the classifier of the best
+    validation accuracy so far. It ends itself after `patience` validations without improvement."""
+
+    command, activity = "finetune", "Fine-tuning"
+    resume_advice = " after lowering --lr in its args.json, or start again with a smaller --lr"
+
+    def __init__(
+        self,
+        options: FinetuneOptions,
+        model: FinetuneModel,
+        optimizer,
+        order: BatchOrder,
+        train,
+        train_ids,
+        processor,
+        metrics: MetricsLog,
+        *,
+        dtype: torch.dtype,
+        step: int,
+        best: Best,
+    ):
+        super().__init__(
+            model,
+            optimizer,
+            Path(options.out),
+            metrics,
+            dtype=dtype,
+            step=step,
+            tokens_per_step=options.batch_size * model.config.n_positions,
+        )
+        self.order, self.train, self.train_ids, self.processor = order, train, train_ids, processor
+        self.seed, self.patience, self.best = options.seed, options.patience, best
+
+    def batches(self, step: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+        index = np.sort(self.order.next())  # sorted: reads the token memmap in file order
+        if self.train_ids is None:  # augmented: a function of the step, so that a resumed run draws the same
+            rng = np.random.default_rng([self.seed, step])
+            ids = encode_images(self.processor, _batch_images(self.train, index), augment=True, rng=rng)
+        else:
+            ids = torch.as_tensor(np.asarray(self.train_ids[index], dtype=np.int64))
+        mask = None  # BERT: the step's training masks, a function of the seed and the step
+        config = self.model.config
+        if not config.is_causal:
+            mask = training_masks(config, self.seed, step, len(ids)).to(self.device)
+        labels = torch.as_tensor(self.train.labels[index]).to(self.device)
+        return [(ids.to(self.device), labels, mask)]
+
+    def after_evaluation(self, step: int, values: dict) -> bool:
+        best = self.best
+        if values["accuracy"] > best.accuracy:
+            best.accuracy, best.step, best.since = values["accuracy"], step, 0
+            save_checkpoint(
+                self.run_dir, self.model.classifier, None, processor=self.processor, name=MODEL_DIR
+            )
+        else:
+            best.since += 1
+        return self.patience is not None and best.since >= self.patience
+
+    def save(self, step: int, *, done: bool) -> None:
+        generative = {k: v for k, v in self.model.state_dict().items() if not k.startswith("classifier.")}
+        best = self.best
+        state = capture_state(
+            step,
+            self.optimizer,
+            self.order,
+            best_accuracy=best.accuracy,
+            best_step=best.step,
+            since_best=best.since,
+            done=done,
+            generative=generative,
+        )
+        save_checkpoint(
+            self.run_dir / CHECKPOINTS_DIR, self.model.classifier, state, processor=self.processor
+        )
+
+
+@dataclass
+class Best:
+    """The best validation accuracy so far, its step, and the validations since it (for patience)."""
+
+    accuracy: float = -1.0
+    step: int = 0
+    since: int = 0
+
+
+def finetune(
+    model_dir,
+    data,
+    out,
+    *,
+    layer: int | None = None,
+    gen_weight: float = 1.0,
+    augment: bool | None = None,
+    steps: int | None = None,
+    epochs: float | None = None,
+    lr: float = 1e-3,
+    warmup: int | None = None,
+    weight_decay: float = 0.0,
+    batch_size: int = 32,
+    eval_every: int | None = None,
+    patience: int | None = 5,
+    seed: int = 0,
+    data_options: dict | None = None,
+    device: str | torch.device | None = "auto",
+    dtype: str | torch.dtype | None = "auto",
+    clip: float = 1.0,
+    resume: bool = False,
+    stop_after: int | None = None,
+    progress: bool = False,
+) -> dict:
+    """Fine-tune a pretrained model directory into a classifier; returns a summary (also in OUT/summary.json).
+
+    The keywords are FinetuneOptions' (run_finetune(FinetuneOptions(...)) is the same call). OUT is a run
+    directory (imagegpt.trainer): args.json, metrics.jsonl, loss.png, checkpoints/latest (the classifier plus
+    the training state, and the generative parts L_gen needs) and OUT/model, the classifier of the best
+    validation accuracy so far, in transformers' ImageGPTForImageClassification format. resume: continue the
+    run in OUT from its last checkpoint, with the arguments of OUT/args.json (model_dir and data may be None).
+    """
+    options = {name: value for name, value in locals().items() if name != "resume"}  # FinetuneOptions' fields
+    return run_finetune(FinetuneOptions(**options), resume=resume)
+
+
+def run_finetune(options: FinetuneOptions, *, resume: bool = False) -> dict:
+    """Fine-tune per `options` into the run directory options.out (resume: continue the run there with its
+    own arguments); returns the summary, also written to OUT/summary.json."""
+    # Everything is checked before anything is written: a refused run leaves OUT as it was.
+    out = Path(options.out)
+    check_output(out, directory=True, what="--out")
+    prepare_run_dir(out, {}, resume=resume, write=False)  # a clear error if there is no run, or one already
+    if resume:
+        options = options.resumed()  # the run's arguments, checked
+    else:
+        options.validate()
+        options = replace(options, data_options=dict(options.data_options))  # the caller's copy, as given
+    device = resolve_device(options.device)
+    resolve_dtype(options.dtype, device, training=True)  # refuse a dtype the device cannot run, early
+    pretrained, processor = load_with_processor(ImageGPT, latest_model_dir(options.model_dir))
+    dtype = resolve_dtype(options.dtype, device, training=True, width=pretrained.config.n_embd)
+    dataset_options = data_options_for(options.data, options.data_options, processor)
+    train, val = (
+        _labelled(load_dataset(options.data, split=split, seed=options.seed, **dataset_options), split)
+        for split in ("train", "val")
+    )
+    plan = _plan(options, len(train))
+    check_memory(
+        training_bytes(pretrained.config, options.batch_size) * (2 if options.gen_weight > 0 else 1),
+        f"fine-tuning {options.model_dir} on {options.batch_size} images a step",
+        "lower --batch-size, or use --gen-weight 0 (no copy of the generative blocks)",
+        device,
+    )
+    torch.manual_seed(options.seed)  # dropout: the same arguments give the same run (resume restores its RNG)
+    class_names = train.class_names or [str(i) for i in range(train.num_classes)]
+    model = FinetuneModel(
+        pretrained,
+        train.num_classes,
+        dict(enumerate(class_names)),
+        layer=options.layer,
+        generative=options.gen_weight > 0,
+    ).to(device)
+    del pretrained
+    with RunLock(out):  # for the rest of the run
+        prepare_run_dir(out, {}, resume=resume, write=False)  # again under the lock
+        return _finetune(options, resume, model, processor, train, val, plan, dtype)
+
+
+def _plan(options: FinetuneOptions, images: int) -> Plan:
+    """The run's length and schedule: 10 epochs unless told, warmup 5% (at most 100), a validation (and a
+    checkpoint) every epoch."""
+    steps_per_epoch = max(1, images // options.batch_size)
+    total = options.steps or max(1, round((options.epochs or 10) * steps_per_epoch))
+    warmup = options.warmup if options.warmup is not None else min(100, total // 20)
+    every = options.eval_every or min(steps_per_epoch, total)
+    return Plan(
+        steps=total,
+        lr=options.lr,
+        warmup=warmup,
+        clip=options.clip,
+        eval_every=every,
+        save_every=every,
+        stop_after=options.stop_after,
+        progress=options.progress,
+    )
+
+
+def _finetune(
+    options: FinetuneOptions,
+    resume: bool,
+    model: FinetuneModel,
+    processor,
+    train,
+    val,
+    plan: Plan,
+    dtype: torch.dtype,
+) -> dict:
+    """The run, holding its lock: its state resumed, the token caches, then the loop; the summary."""
+    out = Path(options.out)
+    optimizer = make_optimizer(model, options.lr, options.weight_decay)
+    order = BatchOrder(len(train), options.batch_size, seed=options.seed)
+    step, best = _resume(out, model, optimizer, order, options) if resume else (0, Best())
+    augment = default_augment(options.data) if options.augment is None else options.augment
+    val_ids = token_cache(val, processor, out / "cache")
+    train_ids = None if augment else token_cache(train, processor, out / "cache")
+    if not resume:
+        prepare_run_dir(out, options.run_args())
+    metrics = MetricsLog(out / METRICS_FILE, resume_step=step if resume else None)
+    run = FineTuning(
+        options,
+        model,
+        optimizer,
+        order,
+        train,
+        train_ids,
+        processor,
+        metrics,
+        dtype=dtype,
+        step=step,
+        best=best,
+    )
+    objective = Classification(options.gen_weight, val_ids, val.labels, 2 * options.batch_size)
+    outcome = train_loop(run, objective, plan)
+    summary = {
+        "status": _status(outcome, options),
+        "step": outcome.step,
+        "steps": plan.steps,
+        "best_val_accuracy": best.accuracy,
+        "best_step": best.step,
+        "model": str(out / MODEL_DIR),
+        "classes": train.num_classes,
+        "augment": augment,
+        "layer": model.layer,
+        "gen_weight": options.gen_weight,
+        "objective": model.config.objective,
+        "signal": outcome.signal,  # the signal (SIGINT, SIGTERM) that stopped the run, if one did
+    }
+    write_text_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def _resume(out: Path, model: FinetuneModel, optimizer, order: BatchOrder, options: FinetuneOptions):
+    """(step, Best) of the run's last checkpoint, its weights loaded into model, its optimizer, data order
+    and RNG states restored."""
+    latest = find_checkpoint(out / CHECKPOINTS_DIR)
+    if latest is None:
+        raise CheckpointError(
+            f"{out} has no checkpoint yet to resume from; start the run again without --resume"
+        )
+    state = load_training_state(latest)
+    source = latest / STATE_FILE
+    try:
+        best = Best(state["best_accuracy"], state["best_step"], state["since_best"])
+        done = bool(state.get("done"))
+        classifier = ImageGPTClassifier.from_pretrained(latest, require_head=True)
+        model.classifier.load_state_dict(classifier.state_dict())
+        missing, unexpected = model.load_state_dict(state.get("generative", {}), strict=False)
+    except (KeyError, TypeError, RuntimeError, AttributeError) as e:
+        raise damaged(source, f"its state does not fit this run ({type(e).__name__}: {e})") from e
+    if unexpected or any(not k.startswith("classifier.") for k in missing):
+        raise CheckpointError(
+            f"{latest} does not match this fine-tuning run (layer {model.layer}, gen weight "
+            f"{options.gen_weight}); resume with the arguments the run was started with"
+        )
+    if done:
+        raise ArgumentError(f"the run in {out} has already finished; its classifier is in {out / MODEL_DIR}")
+    return restore_state(state, optimizer, order, source=source), best
+
+
+def _status(outcome: Outcome, options: FinetuneOptions) -> str:
+    resume = f"continue with `imagegpt finetune --resume {options.out}`"
+    if outcome.end == SIGNAL:
+        return f"interrupted ({signal.Signals(outcome.signal).name}); {resume}"
+    if outcome.end == STOPPED:
+        return f"stopped after {options.stop_after} steps; {resume}"
+    if outcome.end == EARLY:
+        return f"stopped early: no better validation accuracy in {options.patience} validations"
+    return "finished"
+
+
+def default_augment(data) -> bool:
+    """Augmentation is on for natural and generated images, off for handwriting (a flipped digit changes)."""
+    if str(data) == "digits":
+        return False
+    path = Path(str(data)).expanduser()
+    return not (str(data) not in ("shapes", "photos") and path.exists() and detect_format(path) == "idx")
+
+
+def _labelled(dataset, split: str):
+    if dataset.labels is None:
+        raise DataError(
+            f"the {split} split of {dataset.name} has no labels; fine-tuning needs a labelled dataset "
+            "(digits, shapes, photos, CIFAR, MNIST, or an image folder with one subfolder per class)"
+        )
+    return dataset
+
+
+def _batch_images(dataset, index: np.ndarray):
+    subset = dataset[index]
+    return subset.batch(0, len(subset))
 
 
 # ------------------------------------------------------------------------------------------------ classify
@@ -660,10 +784,6 @@ def classify(
     accuracy and confusion matrix are under its fixed evaluation masks (draw 0); accuracy_ensemble is the
     modal prediction over 5 masks per image (the module's docstring).
     """
-    from .checkpoint import load_with_processor
-    from .data import load_dataset, token_cache
-    from .probe import data_options_for
-
     model_dir = classifier_dir(model_dir)
     out = Path(model_dir).resolve().parent if out is None else Path(out)  # default: beside the classifier
     check_folders(out=out, cache_dir=cache_dir)

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, features
 
 from .errors import ArgumentError, OutputError
 from .files import atomic_open, check_output
@@ -125,8 +125,6 @@ IMAGE_FORMATS = {
 def image_format(path: str | os.PathLike, what: str = "image file") -> str:
     """Pillow's format for the file's suffix (.png -> PNG, .jpg -> JPEG); an OutputError for any other name,
     so that a file never holds another format than its name says."""
-    from PIL import features
-
     suffix = Path(path).suffix.lower()
     name = IMAGE_FORMATS.get(suffix)
     if name is None or (name == "WEBP" and not features.check("webp")):

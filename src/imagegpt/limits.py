@@ -16,6 +16,8 @@ import os
 import shutil
 from pathlib import Path
 
+import torch
+
 from .errors import ResourceError
 
 MEMORY_ENV = "IMAGEGPT_MEMORY_BYTES"
@@ -76,8 +78,6 @@ def available_memory(device=None) -> int | None:
         except ValueError:
             raise ResourceError(f"{MEMORY_ENV}={override!r} is not a number of bytes") from None
     if _is_cuda(device):
-        import torch
-
         return int(torch.cuda.mem_get_info(device)[0])
     known = [v for v in (_mem_available(), _cgroup_room()) if v is not None]
     return min(known) if known else None

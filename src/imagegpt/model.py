@@ -37,6 +37,7 @@ from .config import ImageGPTConfig
 from .device import cpu_has_bf16
 from .errors import ArgumentError
 from .kernels import quantize_int8
+from .objectives import evaluation_masks
 
 
 def sos_inputs(ids: torch.Tensor, sos_id: int) -> torch.Tensor:
@@ -820,8 +821,6 @@ class ImageGPT(_Pretrained):
         """
         if not self.config.is_causal:
             if mask is None:
-                from .objectives import evaluation_masks
-
                 mask = evaluation_masks(self.config, range(len(ids))).to(ids.device)
             return bert_loss_per_image(self(ids, mask=mask).logits, ids, mask)
         logits = self(sos_inputs(ids, self.config.sos_id)).logits

@@ -8,6 +8,10 @@
   the positions in M only, averaged per image over its masked positions, then over the batch: OpenAI's
   image-gpt src/model.py, written as `model.bert_loss_per_image`.
 
+This module holds what the BERT objective needs beside the model (the masks, the ensemble vote, the checks)
+and imports nothing of the model, which draws on it; pretraining's loop objectives (train.NextPixel,
+train.MaskedPixels), evaluation, probes and fine-tuning use it.
+
 Masks come from seeded generators, never from the global RNG:
 - training: the masks of step s are drawn for the whole global batch from a generator seeded with (the run's
   seed, s), and each process takes its own rows. A resumed run, any number of processes and any gradient
@@ -28,12 +32,9 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from .config import OBJECTIVES, ImageGPTConfig
 from .errors import ArgumentError, ConfigError
-from .model import bert_loss_per_image, sos_inputs
 
 # The paper's evaluation ensemble: "we sample 5 independent masks for each input and take the modal
 # prediction".
@@ -115,74 +116,24 @@ def ensemble_vote(predictions: np.ndarray, seed: int = 0) -> np.ndarray:
     return np.argmax(np.where(modal, noise, -1.0), axis=1)
 
 
-# ---------------------------------------------------------------------------------- what a loop asks of one
+def bert_micro_batches(
+    config: ImageGPTConfig,
+    seed: int,
+    step: int,
+    ids: torch.Tensor,
+    rank: int = 0,
+    world_size: int = 1,
+    chunks=1,
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(ids, mask) micro-batches of a process's share `ids` (B, T) of step `step`'s global batch: its rows of
+    the step's training masks, split into `chunks` for gradient accumulation."""
+    B = len(ids)
+    mask = training_masks(config, seed, step, B * world_size, slice(rank * B, (rank + 1) * B))
+    return list(zip(ids.chunk(chunks), mask.to(ids.device).chunk(chunks)))
 
 
-class NextPixel:
-    """L_AR: the training loss and the evaluation of the next-pixel objective."""
-
-    name = "ar"
-    masks = 1  # evaluation scores every token once
-
-    def __init__(self, config: ImageGPTConfig, seed: int = 0):
-        self.config, self.seed = config, seed
-
-    def micro_batches(
-        self, ids: torch.Tensor, step: int, rank: int = 0, world_size: int = 1, chunks: int = 1
-    ):
-        """This process's micro-batches of the step's image tokens (B, T) (its share of the global batch)."""
-        return list(ids.chunk(chunks))
-
-    def loss(self, model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
-        """Mean next-token loss in nats over the batch. Calls model(...), so that a DDP wrapper syncs."""
-        logits = model(sos_inputs(batch, self.config.sos_id)).logits  # (B, T, n_clusters)
-        return F.cross_entropy(logits.flatten(0, 1).float(), batch.flatten())
-
-    def nll(
-        self, model: nn.Module, ids: torch.Tensor, indices=None, draw: int = 0
-    ) -> tuple[torch.Tensor, int]:
-        """(summed next-token loss in nats, tokens scored) of a batch of image tokens."""
-        logits = model(sos_inputs(ids, self.config.sos_id)).logits
-        return F.cross_entropy(logits.flatten(0, 1).float(), ids.flatten(), reduction="sum"), ids.numel()
-
-
-class MaskedPixels(NextPixel):
-    """L_BERT: the training loss and the evaluation of the masked-pixel objective (the module's docstring).
-
-    Evaluation scores the masked tokens of the fixed evaluation masks: `masks` draws per image (1 by default,
-    the masks that training's validation uses), with the evaluation seed 0.
-    """
-
-    name = "bert"
-
-    def __init__(self, config: ImageGPTConfig, seed: int = 0, masks: int = 1):
-        super().__init__(config, seed)
-        if isinstance(masks, bool) or not isinstance(masks, int) or masks < 1:
-            raise ArgumentError(f"the number of evaluation masks per image must be at least 1, got {masks!r}")
-        self.masks = masks
-
-    def micro_batches(self, ids, step, rank=0, world_size=1, chunks=1):
-        """(ids, mask) micro-batches: the step's training masks, this process's rows of the global batch."""
-        B = len(ids)
-        mask = training_masks(self.config, self.seed, step, B * world_size, slice(rank * B, (rank + 1) * B))
-        return list(zip(ids.chunk(chunks), mask.to(ids.device).chunk(chunks)))
-
-    def loss(self, model, batch):
-        """L_BERT in nats: each image's mean over its masked tokens, averaged over the batch."""
-        ids, mask = batch
-        return bert_loss_per_image(model(ids, mask=mask).logits, ids, mask).mean()
-
-    def nll(self, model, ids, indices=None, draw=0):
-        """(summed loss in nats of the masked tokens, masked tokens) of a batch under the evaluation masks
-        number `draw` of the images at `indices` (default 0..B-1)."""
-        indices = range(len(ids)) if indices is None else indices
-        mask = evaluation_masks(self.config, indices, draw).to(ids.device)
-        logits = model(ids, mask=mask).logits
-        nll = F.cross_entropy(logits.flatten(0, 1).float(), ids.flatten(), reduction="none").view(ids.shape)
-        return (nll * mask).sum(), int(mask.sum())
-
-
-def objective_for(config: ImageGPTConfig, seed: int = 0, masks: int = 1) -> NextPixel:
-    """The objective of a model's config: NextPixel or MaskedPixels (seed: the training masks' seed; masks:
-    BERT evaluation masks per image)."""
-    return NextPixel(config, seed) if config.is_causal else MaskedPixels(config, seed, masks)
+def check_evaluation_masks(masks) -> int:
+    """A number of evaluation masks per image (at least 1); an ArgumentError otherwise."""
+    if isinstance(masks, bool) or not isinstance(masks, int) or masks < 1:
+        raise ArgumentError(f"the number of evaluation masks per image must be at least 1, got {masks!r}")
+    return masks

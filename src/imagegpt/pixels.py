@@ -27,9 +27,7 @@ def pil_to_rgb(image, what: str) -> np.ndarray:
     return np.asarray(image if mode == "RGB" else image.convert("RGB"))
 
 
-def array_to_rgb(
-    array: np.ndarray, what: str, channels_first: bool, sixteen_bit: bool = False
-) -> np.ndarray:
+def array_to_rgb(array: np.ndarray, what: str, channels_first: bool, sixteen_bit: bool = False) -> np.ndarray:
     """2-D grayscale or 3-D [H, W, C] / [C, H, W] (C in 1, 3, 4) of any numeric dtype -> uint8 [H, W, 3]."""
     shape = tuple(array.shape)
     if array.ndim == 3:

@@ -35,10 +35,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .checkpoint import latest_model_dir, load_with_processor
+from .data import load_dataset, token_cache
 from .device import autocast, resolve_device, resolve_dtype
 from .errors import ArgumentError, DataError, ImageInputError
 from .files import check_folders, write_text_atomic
-from .model import image_inputs
+from .model import ImageGPT, image_inputs
 from .objectives import ENSEMBLE_MASKS, ensemble_vote, evaluation_masks
 
 DEFAULT_CS: tuple[float, ...] = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
@@ -444,8 +446,6 @@ def dataset_ids(dataset, processor, cache_dir=None, batch_size: int = 256) -> np
     if processor is None:
         raise ArgumentError("images need a processor to become tokens: pass the model's ImageProcessor")
     if cache_dir is not None and hasattr(dataset, "name") and hasattr(dataset, "batch"):
-        from .data import token_cache
-
         return token_cache(dataset, processor, Path(cache_dir) / "tokens")
     return torch.cat([processor.encode(batch) for batch in _image_batches(dataset, batch_size)])
 
@@ -745,11 +745,6 @@ def probe_pretrained(
     cache_dir defaults to `out/cache`; data_options go to imagegpt.data.load_dataset (limit, n, resolution).
     ensemble_masks: BERT models' test ensemble (run_probe).
     """
-    from .checkpoint import load_with_processor
-    from .data import load_dataset
-    from .model import ImageGPT
-    from .trainer import latest_model_dir
-
     model_dir = latest_model_dir(model_dir)  # a model directory, or a run directory's model
     check_folders(out=out, cache_dir=cache_dir)
     model, processor = load_with_processor(ImageGPT, model_dir)

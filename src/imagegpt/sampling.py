@@ -579,9 +579,8 @@ def load_for_sampling(path, **kwargs):
     """
     from pathlib import Path
 
-    from .checkpoint import load_with_processor
+    from .checkpoint import latest_model_dir, load_with_processor
     from .processor import PROCESSOR_NAME
-    from .trainer import latest_model_dir
 
     directory = latest_model_dir(path)  # as given when not a local path: a Hub id
     if Path(directory).expanduser().is_dir() and not (Path(directory) / PROCESSOR_NAME).is_file():

@@ -18,8 +18,13 @@ from pathlib import Path
 
 import numpy as np
 
+from .checkpoint import read_config
+from .config import PRESETS
 from .errors import ArgumentError, CheckpointError
+from .evaluate import evaluate
 from .files import write_text_atomic
+from .probe import probe_pretrained
+from .train import TrainOptions, kept_checkpoints, resume_options, train
 
 STUDY_FILE = "study.json"
 
@@ -66,9 +71,6 @@ class StudyOptions:
 
 def train_runs(options: StudyOptions) -> list[Path]:
     """One run per preset into OUT/runs/PRESET, each keeping its checkpoints; resumed where interrupted."""
-    from .config import PRESETS
-    from .train import TrainOptions, train
-
     unknown = [p for p in options.presets if p not in PRESETS]
     if unknown:
         raise ArgumentError(f"unknown preset(s) {', '.join(unknown)}; choose from {', '.join(PRESETS)}")
@@ -94,17 +96,12 @@ def train_runs(options: StudyOptions) -> list[Path]:
 
 def run_data(run_dir: Path) -> tuple[str, dict, int]:
     """(data, data options with the run's resolution, data seed) of a training run, from its args.json."""
-    from .train import _data_options, resume_options
-
     train_options = resume_options(run_dir)
-    return train_options.data, _data_options(train_options), train_options.data_seed
+    return train_options.data, train_options.dataset_options(), train_options.data_seed
 
 
 def checkpoint_point(model_dir: Path, data, data_options, seed: int, out: Path, options) -> dict:
     """Held-out bits/dim and per-layer probes of one checkpoint (cached in `out`.json)."""
-    from .evaluate import evaluate
-    from .probe import probe_pretrained
-
     cached = out.with_suffix(".json")
     if cached.is_file():
         return json.loads(cached.read_text())
@@ -130,9 +127,7 @@ def checkpoint_point(model_dir: Path, data, data_options, seed: int, out: Path, 
 
 
 def study_run(run_dir: Path, options: StudyOptions) -> dict:
-    from .checkpoint import read_config
-    from .train import kept_checkpoints
-
+    """Every kept checkpoint of one run studied: its points, its size and its correlation."""
     kept = kept_checkpoints(run_dir)
     if not kept:
         raise CheckpointError(
@@ -203,6 +198,8 @@ def run_study(options: StudyOptions) -> dict:
 
 def plot_study(study: dict, out: Path) -> None:
     """accuracy_vs_bits.png (one point per checkpoint, a line per run) and RUN-layers.png per run."""
+    # matplotlib takes 0.3 s to import: only a command that draws pays for it. The Agg canvas: no display,
+    # no pyplot global state.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -228,6 +225,8 @@ def plot_study(study: dict, out: Path) -> None:
 
 
 def plot_layers(run: dict, path: Path) -> None:
+    # matplotlib takes 0.3 s to import: only a command that draws pays for it. The Agg canvas: no display,
+    # no pyplot global state.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 

@@ -13,8 +13,9 @@ A run directory holds everything a run needs to continue exactly where it stoppe
       .lock                         held (fcntl.flock) by the process working in the run: RunLock
 
 A checkpoint is written into a temporary directory beside `latest`, fsynced, then swapped in with two renames;
-`find_checkpoint` repairs the one window a crash can leave (between the renames), so `latest` is never half
-written. The loop that uses these pieces stays in the caller (train.py, finetune.py): a plain `for` loop.
+`find_checkpoint` (imagegpt.checkpoint, where readers of runs find it) repairs the one window a crash can
+leave (between the renames), so `latest` is never half written. The loop that uses these pieces is
+imagegpt.loop's, which pretraining (train.py) and fine-tuning (finetune.py) share.
 
 A run directory is worked in by one process at a time: RunLock holds a lock on RUN_DIR/.lock for the run's
 lifetime (the kernel releases it when the process dies, however it dies), so a second `train --resume` of the
@@ -33,10 +34,11 @@ import pickle
 import random
 import shutil
 import signal
+import sys
 import tempfile
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +46,11 @@ import numpy as np
 import torch
 import torch.distributed as torch_dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from tqdm.auto import tqdm
 
+# The run directory's layout and its readers live in checkpoint (below training); they are this module's too.
+from .checkpoint import CHECKPOINTS_DIR, MODEL_DIR, STATE_FILE, find_checkpoint, latest_model_dir  # noqa: F401
 from .device import autocast
 from .errors import ArgumentError, CheckpointError, ImageGPTError
 from .files import fsync_dir, fsync_tree, write_errors, write_text_atomic
@@ -52,9 +58,6 @@ from .files import fsync_dir, fsync_tree, write_errors, write_text_atomic
 ARGS_FILE = "args.json"
 METRICS_FILE = "metrics.jsonl"
 CURVE_FILE = "loss.png"
-CHECKPOINTS_DIR = "checkpoints"
-MODEL_DIR = "model"
-STATE_FILE = "training_state.pt"
 LOCK_FILE = ".lock"
 
 
@@ -200,7 +203,9 @@ def _step(record: dict) -> int:
 
 def plot_metrics(metrics_path: str | os.PathLike, png_path: str | os.PathLike, key: str = "loss") -> Path:
     """Draw `key` against step for every split in metrics.jsonl (train as a line, others as markers)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg  # the Agg canvas: no display, no global state
+    # matplotlib takes 0.3 s to import: only a command that draws pays for it. The Agg canvas: no display,
+    # no pyplot global state.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     by_split: dict[str, list[tuple[int, float]]] = {}
@@ -267,13 +272,17 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 class StepResult:
     loss: float  # mean over micro-batches and ranks
     grad_norm: float  # before clipping
+    parts: dict[str, float] = field(default_factory=dict)  # the named parts loss_fn returned, averaged alike
+
+
+LossFn = Callable[[Any], torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
 
 def optimizer_step(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     micro_batches: Sequence[Any],
-    loss_fn: Callable[[Any], torch.Tensor],
+    loss_fn: LossFn,
     *,
     clip: float = 1.0,
     device: torch.device | None = None,
@@ -283,14 +292,15 @@ def optimizer_step(
 ) -> StepResult:
     """One optimizer step over equal-sized micro-batches (gradient accumulation), under autocast.
 
-    `loss_fn(batch)` returns the mean loss of one micro-batch; it calls `model` (DDP-wrapped or not).
-    Gradients are all-reduced once, on the last micro-batch. The loss is averaged over ranks before the
-    finiteness check, so every rank stops together; a NaN or infinite loss or gradient norm raises
+    `loss_fn(batch)` returns the mean loss of one micro-batch, or (loss, {name: part}) with parts to log
+    (the two terms of a joint loss, say); it calls `model` (DDP-wrapped or not). Gradients are all-reduced
+    once, on the last micro-batch. The loss (and its parts, in the same all-reduce) is averaged over ranks
+    before the finiteness check, so every rank stops together; a NaN or infinite loss or gradient norm raises
     NonFiniteLossError before the weights are touched.
     """
     device = device or next(model.parameters()).device
     optimizer.zero_grad(set_to_none=True)
-    total = torch.zeros((), device=device)
+    sums: dict[str, torch.Tensor] = {}  # "loss" first, then the parts, each summed over micro-batches
     n = len(micro_batches)
     for i, batch in enumerate(micro_batches):
         last = i == n - 1
@@ -298,9 +308,13 @@ def optimizer_step(
         with sync:
             with autocast(device, dtype):
                 loss = loss_fn(batch)
+                loss, parts = loss if isinstance(loss, tuple) else (loss, {})
             (loss / n).backward()
-        total += loss.detach().float()
-    loss_value = (dist.mean(total) if dist is not None else total).item() / n
+        for name, value in {"loss": loss, **parts}.items():
+            sums[name] = sums.get(name, torch.zeros((), device=device)) + value.detach().float()
+    total = torch.stack(list(sums.values()))
+    means = {k: v / n for k, v in zip(sums, (dist.mean(total) if dist is not None else total).tolist())}
+    loss_value = means.pop("loss")
     where = f" at step {step}" if step is not None else ""
     if not math.isfinite(loss_value):
         raise NonFiniteLossError(
@@ -315,7 +329,7 @@ def optimizer_step(
             "learning rate or lengthen the warmup, then resume from the last good checkpoint"
         )
     optimizer.step()
-    return StepResult(loss=loss_value, grad_norm=grad_norm)
+    return StepResult(loss=loss_value, grad_norm=grad_norm, parts=means)
 
 
 # Data order: seeded, resumable, sharded
@@ -505,38 +519,6 @@ def save_checkpoint(
     return target
 
 
-def find_checkpoint(
-    checkpoints_dir: str | os.PathLike, name: str = "latest", *, repair: bool = True
-) -> Path | None:
-    """The directory of the named checkpoint, or None if there is none yet.
-
-    repair (only for the process holding the run's RunLock): fix what a crash can leave: a `name.old` with
-    no `name` (a crash between save_checkpoint's two renames) is renamed back; temporary directories of an
-    interrupted write are removed. Without it (a reader beside a running training) nothing is changed, and
-    `name.old` is returned where `name` is missing.
-    """
-    checkpoints_dir = Path(checkpoints_dir)
-    if checkpoints_dir.exists() and not checkpoints_dir.is_dir():
-        raise CheckpointError(f"{checkpoints_dir} is a file, where the run keeps its checkpoints folder")
-    if not checkpoints_dir.is_dir():
-        return None
-    target, old = checkpoints_dir / name, checkpoints_dir / f"{name}.old"
-    if repair:
-        for tmp in checkpoints_dir.glob(f".{name}.tmp-*"):
-            shutil.rmtree(tmp, ignore_errors=True)
-        if not target.exists() and old.exists():
-            os.rename(old, target)
-    elif not target.exists() and old.exists():
-        target = old
-    if not target.exists():
-        return None
-    if not (target / STATE_FILE).is_file():
-        raise CheckpointError(
-            f"{target} has no {STATE_FILE}; it is not a checkpoint written by imagegpt training"
-        )
-    return target
-
-
 def load_training_state(checkpoint_dir: str | os.PathLike) -> dict:
     """training_state.pt of a checkpoint, loaded with weights_only=True (tensors and plain containers), its
     structure checked: a damaged or foreign file is a CheckpointError naming it, never a traceback."""
@@ -581,26 +563,6 @@ def _state_problem(state) -> str | None:
     return None
 
 
-def latest_model_dir(path: str | os.PathLike) -> str | os.PathLike:
-    """A model directory from a model directory or a run directory (its model/, else checkpoints/latest).
-
-    A path that does not exist here is returned as given, for from_pretrained to read as a Hub id (or to
-    report as missing)."""
-    if not Path(path).expanduser().exists():
-        return path
-    path = Path(path).expanduser()
-    if (path / "config.json").is_file():
-        return path
-    if (path / MODEL_DIR / "config.json").is_file():
-        return path / MODEL_DIR
-    checkpoint = find_checkpoint(path / CHECKPOINTS_DIR, repair=False)  # a reader never changes the run
-    if checkpoint is None:
-        raise CheckpointError(
-            f"{path} is neither a model directory (no config.json) nor a run directory with a checkpoint"
-        )
-    return checkpoint
-
-
 # Stopping cleanly on Ctrl-C and SIGTERM
 
 
@@ -641,8 +603,6 @@ class StopRequest:
 
 def progress_bar(total: int, initial: int = 0, enabled: bool = True, desc: str = "train"):
     """A tqdm bar over optimizer steps; its remaining time is the ETA. Set the rest with set_postfix."""
-    from tqdm.auto import tqdm
-
     return tqdm(total=total, initial=initial, disable=not enabled, desc=desc, unit="step", dynamic_ncols=True)
 
 
@@ -724,14 +684,13 @@ def wrap_model(
     if not dist.enabled:
         return model
     if fsdp_units is not None:
+        # Here and below, FSDP is imported where it is used: 0.7 s to import, and only --fsdp needs it.
         from torch.distributed.fsdp import fully_shard
 
         for unit in fsdp_units:
             fully_shard(unit)
         fully_shard(model)
         return model
-    from torch.nn.parallel import DistributedDataParallel
-
     device_ids = [dist.device.index] if dist.device.type == "cuda" else None
     return DistributedDataParallel(model, device_ids=device_ids)
 
@@ -749,8 +708,8 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 def is_sharded(model: nn.Module | None) -> bool:
     """True for a model sharded by wrap_model(..., fsdp_units=...)."""
-    if model is None or not torch_dist.is_available():
-        return False
+    if model is None or "torch.distributed.fsdp" not in sys.modules:
+        return False  # nothing was sharded: FSDP (0.7 s to import) was never loaded
     from torch.distributed.fsdp import FSDPModule
 
     return isinstance(model, FSDPModule)

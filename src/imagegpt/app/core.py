@@ -19,8 +19,12 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from ..checkpoint import latest_model_dir
+from ..data import BUILTINS, GENERATED, load_dataset
+from ..data.builtin import load_photos_sources
 from ..errors import ArgumentError, CheckpointError, ImageInputError
 from ..grid import OCCLUDED, make_grid, occlude, upscale_factor
+from ..sampling import load_for_sampling
 
 MAX_UPLOAD_BYTES = 20 * 1024**2
 MAX_UPLOAD_PIXELS = 40_000_000  # about 7700 x 5200; more is refused before decoding (decompression bombs)
@@ -61,8 +65,6 @@ class Served:
 def default_model(folder: str | Path = ".") -> Path:
     """The model `imagegpt demo` wrote under folder/imagegpt-demo; ArgumentError saying what to run if
     none."""
-    from ..trainer import latest_model_dir
-
     run = Path(folder) / DEMO_FOLDER / "run"
     try:
         if run.is_dir():
@@ -77,9 +79,6 @@ def default_model(folder: str | Path = ".") -> Path:
 
 def load_served(model=None, *, device: str = "auto", dtype: str = "auto", folder=".") -> Served:
     """The model at `model` (anything --model takes; None: the demo's in `folder`), ready to serve."""
-    from ..sampling import load_for_sampling
-    from ..trainer import latest_model_dir
-
     source = default_model(folder) if model is None else model
     directory = latest_model_dir(source)
     net, processor = load_for_sampling(directory)
@@ -133,10 +132,6 @@ def recorded_bits_per_dim(run_dir: Path) -> tuple[float, str] | None:
 def example_images(served: Served) -> list[tuple[str, np.ndarray]]:
     """(caption, uint8 image) examples: held-out (test split) images of the model's built-in data set,
     when it was trained on one, then the photos bundled with scikit-image and scikit-learn."""
-    from ..data import BUILTINS, load_dataset
-    from ..data.builtin import load_photos_sources
-    from ..train import GENERATED
-
     examples = []
     data = served.run.get("data")
     if data in BUILTINS:

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import torch
+
+from ..app.core import load_served
+from ..errors import ArgumentError
 from ._options import add_device_options
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -39,18 +43,12 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from ..errors import ArgumentError
-
     try:
-        from ..app import page
+        from ..app import page  # gradio: an optional extra, imported only to serve
     except ImportError as e:
         if "gradio" not in str(e):
             raise
         raise ArgumentError("the app needs gradio: pip install 'imagegpt[app]'") from e
-    import torch
-
-    from ..app.core import load_served
-
     if not 0 < args.port < 65536:
         raise ArgumentError(f"--port must be in 1..65535, got {args.port}")
     served = load_served(args.model, device=args.device, dtype=args.dtype)
@@ -79,8 +77,6 @@ SMALL_MODEL = 10_000_000  # parameters: below this a decode step is too small to
 def generation_threads(model, threads: int | None) -> int | None:
     """The threads to set for generation: `threads` when given, 1 for a small model, else None (keep
     PyTorch's)."""
-    from ..errors import ArgumentError
-
     if threads is not None:
         if threads < 1:
             raise ArgumentError(f"--threads must be at least 1, got {threads}")

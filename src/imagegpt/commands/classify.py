@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from ._options import add_device_options, add_output_argument
-from .probe import add_data_arguments, data_options
+import numpy as np
+
+from ..finetune import classify, format_confusion
+from ._options import add_data_arguments, add_device_options, add_output_argument, data_options
 
 
 def register(subparsers) -> None:
@@ -36,10 +38,6 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    import numpy as np
-
-    from ..finetune import classify, format_confusion
-
     report = classify(
         args.model,
         args.data,

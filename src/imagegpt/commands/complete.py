@@ -4,8 +4,19 @@ from __future__ import annotations
 
 import time
 
-from ._options import add_device_options, add_output_argument
-from .sample import add_model_argument, add_sampling_options, choose_seed, report, sampling_kwargs, save_npz
+from ..errors import ArgumentError
+from ..grid import completion_grid, save_image
+from ..sampling import complete, keep_rows, load_for_sampling
+from ._options import (
+    add_device_options,
+    add_model_argument,
+    add_output_argument,
+    add_sampling_options,
+    choose_seed,
+    report,
+    sampling_kwargs,
+    save_npz,
+)
 
 
 def register(subparsers) -> None:
@@ -45,8 +56,6 @@ def register(subparsers) -> None:
 
 def parse_keep(text: str) -> int | float:
     """'16' -> 16 rows; '0.5' or '1e-1' -> a fraction of the height."""
-    from ..errors import ArgumentError
-
     try:
         return int(text)
     except ValueError:
@@ -60,9 +69,6 @@ def parse_keep(text: str) -> int | float:
 
 
 def run(args) -> int:
-    from ..grid import completion_grid, save_image
-    from ..sampling import complete, keep_rows, load_for_sampling
-
     keep = parse_keep(args.keep)
     model, processor = load_for_sampling(args.model)
     rows = keep_rows(keep, processor.height)

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 from dataclasses import fields
 
+from ..demo import DemoOptions, format_summary, run_demo
 from ._options import AUTO_TRAINING, add_device_options, add_output_argument
 
 
 def register(subparsers) -> None:
-    from ..demo import DemoOptions
-
     defaults = {f.name: f.default for f in fields(DemoOptions)}
     parser = subparsers.add_parser(
         "demo",
@@ -54,8 +53,6 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from ..demo import DemoOptions, format_summary, run_demo
-
     options = DemoOptions(
         out=args.out,
         data=args.data,

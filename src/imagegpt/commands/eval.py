@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ._options import add_device_options, add_output_argument
-from .probe import add_data_arguments, data_options
+from ..evaluate import evaluate
+from ..files import write_text_atomic
+from ._options import add_data_arguments, add_device_options, add_output_argument, data_options
 
 
 def register(subparsers) -> None:
@@ -47,9 +48,6 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from ..evaluate import evaluate
-    from ..files import write_text_atomic
-
     result = evaluate(
         args.model,
         args.data,

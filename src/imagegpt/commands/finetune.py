@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 
 from ..errors import ArgumentError
-from ._options import EXIT_STATUS, add_device_options, add_output_argument
-from .probe import add_data_arguments, data_options
+from ..finetune import FinetuneOptions, run_finetune
+from ._options import EXIT_STATUS, add_data_arguments, add_device_options, add_output_argument, data_options
 
 EXAMPLE = """examples:
   imagegpt finetune --model runs/shapes/model --data shapes --out ft-shapes --epochs 5
@@ -88,9 +88,8 @@ def register(subparsers) -> None:
     parser.set_defaults(func=run)
 
 
-def run(args) -> int:
-    from ..finetune import finetune
-
+def options_from_args(args) -> tuple[FinetuneOptions, bool]:
+    """(FinetuneOptions, resume) from parsed arguments; with --resume, run_finetune reads the run's own."""
     if args.resume:
         out, resume = args.resume, True
     else:
@@ -98,10 +97,9 @@ def run(args) -> int:
         if missing:
             raise ArgumentError(f"{', '.join(missing)} required (or --resume RUN_DIR to continue a run)")
         out, resume = args.out, False
-    summary = finetune(
-        args.model,
-        args.data,
-        out,
+    options = FinetuneOptions(
+        model_dir=args.model,
+        data=args.data,
         layer=args.layer,
         gen_weight=args.gen_weight,
         augment=args.augment,
@@ -115,12 +113,18 @@ def run(args) -> int:
         patience=args.patience or None,
         seed=args.seed,
         data_options=data_options(args),
-        device=args.device,
         dtype=args.dtype,
-        resume=resume,
+        out=out,
+        device=args.device,
         stop_after=args.stop_after,
         progress=True,
     )
+    return options, resume
+
+
+def run(args) -> int:
+    options, resume = options_from_args(args)
+    summary = run_finetune(options, resume=resume)
     print(
         f"{summary['status']} at step {summary['step']}/{summary['steps']}: best validation accuracy "
         f"{100 * summary['best_val_accuracy']:.2f}% (step {summary['best_step']}); "

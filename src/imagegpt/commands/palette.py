@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from ..data import fit_palette, load_dataset
 from ..errors import ArgumentError
-from ._options import add_output_argument
-from .probe import add_data_arguments, data_options
+from ..palette import check_clusters
+from ._options import add_data_arguments, add_output_argument, data_options
 
 
 def register(subparsers) -> None:
@@ -32,10 +33,6 @@ def register(subparsers) -> None:
 
 
 def run_fit(args) -> int:
-    from ..data import load_dataset
-    from ..palette import check_clusters
-    from ..train import fit_palette
-
     check_clusters(args.clusters)
     if args.pixels < args.clusters:
         raise ArgumentError(f"--pixels ({args.pixels}) must be at least --clusters ({args.clusters})")

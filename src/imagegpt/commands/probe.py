@@ -4,63 +4,13 @@ from __future__ import annotations
 
 import argparse
 
-from ..errors import ArgumentError
-from ._options import add_device_options, add_output_argument
+from ..probe import format_report, probe_pretrained
+from ._options import add_data_arguments, add_device_options, add_output_argument, data_options, parse_grid
 
 EXAMPLE = """examples:
   imagegpt probe --model runs/digits/model --data digits --layers all --out probe-digits
   imagegpt probe --model runs/shapes/model --data shapes --layers middle --labels-per-class 4 --out p4
 """
-
-
-def parse_data_options(pairs: list[str] | None) -> dict:
-    """['n=2000', 'resolution=16'] -> {'n': 2000, 'resolution': 16}: integers and floats are converted."""
-    options = {}
-    for pair in pairs or []:
-        key, sep, value = pair.partition("=")
-        if not sep or not key.strip():
-            raise ArgumentError(f"--data-option takes KEY=VALUE, got {pair!r} (for example n=2000)")
-        for kind in (int, float):
-            try:
-                value = kind(value)
-                break
-            except ValueError:
-                pass
-        options[key.strip()] = value
-    return options
-
-
-def parse_grid(text: str) -> list[float]:
-    try:
-        values = [float(v) for v in text.split(",") if v.strip()]
-    except ValueError as e:
-        raise ArgumentError(f"--C-grid takes comma-separated numbers like 0.01,0.1,1, got {text!r}") from e
-    if not values or any(v <= 0 for v in values):
-        raise ArgumentError(f"--C-grid needs positive regularisation strengths, got {text!r}")
-    return values
-
-
-def add_data_arguments(parser: argparse.ArgumentParser, required: bool = True) -> None:
-    parser.add_argument(
-        "--data", required=required, help="a built-in dataset (digits, shapes, photos) or a path"
-    )
-    parser.add_argument(
-        "--seed", type=int, default=0, help="seed of the dataset's splits (and generated data)"
-    )
-    parser.add_argument("--limit", type=int, default=None, help="use at most N images of each split")
-    parser.add_argument(
-        "--data-option",
-        action="append",
-        metavar="KEY=VALUE",
-        help="an option of the dataset, e.g. n=2000 or resolution=16 for shapes (repeatable)",
-    )
-
-
-def data_options(args) -> dict:
-    options = parse_data_options(args.data_option)
-    if args.limit is not None:
-        options["limit"] = args.limit
-    return options
 
 
 def register(subparsers) -> None:
@@ -126,8 +76,6 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from ..probe import format_report, probe_pretrained
-
     report, paths = probe_pretrained(
         args.model,
         args.data,

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 from dataclasses import fields
 
-from ._options import add_device_options, add_output_argument
-from .probe import parse_data_options, parse_grid
+from ..study import StudyOptions, format_study, run_study
+from ._options import add_device_options, add_output_argument, parse_data_options, parse_grid
 
 
 def register(subparsers) -> None:
-    from ..study import StudyOptions
-
     defaults = {f.name: f.default for f in fields(StudyOptions)}
     defaults.update(presets=StudyOptions().presets, data_options=StudyOptions().data_options)
     parser = subparsers.add_parser(
@@ -49,8 +47,6 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from ..study import StudyOptions, format_study, run_study
-
     defaults = StudyOptions()
     data_options = parse_data_options(args.data_option) if args.data_option else None
     if data_options is None:

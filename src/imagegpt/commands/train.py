@@ -7,8 +7,8 @@ import os
 from dataclasses import fields
 
 from ..errors import ArgumentError
-from ._options import EXIT_STATUS, add_device_options, add_output_argument
-from .probe import parse_data_options
+from ..train import TrainOptions, resume_options, train
+from ._options import EXIT_STATUS, add_device_options, add_output_argument, parse_data_options
 
 EXAMPLE = """examples:
   imagegpt train --data shapes --preset igpt-nano --resolution 16 --clusters 16 --out runs/shapes --steps 500
@@ -50,8 +50,6 @@ TRAIN_ARGUMENTS = (
 
 
 def register(subparsers) -> None:
-    from ..train import TrainOptions
-
     defaults = {f.name: f.default for f in fields(TrainOptions)}
     parser = subparsers.add_parser(
         "train",
@@ -68,7 +66,14 @@ def register(subparsers) -> None:
         epilog=EXAMPLE + "\n" + EXIT_STATUS,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    data = parser.add_argument_group("data and palette")
+    _add_data_options(parser.add_argument_group("data and palette"), defaults)
+    _add_model_options(parser.add_argument_group("model and optimisation"), defaults)
+    _add_run_options(parser.add_argument_group("run"), defaults)
+    add_device_options(parser, training=True)
+    parser.set_defaults(func=run_train, device=None, dtype=None)
+
+
+def _add_data_options(data, defaults: dict) -> None:
     data.add_argument(
         "--data", help=f"a built-in dataset (digits, shapes, photos) or a path (default {defaults['data']})"
     )
@@ -91,7 +96,9 @@ def register(subparsers) -> None:
         help="a dataset option, e.g. n=2000 (repeatable)",
     )
     add_output_argument(data, "--cache-dir", kind="folder", help="token cache (default: RUN_DIR/cache)")
-    model = parser.add_argument_group("model and optimisation")
+
+
+def _add_model_options(model, defaults: dict) -> None:
     model.add_argument("--preset", help=f"model size: igpt-nano ... igpt-xl (default {defaults['preset']})")
     model.add_argument("--steps", type=int, help=f"optimizer steps (default {defaults['steps']})")
     model.add_argument(
@@ -130,7 +137,9 @@ def register(subparsers) -> None:
         default=None,
         help="recompute activations (less memory)",
     )
-    run = parser.add_argument_group("run")
+
+
+def _add_run_options(run, defaults: dict) -> None:
     add_output_argument(run, "--out", kind="folder", help="the run directory RUN_DIR")
     add_output_argument(
         run,
@@ -162,14 +171,10 @@ def register(subparsers) -> None:
     )
     run.add_argument("--stop-after", type=int, help="stop (with a checkpoint) after N steps of this session")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
-    add_device_options(parser, training=True)
-    parser.set_defaults(func=run_train, device=None, dtype=None)
 
 
 def options_from_args(args):
     """(TrainOptions, resume) from parsed arguments; with --resume, the run's saved arguments + overrides."""
-    from ..train import TrainOptions, resume_options
-
     given = {name: getattr(args, name) for name in TRAIN_ARGUMENTS if getattr(args, name) is not None}
     for flag in ("gradient_checkpointing", "fsdp"):
         if getattr(args, flag):
@@ -198,8 +203,6 @@ def options_from_args(args):
 
 
 def run_train(args) -> int:
-    from ..train import train
-
     options, resume = options_from_args(args)
     result = train(options, resume=resume)
     status = 0 if result.signal is None else 128 + result.signal  # as shells report it: 130, 143

@@ -38,8 +38,8 @@ import numpy as np
 
 from ..errors import ArgumentError, DataError
 from .arrays import load_arrays
-from .builtin import BUILTINS, load_digits, load_photos, load_shapes
-from .cache import sample_pixels, token_cache
+from .builtin import BUILTINS, GENERATED, load_digits, load_photos, load_shapes
+from .cache import fit_palette, sample_pixels, token_cache
 from .cifar import is_cifar, load_cifar
 from .dataset import (
     LIMIT_STREAM,
@@ -56,10 +56,12 @@ from .idx import is_idx, load_idx
 
 __all__ = [
     "BUILTINS",
+    "GENERATED",
     "SPLITS",
     "ImageDataset",
     "ImageFiles",
     "detect_format",
+    "fit_palette",
     "load_dataset",
     "sample_pixels",
     "token_cache",

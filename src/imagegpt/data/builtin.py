@@ -16,6 +16,7 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
+from PIL import Image
 
 from ..errors import ArgumentError, DataError
 from ..limits import check_memory
@@ -30,6 +31,7 @@ from .dataset import (
 )
 
 BUILTINS = ("digits", "shapes", "photos")
+GENERATED = ("shapes", "photos")  # drawn at the resolution asked for (an option), rather than resized to it
 
 
 def check_generated(source: str, n: int, resolution: int) -> None:
@@ -310,8 +312,6 @@ def crop_boxes(sizes: list[tuple[int, int]], codes: np.ndarray, split_code: int,
 
 
 def _crops(photos, codes, split_code: int, count: int, resolution: int, seed: int):
-    from PIL import Image
-
     labels, boxes, flips = crop_boxes([p.shape[:2] for p in photos], codes, split_code, count, seed)
     pil = [Image.fromarray(photo) for photo in photos]
     images = np.empty((count, resolution, resolution, 3), dtype=np.uint8)

@@ -10,11 +10,12 @@ import uuid
 from pathlib import Path
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from ..errors import ArgumentError, ConfigError, DataError
 from ..files import check_output
 from ..limits import check_disk
-from ..palette import MAX_CLUSTERS
+from ..palette import MAX_CLUSTERS, Palette
 from .dataset import ImageDataset, ImageFiles, check_positive_int
 
 CACHE_VERSION = 1
@@ -87,8 +88,6 @@ def token_cache(
         )
         starts = range(0, len(dataset), batch_size)
         if progress:
-            from tqdm.auto import tqdm
-
             starts = tqdm(starts, desc=f"tokenising {dataset.name}", unit="batch")
         for start in starts:
             stop = min(start + batch_size, len(dataset))
@@ -140,3 +139,8 @@ def sample_pixels(dataset: ImageDataset, n: int, seed: int = 0, max_images: int 
         parts.append(image.reshape(-1, 3)[flat])
     pixels = np.concatenate(parts)
     return pixels[rng.permutation(len(pixels))[:n]]
+
+
+def fit_palette(dataset: ImageDataset, clusters: int, pixels: int = 100_000, seed: int = 0) -> Palette:
+    """k-means on `pixels` pixels drawn at random from the dataset's images (palette fit, train, demo)."""
+    return Palette.fit(sample_pixels(dataset, pixels, seed=seed), clusters=clusters, seed=seed)

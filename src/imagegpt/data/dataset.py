@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from PIL import Image, ImageOps
 
 from ..errors import ArgumentError, DataError, ImageInputError
 from ..limits import check_memory
@@ -49,8 +50,6 @@ class ImageFiles(Sequence):
 
 def read_image(path: Path, resolution: int | None = None) -> np.ndarray:
     """One image file -> uint8 [H, W, 3] RGB; EXIF rotation applied, transparency composited onto white."""
-    from PIL import Image, ImageOps
-
     try:
         with Image.open(path) as image:
             if resolution is not None and image.format == "JPEG":

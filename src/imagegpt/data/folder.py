@@ -23,6 +23,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+from PIL import Image, UnidentifiedImageError
 
 from ..errors import DataError
 from ..limits import check_memory
@@ -51,8 +52,6 @@ def _walk(folder: Path, root: Path) -> list[Path]:
 
 
 def _is_image(path: Path) -> bool:
-    from PIL import Image, UnidentifiedImageError
-
     try:
         with Image.open(path) as image:  # reads the header only
             return image.size[0] > 0 and image.size[1] > 0
