@@ -16,18 +16,12 @@ from imagegpt import ImageGPT, ImageGPTClassifier, ImageGPTConfig
 from imagegpt.checkpoint import BERT_SAFETENSORS_NAME
 from imagegpt.cli import main
 from imagegpt.errors import ArgumentError, CheckpointError, ConfigError
-from imagegpt.evaluate import evaluate, token_nll
-from imagegpt.objectives import (
-    MaskedPixels,
-    ensemble_vote,
-    evaluation_masks,
-    objective_for,
-    training_masks,
-)
+from imagegpt.evaluate import evaluate, image_nll, token_nll
+from imagegpt.objectives import bert_micro_batches, ensemble_vote, evaluation_masks, training_masks
 from imagegpt.palette import Palette
 from imagegpt.processor import ImageProcessor
 from imagegpt.sampling import complete, load_for_sampling, sample
-from imagegpt.train import TrainOptions, resume_options, train
+from imagegpt.train import MaskedPixels, NextPixel, TrainOptions, pretraining_objective, resume_options, train
 from imagegpt.trainer import find_checkpoint, read_metrics
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -96,7 +90,7 @@ def test_bert_loss_equals_its_definition_on_random_weights():
     expected, expected_logits = bert_loss_by_definition(model, ids, mask)
     torch.testing.assert_close(model(ids, mask=mask).logits.double(), expected_logits, rtol=1e-4, atol=1e-5)
     for loss in (
-        MaskedPixels(config).loss(model, (ids, mask)),  # what training minimises
+        MaskedPixels(config, 0, None).loss(model, (ids, mask)),  # what training minimises
         model.image_loss(ids, mask),
         model.loss_per_image(ids, mask).mean(),
         model(ids, labels=ids, mask=mask).loss,
@@ -191,9 +185,8 @@ def test_evaluation_masks_belong_to_an_image_whatever_its_batch():
 
 def test_micro_batches_split_the_steps_masks_by_process_and_accumulation():
     config = bert_config()
-    objective = MaskedPixels(config, seed=2)
     ids = ids_for(config, batch=4)
-    batches = objective.micro_batches(ids, step=9, rank=1, world_size=2, chunks=2)
+    batches = bert_micro_batches(config, 2, 9, ids, rank=1, world_size=2, chunks=2)
     assert len(batches) == 2 and torch.equal(torch.cat([b[0] for b in batches]), ids)
     masks = torch.cat([b[1] for b in batches])
     assert torch.equal(masks, training_masks(config, 2, 9, 8)[4:])
@@ -410,8 +403,9 @@ def test_evaluation_scores_the_masked_tokens_of_fixed_masks_whatever_the_batch()
     assert count == int(mask.sum()) and total == pytest.approx(-log_p[mask].sum().item(), rel=1e-5)
     assert token_nll(model, ids, batch_size=7) == pytest.approx((total, count), rel=1e-6)
     # The images' own masks: a slice evaluated with its indices scores what it scores in the whole.
-    part, part_count = token_nll(model, ids[4:], indices=[4, 5, 6])
+    part, part_count = image_nll(model, ids[4:], indices=[4, 5, 6])
     assert part_count == int(mask[4:].sum())
+    assert image_nll(model, ids[4:])[1] == int(mask[:3].sum())  # without them: images 0..2's masks
     two, two_count = token_nll(model, ids, masks=2)
     both = mask.sum() + evaluation_masks(config, range(7), draw=1).sum()
     assert two_count == int(both)
@@ -493,11 +487,11 @@ def test_finetune_and_classify_a_bert_run_end_to_end(tmp_path):
     assert 0 <= report["accuracy_ensemble"] <= 1
 
 
-def test_objective_for_picks_by_config():
-    assert objective_for(bert_config()).name == "bert"
-    assert objective_for(bert_config(objective="ar")).name == "ar"
+def test_pretraining_objective_picks_by_config():
+    assert type(pretraining_objective(bert_config(), None, 0, 8)) is MaskedPixels
+    assert type(pretraining_objective(bert_config(objective="ar"), None, 0, 8)) is NextPixel
     with pytest.raises(ArgumentError, match="masks"):
-        objective_for(bert_config(), masks=0)
+        token_nll(ImageGPT(bert_config()), ids_for(bert_config()), masks=0)
 
 
 def test_a_study_labels_a_bert_run_and_never_mixes_it_with_next_pixel_runs(tmp_path):
