@@ -1,7 +1,7 @@
-"""The optional C extension imagegpt._kernels (everything else is declared in pyproject.toml).
+"""The optional C extension imagegpt.cpu._kernels (everything else is declared in pyproject.toml).
 
 It is optional: where it cannot be built (no C compiler, another platform), imagegpt installs without it and
-the decode step uses PyTorch's SDPA.
+sampling runs on PyTorch's kernels alone.
 """
 
 import sys
@@ -16,8 +16,8 @@ link_args = ["-fopenmp"] * openmp
 setup(
     ext_modules=[
         Extension(
-            "imagegpt._kernels",
-            sources=["src/imagegpt/_kernels.c"],
+            "imagegpt.cpu._kernels",
+            sources=["src/imagegpt/cpu/_kernels.c"],
             extra_compile_args=compile_args,
             extra_link_args=link_args,
             optional=True,

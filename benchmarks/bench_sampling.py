@@ -29,7 +29,6 @@ same weights in both (transformers' model is saved and loaded into ours).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import ctypes
 import platform
 import tempfile
@@ -39,12 +38,13 @@ import torch
 import transformers
 from packaging.version import Version
 
-from imagegpt import ImageGPT, kernels
+from imagegpt import ImageGPT, cpu
 from imagegpt.device import autocast, describe_cpu, resolve_dtype
-from imagegpt.model import KVCache, cache_position_bytes, packed_weights
+from imagegpt.model import cache_position_bytes
 from imagegpt.sampling import (
-    decode_step,
+    SamplingOptions,
     generate,
+    make_decoder,
     prefill,
     resolve_cache_dtype,
     resolve_weight_dtype,
@@ -124,16 +124,14 @@ def ours_decode(
     last input first), draws the next with top-k 40 and feeds it.
     """
     config, device = model.config, torch.device("cpu")
-    dtype = resolve_dtype(dtype, device)
-    step, static = decode_step(device, compile)
-    spare = int(bool(compile) and not static)
-    cache_dtype = resolve_cache_dtype(cache_dtype, dtype, torch.float32)
-    cache = KVCache(config, len(inputs), config.n_positions + spare, dtype=cache_dtype, zeroed=static)
+    options = SamplingOptions(
+        dtype=dtype, compile=compile, cache_dtype=cache_dtype, weight_dtype=weight_dtype
+    )
+    decoder = make_decoder(model, options, device)  # what generate() runs: the engine's step where it runs
+    cache = decoder.new_cache(config, len(inputs), config.n_positions)
     generator = torch.Generator().manual_seed(0)
     P = inputs.size(1) - 1
-    weights = resolve_weight_dtype(weight_dtype)
-    packed = packed_weights(model, weights) if dtype == torch.float32 else contextlib.nullcontext()
-    with torch.inference_mode(), autocast(device, dtype), packed:
+    with torch.inference_mode(), autocast(device, decoder.dtype):
         if random_cache:
             for tensor in cache.k + cache.v:
                 tensor.normal_() if tensor.is_floating_point() else tensor.random_(-127, 128)
@@ -142,8 +140,8 @@ def ours_decode(
         token = inputs[:, P]
         start = time.perf_counter()
         for position in range(P, P + steps):
-            at = torch.tensor([position]) if static else position
-            logits = step(model, token[:, None], at, cache)
+            at = torch.tensor([position]) if decoder.static else position
+            logits = decoder.step(model, token[:, None], at, cache)
             token = sample_next(logits, 1.0, TOP_K, 1.0, generator)
         return time.perf_counter() - start
 
@@ -336,7 +334,7 @@ def main() -> None:
         f"torch {torch.__version__}, transformers {transformers.__version__}, "
         f"{torch.get_num_threads()} threads\nCPU: {describe_cpu()}\n"
         f"our compute dtype {str(dtype).removeprefix('torch.')}; native decode kernel "
-        f"{'on' if kernels.available() else 'off (SDPA)'}; allocator "
+        f"{'on' if cpu.available() else 'off (SDPA)'}; allocator "
         f"{'glibc, mmap threshold 32 MiB, no trim (tune_malloc)' if tuned else 'as it is'}",
         flush=True,
     )

@@ -44,9 +44,9 @@ def cpu_bf16(request, monkeypatch):
 @pytest.fixture(params=[False, True], ids=["no-native-kernels", "native-kernels"])
 def native_kernels(request, monkeypatch):
     """Both sides of the native kernels' switch; the kernels' side is skipped where they do not run."""
-    from imagegpt import kernels
+    from imagegpt import cpu
 
     monkeypatch.setenv("IMAGEGPT_NATIVE_KERNELS", "1" if request.param else "0")
-    if request.param and not kernels.available():
+    if request.param and not cpu.available():
         pytest.skip("the native kernels do not run here (not built, or the CPU lacks AVX2/FMA/F16C)")
     return request.param

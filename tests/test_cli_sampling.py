@@ -63,17 +63,17 @@ def test_cache_dtype_reaches_the_sampler(checkpoint, tmp_path, monkeypatch):
     import imagegpt.sampling
 
     real = imagegpt.sampling.generate
-    monkeypatch.setattr(imagegpt.sampling, "generate", lambda *a, **kw: seen.append(kw) or real(*a, **kw))
+    monkeypatch.setattr(imagegpt.sampling, "generate", lambda *a, **kw: seen.append(a[2]) or real(*a, **kw))
     out = tmp_path / "s.png"
     args = ["sample", "--model", str(directory), "-n", "2", "--out", str(out), "--seed", "1", *COMMON]
     assert main([*args, "--cache-dtype", "bfloat16"]) == 0
-    assert seen[-1]["cache_dtype"] == "bfloat16" and out.is_file()
+    assert seen[-1].cache_dtype == "bfloat16" and out.is_file()  # generate's SamplingOptions
     assert main(args) == 0
-    assert seen[-1]["cache_dtype"] is None  # the default: the compute dtype's, exact
-    assert seen[-1]["weight_dtype"] is None
-    if __import__("imagegpt").kernels.available():
+    assert seen[-1].cache_dtype is None  # the default: the compute dtype's, exact
+    assert seen[-1].weight_dtype is None
+    if __import__("imagegpt").cpu.available():
         assert main([*args, "--weight-dtype", "int8"]) == 0
-        assert seen[-1]["weight_dtype"] == "int8"
+        assert seen[-1].weight_dtype == "int8"
 
 
 def test_complete_writes_rows_of_occluded_completions_original(checkpoint, tmp_path, capsys):

@@ -17,19 +17,17 @@ PACKAGE = Path(imagegpt.__file__).parent
 LAYERS = [
     ("leaves", {"errors", "config", "device", "files", "limits", "hub"}),
     ("images and data", {"pixels", "palette", "processor", "grid", "data"}),
-    # kernels/_kernels: the native decode kernels model.py calls today; issue 15 part 3 moves them into cpu/,
-    # beside sampling, which then leaves "kernels" here unused.
-    ("model", {"model", "objectives", "kernels", "_kernels"}),
+    ("transformers-format I/O", {"pretrained"}),  # from_pretrained / save_pretrained: cls(config), no model
+    ("model", {"model", "objectives"}),
     ("checkpoints and run directories", {"checkpoint"}),
-    ("inference", {"sampling", "cpu", "evaluate", "probe"}),
+    # kernels: the deprecated name of cpu (the native decode engine, which only sampling drives)
+    ("inference", {"sampling", "cpu", "kernels", "evaluate", "probe"}),
     ("training", {"trainer", "loop", "train", "finetune", "study"}),
     ("programs", {"", "__main__", "cli", "commands", "demo", "app"}),
 ]
 
 # Arrows known to point up, each to be removed by the change named beside it.
-KNOWN_UPWARD = {
-    ("imagegpt.model", "imagegpt.checkpoint"),  # ImageGPT.from_pretrained / save_pretrained: issue 15 part 1
-}
+KNOWN_UPWARD: set[tuple[str, str]] = set()
 
 
 def module_name(path: Path, root: Path) -> str:
@@ -121,6 +119,17 @@ def test_readers_of_runs_never_import_the_training_code():
     edges = package_imports(PACKAGE)
     for reader in ("imagegpt.sampling", "imagegpt.evaluate", "imagegpt.probe", "imagegpt.checkpoint"):
         assert not edges[reader] & {"imagegpt.trainer", "imagegpt.train", "imagegpt.loop"}, reader
+
+
+def test_only_sampling_drives_the_cpu_engine():
+    """The native kernels are imagegpt.cpu's alone: one call site (sampling.make_decoder) builds its engine,
+    and nothing else in the package imports it (but the deprecated alias, imagegpt.kernels)."""
+    edges = package_imports(PACKAGE)
+    users = {
+        m for m, targets in edges.items() if any(t.split(".")[:2] == ["imagegpt", "cpu"] for t in targets)
+    }
+    assert {m for m in users if not m.startswith("imagegpt.cpu")} == {"imagegpt.sampling", "imagegpt.kernels"}
+    assert not any(t.startswith("imagegpt.cpu") for t in edges["imagegpt.model"])
 
 
 def test_commands_share_helpers_through_options_only():

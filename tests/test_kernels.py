@@ -1,5 +1,6 @@
-"""The native decode-attention kernel (imagegpt._kernels): built where it can run, equal to SDPA on the same
-keys and values for every dtype, layout and thread count, and declined where it does not apply."""
+"""The native decode kernels as PyTorch operators (imagegpt.cpu.ops, torch.ops.imagegpt.*): built where they
+can run, equal to their definitions for every dtype, layout and thread count, a clear error for arguments
+they do not take, and traceable by torch.compile around them."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from imagegpt import kernels
+from imagegpt.cpu import ops
+from imagegpt.model import quantize_int8
 
 
 def cpu_flags() -> set[str]:
@@ -33,7 +35,8 @@ CAN_RUN = (
     and platform.machine() == "x86_64"
     and {"avx2", "fma", "f16c"} <= cpu_flags()
 )
-needs_kernel = pytest.mark.skipif(not kernels.available(), reason="the native kernel does not run here")
+needs_kernel = pytest.mark.skipif(not ops.available(), reason="the native kernels do not run here")
+attention = torch.ops.imagegpt.decode_attention
 
 
 def c_compiler_works() -> bool:
@@ -49,48 +52,53 @@ def c_compiler_works() -> bool:
     return done.returncode == 0
 
 
-@pytest.mark.skipif(not CAN_RUN, reason="the kernel is built for x86-64 Linux CPUs with AVX2, FMA and F16C")
-def test_the_kernel_is_built_and_runs_where_it_can():
-    # setup.py builds it as optional: a broken build would otherwise pass unnoticed, with SDPA everywhere.
-    # Without a working C compiler the install leaves it out on purpose, and everything runs on PyTorch.
-    if kernels._kernels is None and not c_compiler_works():
+@pytest.mark.skipif(not CAN_RUN, reason="the kernels are built for x86-64 Linux CPUs with AVX2, FMA and F16C")
+def test_the_kernels_are_built_and_run_where_they_can():
+    # setup.py builds them as optional: a broken build would pass unnoticed, with PyTorch everywhere.
+    # Without a working C compiler the install leaves them out on purpose, and everything runs on PyTorch.
+    if ops._kernels is None and not c_compiler_works():
         pytest.skip("no working C compiler: imagegpt was installed without its native kernels")
-    assert kernels._kernels is not None, "imagegpt._kernels was not built; reinstall with a C compiler"
-    assert kernels._supported()
-    assert kernels.available() is (os.environ.get("IMAGEGPT_NATIVE_KERNELS") != "0")
+    assert ops._kernels is not None, "imagegpt.cpu._kernels was not built; reinstall with a C compiler"
+    assert ops.built()
+    assert ops.available() is (os.environ.get("IMAGEGPT_NATIVE_KERNELS") != "0")
 
 
 def query_and_cache(B, nh, hs, S, dtype, seed, spare=5, scale=1.0):
-    """q as the c_attn output's view (B, nh, 1, hs) and k, v as views of the first S positions of a cache."""
+    """q as the c_attn output's view (B, nh, 1, hs) and k, v as views of the first S positions of a cache
+    (int8: with the rows' scales), and the float32 keys and values they stand for."""
     g = torch.Generator().manual_seed(seed)
     qkv = torch.randn(B, 1, 3 * nh * hs, generator=g) * scale
     q = qkv[..., : nh * hs].view(B, 1, nh, hs).transpose(1, 2)
-    cache_k = torch.randn(B, nh, S + spare, hs, generator=g).to(dtype)
-    cache_v = torch.randn(B, nh, S + spare, hs, generator=g).to(dtype)
-    return q, cache_k[:, :, :S], cache_v[:, :, :S]
+    k, v = (torch.randn(B, nh, S + spare, hs, generator=g) for _ in range(2))
+    if dtype == torch.int8:
+        (qk, sk), (qv, sv) = quantize_int8(k), quantize_int8(v)
+        floats = (qk.float() * sk[..., None])[:, :, :S], (qv.float() * sv[..., None])[:, :, :S]
+        return q, (qk[:, :, :S], qv[:, :, :S], sk[:, :, :S], sv[:, :, :S]), floats
+    k, v = k.to(dtype), v.to(dtype)
+    return q, (k[:, :, :S], v[:, :, :S], None, None), (k[:, :, :S].float(), v[:, :, :S].float())
 
 
 @needs_kernel
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.int8])
 @pytest.mark.parametrize("hs", [8, 16, 24, 40, 64, 96, 128, 136])
-def test_equals_sdpa_for_every_dtype_and_head_width(dtype, hs):
+def test_attention_equals_sdpa_for_every_cache_dtype_and_head_width(dtype, hs):
     for seed, S in enumerate([1, 2, 3, 4, 5, 8, 9, 31, 300]):
-        q, k, v = query_and_cache(3, 5, hs, S, dtype, seed)
-        expected = F.scaled_dot_product_attention(q, k.float(), v.float())
-        got = kernels.decode_attention(q, k, v)
+        q, cache, (k, v) = query_and_cache(3, 5, hs, S, dtype, seed)
+        expected = F.scaled_dot_product_attention(q, k, v)
+        got = attention(q, *cache)
         assert got.dtype == torch.float32 and got.shape == expected.shape
         torch.testing.assert_close(got, expected, atol=2e-6, rtol=1e-5)
 
 
 @needs_kernel
 @pytest.mark.parametrize("threads", [1, 2, 3, 7])
-def test_any_thread_count_gives_the_same_result(threads):
-    q, k, v = query_and_cache(2, 3, 64, 77, torch.float32, 1)
+def test_any_thread_count_gives_the_same_attention(threads):
+    q, cache, (k, v) = query_and_cache(2, 3, 64, 77, torch.float32, 1)
     expected = F.scaled_dot_product_attention(q, k, v)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        got = kernels.decode_attention(q, k, v)
+        got = attention(q, *cache)
     finally:
         torch.set_num_threads(before)
     torch.testing.assert_close(got, expected, atol=2e-6, rtol=1e-5)
@@ -99,40 +107,51 @@ def test_any_thread_count_gives_the_same_result(threads):
 @needs_kernel
 def test_peaked_and_flat_softmaxes():
     # large scores: a nearly one-hot softmax, where an unstabilised exp would overflow
-    q, k, v = query_and_cache(2, 2, 32, 50, torch.float32, 2, scale=60.0)
+    q, cache, (k, v) = query_and_cache(2, 2, 32, 50, torch.float32, 2, scale=60.0)
     torch.testing.assert_close(
-        kernels.decode_attention(q, k, v), F.scaled_dot_product_attention(q, k, v), atol=2e-6, rtol=1e-5
+        attention(q, *cache), F.scaled_dot_product_attention(q, k, v), atol=2e-6, rtol=1e-5
     )
     # all keys equal: the plain mean of the values
-    q, k, v = query_and_cache(1, 2, 16, 40, torch.float32, 3)
+    q, (k, v, _, _), _ = query_and_cache(1, 2, 16, 40, torch.float32, 3)
     k.copy_(k[:, :, :1].clone().expand_as(k))
-    torch.testing.assert_close(kernels.decode_attention(q, k, v), v.mean(dim=2, keepdim=True))
+    torch.testing.assert_close(attention(q, k, v, None, None), v.mean(dim=2, keepdim=True))
 
 
 @needs_kernel
-def test_the_result_is_laid_out_for_merging_heads():
-    q, k, v = query_and_cache(4, 3, 8, 6, torch.float32, 4)
-    y = kernels.decode_attention(q, k, v)
-    assert y.transpose(1, 2).is_contiguous()  # (B, 1, nh, hs): the reshape to (B, 1, C) is a view
+def test_the_attention_is_laid_out_for_merging_heads():
+    q, cache, _ = query_and_cache(4, 3, 8, 6, torch.float32, 4)
+    assert attention(q, *cache).transpose(1, 2).is_contiguous()  # (B, 1, nh, hs): the merge is a view
 
 
-@needs_kernel
-def test_cases_it_does_not_serve_are_declined(monkeypatch):
-    q, k, v = query_and_cache(2, 2, 16, 5, torch.float32, 5)
-    assert kernels.decode_attention(q, k, v) is not None
-    two_queries = torch.randn(2, 2, 2, 16)
-    assert kernels.decode_attention(two_queries, k, v) is None
-    assert kernels.decode_attention(q, k, v.to(torch.bfloat16)) is None  # mixed dtypes
-    assert kernels.decode_attention(q.double(), k.double(), v.double()) is None
-    assert kernels.decode_attention(q[..., :12], k[..., :12], v[..., :12]) is None  # hs not a multiple of 8
-    assert kernels.decode_attention(q, k.transpose(2, 3), v.transpose(2, 3)) is None  # rows not contiguous
-    leaf = q.clone().requires_grad_()
-    assert kernels.decode_attention(leaf, k, v) is None  # autograd needs SDPA's backward
-    with torch.no_grad():
-        assert kernels.decode_attention(leaf, k, v) is not None  # no graph is built
-    monkeypatch.setenv("IMAGEGPT_NATIVE_KERNELS", "0")
-    assert not kernels.available()
-    assert kernels.decode_attention(q, k, v) is None
+def test_arguments_the_kernels_do_not_take_are_a_clear_error():
+    # checked before anything reaches the C code, whether or not it is built here
+    q, (k, v, _, _), _ = query_and_cache(2, 2, 16, 5, torch.float32, 5)
+    bad = {
+        "q must be \\(B, nh, 1, hs\\)": (torch.randn(2, 2, 2, 16), k, v, None, None),
+        "v must be a CPU torch.float32": (q, k, v.to(torch.bfloat16), None, None),
+        "q must be a CPU torch.float32": (q.double(), k.double(), v.double(), None, None),
+        "multiple of 8": (q[..., :12], k[..., :12], v[..., :12], None, None),
+        "rows of hs must be contiguous": (q, k.mT.contiguous().mT, v.mT.contiguous().mT, None, None),
+        "scales go with an int8 cache": (q, k, v, torch.ones(2, 2, 5), torch.ones(2, 2, 5)),
+        "the same strides": (q, k, v.contiguous(), None, None),
+    }
+    for message, arguments in bad.items():
+        with pytest.raises(ValueError, match=message):
+            attention(*arguments)
+    with pytest.raises(ValueError, match="M <= 64"):
+        torch.ops.imagegpt.packed_linear(
+            torch.randn(65, 16), torch.zeros(1, 16, 16), torch.zeros(16), 16, "none", None
+        )
+    with pytest.raises(ValueError, match="packed must be \\(2, 16, 16\\)"):
+        torch.ops.imagegpt.packed_linear(
+            torch.randn(3, 16), torch.zeros(1, 16, 16), torch.zeros(32), 24, "none", None
+        )
+    with pytest.raises(ValueError, match="activation must be one of"):
+        torch.ops.imagegpt.packed_linear(
+            torch.randn(3, 16), torch.zeros(1, 16, 16), torch.zeros(16), 16, "relu", None
+        )
+    with pytest.raises(ValueError, match="multiple of 8"):
+        torch.ops.imagegpt.pack_linear_int8(torch.randn(4, 12), 1.0)
 
 
 @needs_kernel
@@ -140,36 +159,32 @@ def test_cases_it_does_not_serve_are_declined(monkeypatch):
 def test_packed_linear_equals_the_definition(activation):
     generator = torch.Generator().manual_seed(7)
     for N, K in [(1, 1), (8, 5), (16, 64), (17, 33), (40, 24), (515, 64)]:
-        weight = torch.randn(N, K, generator=generator)
+        weight = torch.randn(N, 2 * K, generator=generator)[:, :K]  # rows strided, a view of a wider weight
         bias = torch.randn(N, generator=generator)
-        packed = kernels.pack_linear(weight, scale=1.5)
+        packed = ops.pack_linear(weight, 1.5)
         assert packed.shape == ((N + 15) // 16, K, 16)
         padded = torch.zeros(packed.size(0) * 16)
         padded[:N] = 0.25 * bias
-        for M in [0, 1, 2, 3, 4, 5, 6, 7, 13, kernels.MAX_ROWS]:
-            wide = torch.randn(M, 2 * K, generator=generator)
-            x = wide[:, :K]  # rows strided, as a view of a wider tensor
+        for M in [0, 1, 2, 3, 4, 5, 6, 7, 13, ops.MAX_ROWS]:
+            x = torch.randn(M, K, generator=generator)
             expected = 1.5 * x @ weight.T + 0.25 * bias
             if activation == "silu":
                 expected = F.silu(expected)
-            got = kernels.packed_linear(x, packed, padded, N, activation)
+            got = ops.packed_linear(x, packed, padded, N, activation, None)
             assert got.shape == (M, N)
             torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
-@needs_kernel
-def test_packed_linear_keeps_leading_dimensions_and_any_thread_count():
-    weight, x = torch.randn(24, 16), torch.randn(3, 1, 16)
-    packed, bias = kernels.pack_linear(weight), torch.zeros(32)
-    before = torch.get_num_threads()
-    try:
-        for threads in (1, 2, 5):
-            torch.set_num_threads(threads)
-            got = kernels.packed_linear(x, packed, bias, 24)
-            assert got.shape == (3, 1, 24)
-            torch.testing.assert_close(got, x @ weight.T, atol=1e-5, rtol=1e-5)
-    finally:
-        torch.set_num_threads(before)
+def pack_linear_int8_reference(weight: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """pack_linear_int8's layout in PyTorch: quantize_int8 per row, column blocks of 16, [K / 4][16][4]."""
+    N, K = weight.shape
+    q, scales = quantize_int8(weight.float() * scale)
+    blocks = (N + 15) // 16
+    padded = torch.zeros(blocks * 16, K, dtype=torch.int8)
+    padded[:N] = q
+    padded_scales = torch.zeros(blocks * 16)
+    padded_scales[:N] = scales
+    return padded.view(blocks, 16, K // 4, 4).permute(0, 2, 1, 3).contiguous(), padded_scales
 
 
 @needs_kernel
@@ -181,19 +196,19 @@ def test_an_int8_packed_linear_sums_the_int8_products_exactly(activation):
     for N, K in [(1, 8), (8, 16), (17, 40), (40, 24), (515, 64), (33, 1024)]:
         weight = torch.randn(N, K, generator=generator)
         bias = torch.randn(N, generator=generator)
-        packed, scales = kernels.pack_linear_int8(weight, scale=1.5)
-        qw, sw = kernels.quantize_int8(1.5 * weight)
+        packed, scales = ops.pack_linear_int8(weight, 1.5)
+        qw, sw = quantize_int8(1.5 * weight)
         assert packed.shape == ((N + 15) // 16, K // 4, 16, 4) and packed.dtype == torch.int8
         assert torch.equal(scales[:N], sw) and not scales[N:].any()
         assert torch.equal(packed.permute(0, 2, 1, 3).reshape(-1, K)[:N], qw)
         padded = torch.zeros(packed.size(0) * 16)
         padded[:N] = bias
-        for M in [0, 1, 2, 3, 4, 5, 13, kernels.MAX_ROWS]:
-            x = torch.randn(M, 2 * K, generator=generator)[:, :K]  # rows strided, a view of a wider tensor
-            qx, sx = kernels.quantize_int8(x)
+        for M in [0, 1, 2, 3, 4, 5, 13, ops.MAX_ROWS]:
+            x = torch.randn(M, K, generator=generator)
+            qx, sx = quantize_int8(x)
             products = (qx.long() @ qw.long().T).float()  # exact in float32: |sum| < 2^24 here
             expected = products * (sx[:, None] * sw[None, :]) + bias
-            got = kernels.packed_linear(x, packed, padded, N, activation, scales)
+            got = ops.packed_linear(x, packed, padded, N, activation, scales)
             assert got.shape == (M, N)
             if activation == "silu":
                 torch.testing.assert_close(got, F.silu(expected), atol=1e-5, rtol=1e-5)
@@ -202,16 +217,14 @@ def test_an_int8_packed_linear_sums_the_int8_products_exactly(activation):
 
 
 @needs_kernel
-def test_int8_packing_is_the_same_natively_and_in_pytorch(monkeypatch):
+def test_int8_packing_is_its_pytorch_definition():
     generator = torch.Generator().manual_seed(13)
     for N, K, scale in [(1, 8, 1.0), (17, 40, 1.702), (515, 64, 1 / 1.702), (48, 1024, 0.5)]:
         weight = torch.randn(N, 2 * K, generator=generator)[:, :K]  # rows strided
         weight[0] = 0.0  # an all-zero column: scale 1, as quantize_int8 has it
-        native = kernels.pack_linear_int8(weight, scale)
-        with monkeypatch.context() as patch:
-            patch.setenv("IMAGEGPT_NATIVE_KERNELS", "0")
-            torch_packed = kernels.pack_linear_int8(weight, scale)
-        assert torch.equal(native[0], torch_packed[0]) and torch.equal(native[1], torch_packed[1])
+        native = ops.pack_linear_int8(weight, scale)
+        reference = pack_linear_int8_reference(weight, scale)
+        assert torch.equal(native[0], reference[0]) and torch.equal(native[1], reference[1])
         assert native[1][0] == 1 and not native[1][N:].any()
 
 
@@ -219,14 +232,14 @@ def test_int8_packing_is_the_same_natively_and_in_pytorch(monkeypatch):
 def test_an_int8_packed_linear_is_close_to_the_float_one_and_any_thread_count_agrees():
     generator = torch.Generator().manual_seed(12)
     weight, x = torch.randn(96, 256, generator=generator), torch.randn(16, 256, generator=generator)
-    packed, scales = kernels.pack_linear_int8(weight, scale=0.5)
+    packed, scales = ops.pack_linear_int8(weight, 0.5)
     bias = torch.zeros(96)
     exact = 0.5 * x @ weight.T
     before, results = torch.get_num_threads(), []
     try:
         for threads in (1, 2, 3):
             torch.set_num_threads(threads)
-            results.append(kernels.packed_linear(x, packed, bias, 96, "none", scales))
+            results.append(ops.packed_linear(x, packed, bias, 96, "none", scales))
     finally:
         torch.set_num_threads(before)
     assert all(torch.equal(r, results[0]) for r in results)
@@ -234,22 +247,102 @@ def test_an_int8_packed_linear_is_close_to_the_float_one_and_any_thread_count_ag
     # largest output
     error = (results[0] - exact).abs().max() / exact.abs().max()
     assert 0 < error < 0.02
-    with pytest.raises(ValueError, match="multiple of 8"):
-        kernels.pack_linear_int8(torch.randn(4, 12))
 
 
-def test_without_the_extension_sampling_runs_on_pytorch_and_int8_weights_are_refused(monkeypatch):
-    """An install where imagegpt._kernels was not built (no C compiler, aarch64): the same calls work."""
+def blocks_arguments(L=2, B=3, C=32, n_head=2, fc=80, S=9, int8=False, cache_dtype=torch.float32):
+    """decode_blocks' arguments for L random blocks (as imagegpt.cpu.engine packs them) and a random cache."""
+    g = torch.Generator().manual_seed(L * 100 + B)
+    pack = (lambda w: ops.pack_linear_int8(w, 1.0)) if int8 else (lambda w: (ops.pack_linear(w, 1.0), None))
+    weights, biases, scales = [], [], []
+    for N, K in ((3 * C, C), (C, C), (fc, C), (C, fc)):
+        packed = [pack(0.1 * torch.randn(N, K, generator=g)) for _ in range(L)]
+        weights.append(torch.stack([w for w, _ in packed]))
+        biases.append(0.1 * torch.randn(L, 16 * ((N + 15) // 16), generator=g))
+        scales += [torch.stack([s for _, s in packed])] if int8 else []
+    norms = 1 + 0.1 * torch.randn(L, 2, C, generator=g)
+    shape = (B, n_head, S, C // n_head)
+    if cache_dtype == torch.int8:
+        k = [quantize_int8(torch.randn(shape, generator=g))[0] for _ in range(L)]
+        v = [quantize_int8(torch.randn(shape, generator=g))[0] for _ in range(L)]
+        k_scale, v_scale = ([torch.rand(shape[:3], generator=g) for _ in range(L)] for _ in range(2))
+    else:
+        k, v = ([torch.randn(shape, generator=g).to(cache_dtype) for _ in range(L)] for _ in range(2))
+        k_scale, v_scale = [], []
+    x = torch.randn(B, 1, C, generator=g)
+    scratch = torch.empty(ops.scratch_size(B, C, fc))
+    return [x, norms, weights, biases, scales, k, v, k_scale, v_scale, scratch, 4, n_head, 1e-5, fc]
+
+
+@needs_kernel
+def test_decode_blocks_refuses_what_does_not_fit_before_touching_anything():
+    arguments = blocks_arguments()
+    x, k = arguments[0], arguments[5]
+    before = (x.clone(), [t.clone() for t in k])
+
+    def refused(message, index, value):
+        changed = list(arguments)
+        changed[index] = value
+        with pytest.raises(ValueError, match=message):
+            torch.ops.imagegpt.decode_blocks(*changed)
+
+    refused("x must be \\(B, 1, C\\)", 0, torch.randn(3, 2, 32))
+    refused("x must be contiguous", 0, torch.randn(3, 1, 64)[:, :, ::2])
+    refused("x must be \\(B, 1, C\\) with 1 <= B <= 64", 0, torch.randn(65, 1, 32))
+    refused("norms must be \\(2, 2, 32\\)", 1, torch.ones(3, 2, 32))
+    refused("qkv must be", 2, [w.double() for w in arguments[2]])
+    refused("proj's bias must be", 3, [arguments[3][0], arguments[3][1][:, :8], *arguments[3][2:]])
+    refused("one cache per block", 6, arguments[6][:1])
+    refused("the same dtype, shape and strides", 6, [arguments[6][0], arguments[6][1].to(torch.bfloat16)])
+    refused("k\\[0\\] must be \\(3, 2, 9, 16\\)", 5, [t[:2] for t in k])  # another batch than x's
+    refused("scales: one per block's int8 cache", 7, [torch.ones(3, 2, 9)] * 2)
+    refused("outside the cache's 9 positions", 10, 9)
+    refused("scratch must hold", 9, torch.empty(10))
+    refused("head width must be a multiple of 8", 11, 8)  # heads 4 wide
+    assert torch.equal(x, before[0]) and all(torch.equal(a, b) for a, b in zip(k, before[1]))
+
+
+@needs_kernel
+@pytest.mark.parametrize(("int8", "cache_dtype"), [(False, torch.float32), (True, torch.int8)])
+def test_the_operators_pass_torch_librarys_checks(int8, cache_dtype):
+    """torch.library.opcheck: schema (what each operator mutates), fake implementations and torch.compile's
+    tracing around them (aot_dispatch) agree with the real ones."""
+    q, cache, _ = query_and_cache(2, 2, 16, 5, cache_dtype, 6)
+    torch.library.opcheck(torch.ops.imagegpt.decode_attention, (q.contiguous(), *cache))
+    weight = torch.randn(20, 16)
+    torch.library.opcheck(torch.ops.imagegpt.pack_linear, (weight, 1.5))
+    torch.library.opcheck(torch.ops.imagegpt.pack_linear_int8, (weight, 1.5))
+    packed, scales = ops.pack_linear_int8(weight, 1.0) if int8 else (ops.pack_linear(weight, 1.0), None)
+    args = (torch.randn(3, 16), packed, torch.zeros(32), 20, "silu", scales)
+    torch.library.opcheck(torch.ops.imagegpt.packed_linear, args)
+    torch.library.opcheck(
+        torch.ops.imagegpt.decode_blocks, blocks_arguments(int8=int8, cache_dtype=cache_dtype)
+    )
+
+
+@needs_kernel
+def test_torch_compile_traces_around_the_operators():
+    q, cache, (k, v) = query_and_cache(2, 2, 16, 5, torch.float32, 7)
+    step = torch.compile(
+        lambda q, k, v: 2 * attention(q, k, v, None, None), backend="aot_eager", fullgraph=True
+    )
+    torch.testing.assert_close(
+        step(q, k, v), 2 * F.scaled_dot_product_attention(q, k, v), atol=4e-6, rtol=1e-5
+    )
+
+
+def test_without_the_extension_sampling_runs_on_pytorch_and_the_operators_say_so(monkeypatch):
+    """An install where imagegpt.cpu._kernels was not built (no C compiler, aarch64): the same calls work."""
     from imagegpt import ImageGPT, ImageGPTConfig
     from imagegpt.errors import ConfigError
     from imagegpt.sampling import sample
 
-    monkeypatch.setattr(kernels, "_kernels", None)
-    kernels._supported.cache_clear()
+    monkeypatch.setattr(ops, "_kernels", None)
+    ops.built.cache_clear()
     try:
-        assert not kernels.available()
-        q, k, v = query_and_cache(2, 2, 8, 5, torch.float32, seed=3)
-        assert kernels.decode_attention(q, k, v) is None
+        assert not ops.available()
+        q, cache, _ = query_and_cache(2, 2, 8, 5, torch.float32, seed=3)
+        with pytest.raises(RuntimeError, match="not built here"):
+            attention(q, *cache)
         torch.manual_seed(0)
         model = ImageGPT(ImageGPTConfig(vocab_size=9, n_positions=16, n_embd=16, n_layer=2, n_head=2))
         ids = sample(model, 2, seed=0, top_k=3)
@@ -257,4 +350,31 @@ def test_without_the_extension_sampling_runs_on_pytorch_and_int8_weights_are_ref
         with pytest.raises(ConfigError, match="not available here"):
             sample(model, 1, weight_dtype="int8")
     finally:
-        kernels._supported.cache_clear()
+        ops.built.cache_clear()
+
+
+def test_the_old_module_name_still_answers_with_a_deprecation_warning():
+    import importlib
+    import sys
+
+    sys.modules.pop("imagegpt.kernels", None)
+    with pytest.warns(DeprecationWarning, match="imagegpt.cpu"):
+        kernels = importlib.import_module("imagegpt.kernels")
+    assert kernels.available() is ops.available() and kernels.MAX_ROWS == ops.MAX_ROWS
+    assert kernels.quantize_int8 is quantize_int8
+
+
+@needs_kernel
+def test_calling_an_operator_imports_no_compiler():
+    """The operators are plain Library kernels: their first call does not import torch._dynamo (about a
+    second at every sampling command's start, which torch.library.custom_op's wrapper costs)."""
+    code = (
+        "import sys, torch\n"
+        "from imagegpt.cpu import ops\n"
+        "q, k = torch.randn(1, 1, 1, 8), torch.randn(1, 1, 3, 8)\n"
+        "ops.decode_attention(q, k, k, None, None)\n"
+        "print('torch._dynamo' in sys.modules)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "False"

@@ -3,19 +3,21 @@ filters only emit allowed tokens, prefixes are kept, seeds reproduce, and bad ar
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
 import pytest
 import torch
 
-from imagegpt import ImageGPT, ImageGPTConfig, kernels, sampling
+from imagegpt import ImageGPT, ImageGPTConfig, cpu, sampling
 from imagegpt.errors import ArgumentError, CheckpointError, ConfigError
 from imagegpt.model import KVCache, sos_inputs
 from imagegpt.palette import Palette
 from imagegpt.processor import ImageProcessor
 from imagegpt.sampling import (
     CACHE_BUDGET_BYTES,
+    SamplingOptions,
     complete,
     complete_images,
     decode_one_token,
@@ -92,29 +94,26 @@ def test_kv_cache_holds_layers_by_batch_by_positions_by_width():
     assert default_batch_size(model, 3, torch.float32) == 3
 
 
-needs_kernel = pytest.mark.skipif(not kernels.available(), reason="the native kernel does not run here")
+needs_kernel = pytest.mark.skipif(not cpu.available(), reason="the native kernels do not run here")
+
+
+def spy(monkeypatch, name):
+    """The calls of one of imagegpt.cpu's C functions (their arguments: the C code's)."""
+    calls, real = [], getattr(cpu.ops._kernels, name)
+    monkeypatch.setattr(cpu.ops._kernels, name, lambda *a: calls.append(a) or real(*a))
+    return calls
 
 
 @needs_kernel
-def test_decode_steps_run_the_native_kernel_and_match_sdpa(monkeypatch):
+def test_decode_steps_run_the_native_engine_and_give_pytorchs_tokens(monkeypatch):
     model = tiny_model(30)
-    inputs = sos_inputs(random_ids(3, 31), model.config.sos_id)
-    calls = []
-    real = kernels.decode_attention
-    monkeypatch.setattr(kernels, "decode_attention", lambda *a: calls.append(1) or real(*a))
-
-    def cached_logits():
-        cache = KVCache(model.config, 3)
-        with torch.no_grad():
-            logits = [prefill(model, inputs[:, :2], cache)]
-            for position in range(2, inputs.size(1)):
-                logits.append(decode_one_token(model, inputs[:, position : position + 1], position, cache))
-        return torch.stack(logits, dim=1)
-
-    native = cached_logits()
-    assert len(calls) == model.config.n_layer * (inputs.size(1) - 2)  # every decode step, every layer
+    steps = spy(monkeypatch, "decode_blocks")
+    native = complete(model, random_ids(3, 31), 0.25, seed=5, top_k=4)
+    # every decode step is one call for all the blocks; the prefill of SOS and 2 rows runs the model's modules
+    assert len(steps) == model.config.n_positions - 2 * SIDE - 1
+    assert all(call[7] == model.config.n_layer for call in steps)
     monkeypatch.setenv("IMAGEGPT_NATIVE_KERNELS", "0")
-    torch.testing.assert_close(native, cached_logits(), atol=1e-5, rtol=0)
+    assert torch.equal(native, complete(model, random_ids(3, 31), 0.25, seed=5, top_k=4))
 
 
 @pytest.mark.parametrize("native", ["1", "0"])
@@ -124,9 +123,10 @@ def test_a_half_precision_cache_holds_the_rounded_keys_and_values(monkeypatch, n
     model = tiny_model(32, std=0.1)
     dtype = getattr(torch, cache_dtype)
     inputs = sos_inputs(random_ids(2, 33), model.config.sos_id)
+    kind = cpu.NativeKVCache if native == "1" else KVCache  # one-token attention native or SDPA's
     with torch.no_grad():
         full = model(inputs).logits
-        cache = KVCache(model.config, 2, dtype=dtype)
+        cache = kind(model.config, 2, dtype=dtype)
         logits = [prefill(model, inputs[:, :5], cache)]  # a prefill of 5 reads the cache back in float32
         for position in range(5, inputs.size(1)):
             logits.append(decode_one_token(model, inputs[:, position : position + 1], position, cache))
@@ -158,8 +158,9 @@ def test_sampling_defaults_to_exact_float32_on_any_cpu(monkeypatch, cpu_bf16):
 def test_cache_dtype_sets_the_cache_and_the_default_batch(monkeypatch, cpu_bf16):
     model = tiny_model(34, std=0.1)
     made = []
+    real = sampling.Decoder.new_cache
     monkeypatch.setattr(
-        "imagegpt.sampling.KVCache", lambda *a, **kw: made.append(kw["dtype"]) or KVCache(*a, **kw)
+        sampling.Decoder, "new_cache", lambda *a: made.append(real(*a).k[0].dtype) or real(*a)
     )
     exact = sample(model, 2, seed=1, top_k=4)
     half = sample(model, 2, seed=1, top_k=4, cache_dtype="bfloat16")
@@ -473,14 +474,42 @@ def test_a_checkpoint_without_palette_is_refused_for_sampling(tmp_path):
         ({"top_p": 0.0}, "top_p"),
         ({"top_p": 1.5}, "top_p"),
         ({"batch_size": 0}, "batch_size"),
+        ({"seed": 1.5}, "seed must be an integer"),
+        ({"dtype": "float64"}, "dtype must be one of"),
+        ({"cache_dtype": "int4"}, "cache_dtype must be one of"),
+        ({"compile": "fast"}, "compile must be"),
     ],
 )
 def test_bad_sampling_settings_are_refused(options, message):
     model = tiny_model(21)
     with pytest.raises(ArgumentError, match=message):
+        SamplingOptions(**options)  # checked once, where the options are made
+    with pytest.raises(ArgumentError, match=message):
         sample(model, 2, **options)
     with pytest.raises(ArgumentError, match=message):
         complete(model, random_ids(1, 0), 0.5, **options)
+
+
+def test_one_options_object_or_its_fields_as_keywords():
+    model = tiny_model(23)
+    options = SamplingOptions(top_k=4, seed=3, cache_dtype="bfloat16")
+    ids = sample(model, 2, top_k=4, seed=3, cache_dtype="bfloat16")
+    assert torch.equal(sample(model, 2, options), ids)
+    assert torch.equal(sampling.sample_images(model, tiny_processor(), 2, options)[0], ids)
+    assert torch.equal(
+        sample(model, 2, options, seed=4), sample(model, 2, top_k=4, seed=4, cache_dtype="bfloat16")
+    )
+    assert options.seed == 3  # keywords replace fields of a copy
+    prefix = random_ids(2, 24)
+    assert torch.equal(
+        complete(model, prefix, 0.5, options, n=2), complete(model, prefix, 0.5, n=2, **vars(options))
+    )
+    with pytest.raises(TypeError, match="top_q"):
+        sample(model, 1, top_q=0.5)
+    with pytest.raises(ArgumentError, match="options must be a SamplingOptions"):
+        sample(model, 1, {"top_k": 4})
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        options.top_k = 5
 
 
 @pytest.mark.parametrize("n", [0, -3, 1.5, True])
@@ -525,20 +554,14 @@ def test_bad_ids_are_refused():
         generate(model, random_ids(1, 0, length=SIDE * SIDE + 3))
 
 
-@pytest.mark.skipif(not kernels.available(), reason="int8 weights run in the native kernels only")
+@needs_kernel
 def test_int8_weights_reach_every_decode_step_and_reproduce(monkeypatch, cpu_bf16):
     model = tiny_model(35, std=0.1)
-    seen = []
-    real = kernels.DecodePlan.__call__
-
-    def step(plan, *args):
-        seen.append((plan.int8, plan.layers))
-        return real(plan, *args)
-
-    monkeypatch.setattr(kernels.DecodePlan, "__call__", step)
+    steps = spy(monkeypatch, "decode_blocks")
     ids = sample(model, 3, seed=2, top_k=4, weight_dtype="int8")
-    steps = model.config.n_positions - 1  # the prefill of [SOS] is one token too: a decode step's shape
-    assert seen == [(True, model.config.n_layer)] * (steps + 1)  # every block of every step in one call
+    # the prefill of [SOS] is one token too: a decode step; every block of every step in one call on int8
+    # weights (the C function's 7th and 8th arguments)
+    assert [call[6:8] for call in steps] == [(1, model.config.n_layer)] * model.config.n_positions
     assert torch.equal(ids, sample(model, 3, seed=2, top_k=4, weight_dtype="int8"))
     assert ids.min() >= 0 and ids.max() < CLUSTERS
     prefix = random_ids(2, 36)
@@ -552,7 +575,7 @@ def test_int8_weights_are_refused_where_they_cannot_run(monkeypatch):
         sample(model, 1, weight_dtype="int4")
     with pytest.raises(ConfigError, match="without compile"):
         sample(model, 1, weight_dtype="int8", compile=True)
-    if kernels.available():
+    if cpu.available():
         with pytest.raises(ArgumentError, match="at most 64 images"):
             sample(model, 1, weight_dtype="int8", batch_size=65)
         narrow = ImageGPT(ImageGPTConfig(vocab_size=17, n_positions=16, n_embd=36, n_layer=1, n_head=3))

@@ -131,15 +131,10 @@ class FinetuneModel(nn.Module):
         mask: BERT models' masked positions (B, T), True where masked (required for them)."""
         transformer = self.classifier.transformer
         inputs = image_inputs(ids, self.config)
-        positions = torch.arange(inputs.size(1), device=inputs.device)
-        tokens = transformer.wte(inputs)  # (B, T, C)
-        if not self.config.is_causal:
-            if mask is None:
-                raise ArgumentError("a BERT model reads masked images: pass the mask of the batch")
-            tokens = tokens.masked_fill(mask.unsqueeze(-1), 0.0)
-        x = transformer.drop(tokens + transformer.wpe(positions))  # (B, T, C)
-        for block in transformer.h:
-            x = block(x)
+        if not self.config.is_causal and mask is None:
+            raise ArgumentError("a BERT model reads masked images: pass the mask of the batch")
+        # the last block's output (B, T, C), kept unnormed: L_gen continues from it through gen_blocks
+        _, (x,) = transformer.forward_intermediates(inputs, [self.layer], norm=False, mask=mask)
         normed = transformer.ln_f(x)
         logits = self.classifier.score(normed.mean(dim=1))  # (B, num_labels)
         clf_loss = None if labels is None else F.cross_entropy(logits.float(), labels)

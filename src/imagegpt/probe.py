@@ -160,13 +160,11 @@ def _run_layers(
     progress: bool,
     draw: int = 0,
 ) -> dict[int, np.ndarray]:
-    """Average-pooled normed activations of `layers`, running only the blocks below the deepest one asked.
-
-    BERT models read image i under its evaluation mask number `draw`."""
-    transformer, config = model.transformer, model.config
-    n, deepest, wanted = ids.size(0), max(layers), set(layers)
+    """Average-pooled normed activations of `layers` (model.forward_intermediates: one pass per batch, only
+    the blocks below the deepest layer asked). BERT models read image i under its evaluation mask `draw`."""
+    config = model.config
+    n, deepest = ids.size(0), max(layers)
     features = {layer: np.empty((n, config.n_embd), dtype=np.float32) for layer in layers}
-    positions = torch.arange(config.n_positions, device=device)
     starts = range(0, n, batch_size)
     if progress:
         from tqdm.auto import tqdm
@@ -175,18 +173,12 @@ def _run_layers(
     for start in starts:
         batch = image_inputs(ids[start : start + batch_size].to(device), config)
         with autocast(device, dtype):
-            tokens = transformer.wte(batch)  # (B, T, C)
+            mask = None
             if not config.is_causal:  # BERT: the masked positions' token embeddings zeroed, as in training
                 mask = evaluation_masks(config, range(start, start + len(batch)), draw).to(device)
-                tokens = tokens.masked_fill(mask.unsqueeze(-1), 0.0)
-            x = tokens + transformer.wpe(positions)  # (B, T, C), the input of block 0
-            for layer in range(deepest + 1):
-                if layer in wanted:
-                    norm = transformer.ln_f if layer == config.n_layer else transformer.h[layer].ln_1
-                    pooled = norm(x).float().mean(dim=1)  # (B, C)
-                    features[layer][start : start + len(batch)] = pooled.cpu().numpy()
-                if layer < deepest:
-                    x = transformer.h[layer](x)
+            _, pooled = model.forward_intermediates(batch, layers, norm=True, pool=True, mask=mask)
+        for layer, values in zip(layers, pooled):
+            features[layer][start : start + len(batch)] = values.cpu().numpy()
     return features
 
 

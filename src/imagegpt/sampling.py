@@ -2,58 +2,47 @@
 
 The engine: a static KV cache preallocated once per batch (keys and values of n_layer x B x n_positions x
 n_embd each: nothing quadratic in the sequence length), one prefill of [SOS] + prefix, then one-token decode
-steps whose attention is SDPA over the cached keys. The next token is drawn on the device from a
-torch.Generator (the exponential-race form of sampling, argmax(p / q) with q ~ Exp(1), as gpt-fast does), so a
-step never waits for the host and the same seed and settings give the same tokens on the same machine.
-
-On CPUs the native kernels of imagegpt.kernels carry the step where they run: attention over the cache (in
-float32, bfloat16 or float16 storage: `cache_dtype`) and, in float32, all of a step's blocks in one call on
-weights packed once per generate() call (model.packed_weights), which also reads an int8 cache. Float32
-sampling gives the same numbers as the plain PyTorch path within float32 rounding; a half-precision or int8
-cache rounds the cached keys and values.
+steps whose attention reads the cached keys. The next token is drawn on the device from a torch.Generator (the
+exponential-race form of sampling, argmax(p / q) with q ~ Exp(1), as gpt-fast does), so a step never waits
+for the host and the same seed and settings give the same tokens on the same machine.
 
 Sequence layout: the model reads [SOS, x0, ..., x_{n-2}] and the logits at position i give x_i, as the
 released models were trained. A prefix of P tokens is one prefill of P + 1 inputs (SOS and the prefix) whose
 last logits give x_P; decode step i then feeds x_{i-1} at position i and gives x_i. Completing from an empty
-prefix is therefore exactly unconditional sampling.
+prefix is therefore exactly unconditional sampling, its prefill of [SOS] a decode step at position 0.
 
-`compile=True` compiles the decode step with torch.compile. On CUDA it is a static-shape step (the position is
-a tensor, the new keys are written in place, attention covers the whole cache under a mask), compiled with
-mode="reduce-overhead" so each step replays a CUDA graph. On CPU the step keeps the eager path's dynamic
-length (attending only over the filled positions reads half the keys of a full-cache step on average, and a
-CPU decode step is bound by reading the weights and the cache), compiled with dynamic shapes. Measured on a
-loaded 2-core AMD EPYC (igpt-s, batch 16, one thread) it buys nothing worth its ~8 minutes of compiling:
-325 / 531 / 704 ms per step at positions 64 / 512 / 960, against 312 / 567 / 797 eager; the step's time goes
-to the weight matmuls and SDPA, which compile leaves to the same kernels. Inductor's own CPU GEMM kernels
-(mode="max-autotune" with torch._inductor.config.freezing, a process-wide setting this library leaves to the
-user) did better on a quiet machine, 84 / 151 / 220 against 111 / 183 / 250 ms at positions 64 / 512 / 1000
-(2 threads), but took about 2 minutes to compile: more than it saves on a batch of full 32x32 images.
-Those numbers predate the native kernels, which a compiled step does not use (dynamo cannot trace their raw
-pointers). With them, on the same CPU (2026-12-01, `bench_sampling.py --quick --compile`, batch 16, 2
-threads), the last 16 tokens of an image took 4.7 s compiled (default mode) against 2.4 s eager, after 250 s
-of compiling: on CPUs where the native kernels run, leave compile off.
+How to sample is one SamplingOptions (temperature, top-k, top-p, seed, dtypes, batch size, compile), checked
+once; every sampler also takes its fields as keywords. Where the decode steps run is decided once per call
+(make_decoder): on CPUs where imagegpt.cpu's native kernels run, its DecodeEngine takes the steps (in float32,
+all of a step's blocks in one call on weights packed once; it also reads bfloat16, float16 and int8 caches as
+they are stored), with the same numbers as PyTorch's path within float32 rounding. `compile=True` compiles
+the PyTorch step with torch.compile: a static-shape step on CUDA (positions as a tensor, attention over the
+whole cache under a mask, mode="reduce-overhead": each step replays a CUDA graph), dynamic shapes elsewhere.
+On CPUs where the native kernels run, compiling buys nothing (docs/performance.md).
 """
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import math
 import numbers
 from collections.abc import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from . import kernels
+from . import cpu
 from .device import DTYPES, autocast, resolve_device, resolve_dtype
 from .errors import ArgumentError, CheckpointError, ConfigError
 from .limits import check_memory
-from .model import ImageGPT, KVCache, cache_position_bytes, can_pack, packed_weights
+from .model import ImageGPT, KVCache, cache_position_bytes
 from .objectives import require_causal
 
 # The default batch holds at most this many bytes of KV cache (igpt-s in float32: 20 images of 32x32).
 CACHE_BUDGET_BYTES = 2 * 1024**3
+CACHE_DTYPES = {**DTYPES, "int8": torch.int8}
+WEIGHT_DTYPES = {"float32": torch.float32, "int8": torch.int8}
+COMPILE_MODES = (False, True, "static", "dynamic")
 
 
 # ---- choosing the next token ----
@@ -110,11 +99,87 @@ def sample_next(
     return (probs / q).argmax(dim=-1)
 
 
+# ---- sampling options ----
+
+
+def _dtype_in(table: dict[str, torch.dtype], name, argument: str) -> torch.dtype:
+    """`name` (a key of table, or one of its torch.dtypes) as a torch.dtype; ArgumentError otherwise."""
+    dtype = table.get(name) if isinstance(name, str) else name
+    if dtype not in table.values():
+        raise ArgumentError(f"{argument} must be one of {', '.join(table)} (or None), got {name!r}")
+    return dtype
+
+
+def _check_count(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ArgumentError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingOptions:
+    """How to sample, for generate(), sample(), complete() and the *_images helpers; checked when made.
+
+    temperature: 0 is greedy. top_k: keep the k most likely tokens (0 = off; transformers' docs use 40).
+    top_p: keep the smallest set of tokens whose mass reaches top_p (1 = off). seed: the same seed, options
+    and batch size give the same tokens on the same machine (None: a fresh random seed). batch_size: rows
+    generated at a time (None: as many as fit CACHE_BUDGET_BYTES of KV cache). dtype: the autocast compute
+    dtype (None or "auto" = float32 on every device; "bfloat16" only when named). cache_dtype: the KV cache's
+    storage, "float32", "bfloat16", "float16" or "int8" (None: the compute dtype's, so float32 sampling is
+    exact); half precision halves the cache's memory and the attention's memory traffic, int8 (each cached
+    row of a head scaled to [-127, 127], a float32 scale beside it) quarters them, at a coarser rounding.
+    weight_dtype: "float32" (None) or "int8": the decode steps' linear layers on weights quantized per output
+    column and inputs per row, the products summed exactly in int32 (imagegpt.cpu); a quarter of the
+    weights' memory traffic; CPU, float32, no compile and batches of at most 64 only. compile: False, True,
+    "static" or "dynamic" (see the module docstring).
+    """
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+    batch_size: int | None = None
+    dtype: str | torch.dtype | None = None
+    cache_dtype: str | torch.dtype | None = None
+    weight_dtype: str | torch.dtype | None = None
+    compile: bool | str = False
+
+    def __post_init__(self) -> None:
+        check_sampling(self.temperature, self.top_k, self.top_p)
+        if self.seed is not None and (
+            isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral)
+        ):
+            raise ArgumentError(f"seed must be an integer or None, got {self.seed!r}")
+        if self.batch_size is not None:
+            _check_count(self.batch_size, "batch_size")
+        if not any(self.compile is mode or self.compile == mode for mode in COMPILE_MODES):
+            raise ArgumentError(f"compile must be True, False, 'static' or 'dynamic', got {self.compile!r}")
+        if self.dtype not in (None, "auto") and not isinstance(self.dtype, torch.dtype):
+            _dtype_in(DTYPES, self.dtype, "dtype")
+        if self.cache_dtype is not None:
+            _dtype_in(CACHE_DTYPES, self.cache_dtype, "cache_dtype")
+        if self.weight_dtype is not None:
+            _dtype_in(WEIGHT_DTYPES, self.weight_dtype, "weight_dtype")
+
+
+def sampling_options(options: SamplingOptions | None = None, **keywords) -> SamplingOptions:
+    """`options` (default SamplingOptions()) with the given fields replaced: the keyword form of every
+    sampler, e.g. sample(model, 4, top_k=40) is sample(model, 4, SamplingOptions(top_k=40))."""
+    if options is None:
+        options = SamplingOptions()
+    elif not isinstance(options, SamplingOptions):
+        raise ArgumentError(f"options must be a SamplingOptions, got {type(options).__name__}")
+    return dataclasses.replace(options, **keywords) if keywords else options
+
+
 # ---- the engine: prefill and one-token decode steps ----
 
 
-def decode_one_token(model: ImageGPT, token: torch.Tensor, position: int, cache: KVCache) -> torch.Tensor:
-    """Feed token (B, 1) at `position`, attending over the cached positions; its logits (B, V)."""
+def decode_one_token(model: ImageGPT, token: torch.Tensor, position, cache: KVCache) -> torch.Tensor:
+    """Feed token (B, 1) at `position`, attending over the cached positions; its logits (B, V).
+
+    position: an int, or a (1,) tensor for a static-shape step (CUDA graphs): attention then covers the whole
+    cache under a mask, and the cache must hold finite values beyond `position` (a zeroed KVCache)."""
     x, _ = model.transformer(token, cache, position)
     return model.lm_head(x[:, -1])  # only the last position's logits: the head's work is one row per image
 
@@ -124,35 +189,7 @@ def prefill(model: ImageGPT, inputs: torch.Tensor, cache: KVCache) -> torch.Tens
     return decode_one_token(model, inputs, 0, cache)  # the same computation, over P + 1 tokens at once
 
 
-def decode_one_token_static(
-    model: ImageGPT, token: torch.Tensor, position: torch.Tensor, cache: KVCache
-) -> torch.Tensor:
-    """decode_one_token with static shapes, for CUDA graphs: position is a (1,) tensor and attention covers
-    the whole cache with the positions after `position` masked out.
-
-    It runs the model's own modules (norms, projections, MLPs, head); only the glue of the attention differs.
-    The cache must hold finite values beyond `position` (a KVCache made with zeroed=True, the default).
-    """
-    transformer = model.transformer
-    B = token.size(0)
-    C = model.config.n_embd
-    nh = model.config.n_head
-    visible = (torch.arange(cache.max_length, device=token.device) <= position).view(1, 1, 1, -1)
-    x = transformer.wte(token) + transformer.wpe(position)  # (B, 1, C)
-    for i, block in enumerate(transformer.h):
-        attn = block.attn
-        q, k, v = attn.c_attn(block.ln_1(x)).split(C, dim=2)
-        q = q.view(B, 1, nh, C // nh).transpose(1, 2)  # (B, nh, 1, hs)
-        k = k.view(B, 1, nh, C // nh).transpose(1, 2)
-        v = v.view(B, 1, nh, C // nh).transpose(1, 2)
-        keys, values = cache.write(i, position, k, v)  # the whole cache of layer i, (B, nh, max_length, hs)
-        if keys.dtype != q.dtype:  # a cache kept in another precision than the compute
-            keys, values = keys.to(q.dtype), values.to(q.dtype)
-        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=visible)  # (B, nh, 1, hs)
-        x = x + attn.c_proj(y.transpose(1, 2).reshape(B, 1, C))
-        x = x + block.mlp(block.ln_2(x))
-    return model.lm_head(transformer.ln_f(x)[:, -1])
-
+decode_one_token_static = decode_one_token  # the name of the static step before it was the same function
 
 _COMPILED: dict[tuple[str, str], Callable] = {}
 
@@ -171,19 +208,78 @@ def decode_step(device: torch.device, compile: bool | str) -> tuple[Callable, bo
         if compile == "dynamic":
             _COMPILED[key] = torch.compile(decode_one_token, dynamic=True)
         elif device.type == "cuda":  # each step replays a CUDA graph
-            _COMPILED[key] = torch.compile(decode_one_token_static, mode="reduce-overhead", fullgraph=True)
+            _COMPILED[key] = torch.compile(decode_one_token, mode="reduce-overhead", fullgraph=True)
         else:
-            _COMPILED[key] = torch.compile(decode_one_token_static, fullgraph=True)
+            _COMPILED[key] = torch.compile(decode_one_token, fullgraph=True)
     return _COMPILED[key], compile == "static"
 
 
+def resolve_cache_dtype(name, compute: torch.dtype, weights: torch.dtype) -> torch.dtype:
+    """The KV cache's dtype: `name` ("float32", "bfloat16", "float16", "int8" or a torch.dtype), or when None
+    the compute dtype under autocast and the weights' dtype otherwise."""
+    if name is None:
+        return compute if compute != torch.float32 else weights
+    return _dtype_in(CACHE_DTYPES, name, "cache_dtype")
+
+
+def resolve_weight_dtype(name) -> torch.dtype:
+    """The decode steps' weights: "float32" (None: the model's own) or "int8" (or the torch.dtype)."""
+    return torch.float32 if name is None else _dtype_in(WEIGHT_DTYPES, name, "weight_dtype")
+
+
+def default_batch_size(model: ImageGPT, rows: int, cache_dtype: torch.dtype) -> int:
+    """The most rows (at most `rows`) whose KV cache fits in CACHE_BUDGET_BYTES."""
+    c = model.config
+    per_row = c.n_positions * cache_position_bytes(c, cache_dtype)
+    return max(1, min(rows, CACHE_BUDGET_BYTES // per_row))
+
+
+@dataclasses.dataclass
+class Decoder:
+    """What one generate() call resolved from its options, once: the dtypes, the decode step and, on CPUs
+    where it runs, imagegpt.cpu's DecodeEngine, which then makes the caches and takes the steps."""
+
+    device: torch.device
+    dtype: torch.dtype  # the autocast compute dtype
+    cache_dtype: torch.dtype
+    weight_dtype: torch.dtype
+    compile: bool | str
+    step: Callable  # decode_one_token or its compiled form
+    static: bool  # the step takes positions as tensors (CUDA graphs)
+    engine: cpu.DecodeEngine | None
+
+    def new_cache(self, config, batch_size: int, length: int) -> KVCache:
+        if self.engine is not None:  # never static: positions below the one written are all it reads
+            return self.engine.new_cache(batch_size, length, self.cache_dtype, zeroed=False)
+        # A compiled dynamic step gets one spare position, so that its view of the cache never spans the whole
+        # tensor: the last step would otherwise be compiled anew for being contiguous.
+        spare = int(bool(self.compile) and not self.static)
+        cache = KVCache(config, batch_size, length + spare, self.device, self.cache_dtype, zeroed=self.static)
+        if self.static and self.device.type == "cuda":  # CUDA graphs replay on the cache's memory
+            for tensor in cache.k + cache.v:
+                torch._dynamo.mark_static_address(tensor)
+        return cache
+
+
+def make_decoder(model: ImageGPT, options: SamplingOptions, device: torch.device) -> Decoder:
+    """The Decoder for `options` on `device`; a ConfigError where int8 weights cannot run."""
+    dtype = resolve_dtype(options.dtype, device)
+    cache_dtype = resolve_cache_dtype(options.cache_dtype, dtype, next(model.parameters()).dtype)
+    weight_dtype = resolve_weight_dtype(options.weight_dtype)
+    step, static = decode_step(device, options.compile)
+    native = device.type == "cpu" and not options.compile
+    if weight_dtype == torch.int8 and not (native and dtype == torch.float32):
+        raise ConfigError(
+            "int8 weights run in imagegpt's native CPU decode kernel only: sample on the CPU in float32 "
+            "without compile, or use weight_dtype float32"
+        )
+    engine = cpu.DecodeEngine.create(model, weight_dtype) if native else None  # the one place cpu is used
+    if engine is not None:
+        step = engine.step
+    return Decoder(device, dtype, cache_dtype, weight_dtype, options.compile, step, static, engine)
+
+
 # ---- generation: batches of prefixes -> full images ----
-
-
-def _check_count(value, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ArgumentError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
 
 
 def _model_device(model: ImageGPT, device) -> torch.device:
@@ -197,119 +293,17 @@ def _model_device(model: ImageGPT, device) -> torch.device:
     return device
 
 
-CACHE_DTYPES = {**DTYPES, "int8": torch.int8}
+def _batch_size(model: ImageGPT, options: SamplingOptions, decoder: Decoder, rows: int) -> int:
+    """options.batch_size, or as many rows as fit the cache budget; int8 weights take at most the engine's."""
+    most = decoder.engine.max_batch if decoder.weight_dtype == torch.int8 else None
+    if options.batch_size is None:
+        return min(default_batch_size(model, rows, decoder.cache_dtype), most or rows)
+    if most is not None and options.batch_size > most:
+        raise ArgumentError(f"int8 weights take batches of at most {most} images, got {options.batch_size}")
+    return options.batch_size
 
 
-def resolve_cache_dtype(name, compute: torch.dtype, weights: torch.dtype) -> torch.dtype:
-    """The KV cache's dtype: `name` ("float32", "bfloat16", "float16", "int8" or a torch.dtype), or when None
-    the compute dtype under autocast and the weights' dtype otherwise."""
-    if name is None:
-        return compute if compute != torch.float32 else weights
-    return _dtype_in(CACHE_DTYPES, name, "cache_dtype")
-
-
-def _dtype_in(table: dict[str, torch.dtype], name, argument: str) -> torch.dtype:
-    """`name` (a key of table, or one of its torch.dtypes) as a torch.dtype; ArgumentError otherwise."""
-    dtype = table.get(name) if isinstance(name, str) else name
-    if dtype not in table.values():
-        raise ArgumentError(f"{argument} must be one of {', '.join(table)} (or None), got {name!r}")
-    return dtype
-
-
-def default_batch_size(model: ImageGPT, rows: int, cache_dtype: torch.dtype) -> int:
-    """The most rows (at most `rows`) whose KV cache fits in CACHE_BUDGET_BYTES."""
-    c = model.config
-    per_row = c.n_positions * cache_position_bytes(c, cache_dtype)
-    return max(1, min(rows, CACHE_BUDGET_BYTES // per_row))
-
-
-WEIGHT_DTYPES = {"float32": torch.float32, "int8": torch.int8}
-
-
-def resolve_weight_dtype(name) -> torch.dtype:
-    """The decode steps' weights: "float32" (None: the model's own) or "int8" (or the torch.dtype)."""
-    return torch.float32 if name is None else _dtype_in(WEIGHT_DTYPES, name, "weight_dtype")
-
-
-def check_int8_weights(
-    model: ImageGPT, device: torch.device, dtype: torch.dtype, compile, batch_size
-) -> None:
-    """int8 weights run in the native CPU decode block only: say which condition is not met."""
-    c = model.config
-    needs = "int8 weights run in imagegpt's native CPU decode kernel only"
-    if device.type != "cpu" or dtype != torch.float32 or compile:
-        raise ConfigError(
-            f"{needs}: sample on the CPU in float32 without compile, or use weight_dtype float32"
-        )
-    if not kernels.available():
-        raise ConfigError(
-            f"{needs}, which is not available here (the extension is not built, the CPU lacks AVX2/FMA/F16C, "
-            "or IMAGEGPT_NATIVE_KERNELS=0): use weight_dtype float32"
-        )
-    if c.n_embd % 8 or (c.n_embd // c.n_head) % 8 or c.inner_dim % 8:
-        raise ConfigError(
-            f"{needs}, which needs n_embd, the head width and the MLP width multiples of 8; this model has "
-            f"{c.n_embd}, {c.n_embd // c.n_head} and {c.inner_dim}: use weight_dtype float32"
-        )
-    if not can_pack(model, torch.int8):
-        raise ConfigError(
-            f"{needs}: this model's weights are not all CPU float32 or exceed the packing budget"
-        )
-    if batch_size is not None and batch_size > kernels.MAX_ROWS:
-        raise ArgumentError(
-            f"int8 weights take batches of at most {kernels.MAX_ROWS} images, got {batch_size}"
-        )
-
-
-@torch.no_grad()  # as gpt-fast: inference_mode tensors and CUDA-graph trees are a less trodden path
-def generate(
-    model: ImageGPT,
-    prefixes: torch.Tensor,
-    *,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    seed: int | None = None,
-    batch_size: int | None = None,
-    device=None,
-    dtype=None,
-    compile: bool | str = False,
-    progress: bool | str = False,
-    length: int | None = None,
-    cache_dtype=None,
-    weight_dtype=None,
-    callback: Callable[[int, torch.Tensor], None] | None = None,
-) -> torch.LongTensor:
-    """Complete each row of `prefixes` (R, P), image tokens without SOS, to n_positions tokens; (R,
-    n_positions).
-
-    The engine under sample() and complete(); the prefix tokens are copied to the output unchanged. Rows are
-    generated batch_size at a time (default: as many as fit CACHE_BUDGET_BYTES of KV cache), all drawing from
-    one torch.Generator seeded with `seed` (None: a fresh random seed), so the same seed, settings and batch
-    size give the same tokens on the same machine. dtype: the autocast compute dtype; None or "auto" =
-    float32 on every device (imagegpt.device), "bfloat16" only when named. progress: show a tqdm bar (a string
-    sets its label). length: stop after this many tokens per row (P <= length <= n_positions), e.g. to time
-    the first rows. cache_dtype: the KV cache's storage, "float32", "bfloat16", "float16" or "int8" (None: the
-    compute dtype's, so float32 sampling is exact); a half-precision cache halves its memory and, on CPUs
-    where the native decode kernel runs (imagegpt.kernels), the attention's memory traffic, at the cost of
-    rounding the cached keys and values; int8 (each cached row of a head scaled to [-127, 127], a float32
-    scale beside it: model.quantize_int8) quarters them, at a coarser rounding. int8 is fast where the
-    native decode block runs (CPU float32); elsewhere every step reads it back as float32, which saves its
-    memory but costs time. weight_dtype: "float32" (None) or "int8": the decode steps' linear layers on
-    weights quantized per output column and inputs quantized per row, int8 products summed exactly in int32
-    (model.packed_weights); a quarter of the weights' memory traffic and about 1.5x the float32 multiply's
-    rate (a Zen 3 core, docs/performance.md), at a coarser rounding than an int8 cache. The prefill stays
-    float32. CPU, float32, no compile and batches of at most 64 only (ConfigError / ArgumentError otherwise).
-    callback: called after every drawn token as callback(start, new), where new (B, k) holds the k tokens
-    drawn so far after the prefix for output rows start..start + B - 1 (a view on the device: copy what you
-    keep); e.g. to show images as they grow. An exception raised by the callback stops the work and
-    propagates (the model is left as it was found).
-    """
-    check_sampling(temperature, top_k, top_p)
-    config = model.config
-    require_causal(config, "sampling and completion")
-    prefixes = _as_ids(prefixes, config.n_clusters)
-    R, P = prefixes.shape
+def _check_length(config, P: int, length: int | None) -> int:
     if config.n_positions < P:
         raise ArgumentError(
             f"a prefix of {P} tokens is longer than the model's images of {config.n_positions} tokens"
@@ -319,31 +313,53 @@ def generate(
         raise ArgumentError(
             f"length must lie in [{P}, {config.n_positions}] (the prefix to the image), got {length}"
         )
-    device = _model_device(model, device)
-    dtype = resolve_dtype(dtype, device)
-    cache_dtype = resolve_cache_dtype(cache_dtype, dtype, next(model.parameters()).dtype)
-    weight_dtype = resolve_weight_dtype(weight_dtype)
-    if weight_dtype == torch.int8:
-        check_int8_weights(model, device, dtype, compile, batch_size)
-    if batch_size is None:
-        batch_size = default_batch_size(model, R, cache_dtype)
-        if weight_dtype == torch.int8:
-            batch_size = min(batch_size, kernels.MAX_ROWS)
-    batch_size = _check_count(batch_size, "batch_size")
-    cache_bytes = min(batch_size, R) * n_positions * cache_position_bytes(config, cache_dtype)
-    what = f"sampling {R} images of {n_positions} tokens, {min(batch_size, R)} at a time,"
-    hint = "lower the batch size or the number of images"
-    on_host = device.type == "cpu"
-    check_memory(R * n_positions * 8 + (cache_bytes if on_host else 0), what, hint)  # the tokens out
-    if not on_host:
-        check_memory(cache_bytes, what, hint, device)  # the KV cache
+    return n_positions
+
+
+def _generator(device: torch.device, seed: int | None) -> torch.Generator:
     generator = torch.Generator(device=device)
     if seed is None:
         generator.seed()
     else:
         generator.manual_seed(int(seed))
-    step, static = decode_step(device, compile)
+    return generator
 
+
+@torch.no_grad()  # as gpt-fast: inference_mode tensors and CUDA-graph trees are a less trodden path
+def generate(
+    model: ImageGPT,
+    prefixes: torch.Tensor,
+    options: SamplingOptions | None = None,
+    *,
+    device=None,
+    progress: bool | str = False,
+    length: int | None = None,
+    callback: Callable[[int, torch.Tensor], None] | None = None,
+    **keywords,
+) -> torch.LongTensor:
+    """Complete each row of `prefixes` (R, P), image tokens without SOS, to n_positions tokens; (R,
+    n_positions).
+
+    The engine under sample() and complete(); the prefix tokens are copied to the output unchanged. Rows are
+    generated options.batch_size at a time, all drawing from one torch.Generator seeded with options.seed.
+    options / keywords: SamplingOptions (sampling_options). device: where to sample (None: the model's
+    device). progress: show a tqdm bar (a string sets its label). length: stop after this many tokens per row
+    (P <= length <= n_positions). callback: called after every drawn token as callback(start, new), where new
+    (B, k) holds the k tokens drawn so far after the prefix for output rows start..start + B - 1 (a view on
+    the device: copy what you keep); an exception it raises stops the work and propagates (the model is left
+    as it was found).
+    """
+    options = sampling_options(options, **keywords)
+    config = model.config
+    require_causal(config, "sampling and completion")
+    prefixes = _as_ids(prefixes, config.n_clusters)
+    R, P = prefixes.shape
+    n_positions = _check_length(config, P, length)
+    device = _model_device(model, device)
+    decoder = make_decoder(model, options, device)
+    batch_size = _batch_size(model, options, decoder, R)
+    _check_memory(config, device, R, n_positions, min(batch_size, R), decoder.cache_dtype)
+    generator = _generator(device, options.seed)
     out = torch.empty(R, n_positions, dtype=torch.long)
     out[:, :P] = prefixes
     if n_positions == P:
@@ -351,35 +367,32 @@ def generate(
     bar = _progress_bar(progress, total=R * (n_positions - P))
     was_training = model.training
     model.eval()
-    # CPU float32: the linear layers run on weights packed once per call (a no-op where the kernels don't)
-    fast = device.type == "cpu" and dtype == torch.float32
-    draw = lambda logits: sample_next(logits, temperature, top_k, top_p, generator)
+    draw = lambda logits: sample_next(logits, options.temperature, options.top_k, options.top_p, generator)
     cache = None
     try:
-        with packed_weights(model, weight_dtype) if fast else contextlib.nullcontext():
-            for lo in range(0, R, batch_size):
-                prefix = prefixes[lo : lo + batch_size].to(device)
-                B = prefix.size(0)
-                if cache is None or cache.batch_size != B:  # one cache reused by every batch of the same size
-                    cache = _new_cache(config, B, n_positions, cache_dtype, device, compile, static)
-                drawn = _on_token(bar, callback, lo)
-                tokens = _complete_batch(model, prefix, n_positions, cache, step, static, dtype, draw, drawn)
-                out[lo : lo + B, P:] = tokens.cpu()
+        for lo in range(0, R, batch_size):
+            prefix = prefixes[lo : lo + batch_size].to(device)
+            B = prefix.size(0)
+            if cache is None or cache.batch_size != B:  # one cache reused by every batch of the same size
+                cache = decoder.new_cache(config, B, n_positions)
+            tokens = _complete_batch(
+                model, prefix, n_positions, cache, decoder, draw, _on_token(bar, callback, lo)
+            )
+            out[lo : lo + B, P:] = tokens.cpu()
     finally:
         bar.close()
         model.train(was_training)
     return out
 
 
-def _new_cache(config, B: int, n_positions: int, dtype, device, compile, static: bool) -> KVCache:
-    # A compiled dynamic step gets one spare position, so that its view of the cache never spans the whole
-    # tensor: the last step would otherwise be compiled anew for being contiguous.
-    spare = int(bool(compile) and not static)
-    cache = KVCache(config, B, n_positions + spare, device=device, dtype=dtype, zeroed=static)
-    if static and device.type == "cuda":  # CUDA graphs replay on the cache's memory
-        for tensor in cache.k + cache.v:
-            torch._dynamo.mark_static_address(tensor)
-    return cache
+def _check_memory(config, device, R: int, n_positions: int, batch: int, cache_dtype) -> None:
+    cache_bytes = batch * n_positions * cache_position_bytes(config, cache_dtype)
+    what = f"sampling {R} images of {n_positions} tokens, {batch} at a time,"
+    hint = "lower the batch size or the number of images"
+    on_host = device.type == "cpu"
+    check_memory(R * n_positions * 8 + (cache_bytes if on_host else 0), what, hint)  # the tokens out
+    if not on_host:
+        check_memory(cache_bytes, what, hint, device)  # the KV cache
 
 
 def _on_token(bar, callback, start: int) -> Callable[[torch.Tensor, int], None]:
@@ -394,24 +407,25 @@ def _on_token(bar, callback, start: int) -> Callable[[torch.Tensor, int], None]:
     return drawn
 
 
-def _complete_batch(model, prefix, n_positions: int, cache, step, static: bool, dtype, draw, drawn):
+def _complete_batch(model, prefix, n_positions: int, cache, decoder: Decoder, draw, drawn):
     """A prefill of [SOS] + prefix (B, P), then decode steps up to n_positions; the new tokens (B, n - P).
 
-    drawn(tokens, k) is called after each token, when the first k new tokens are drawn."""
+    drawn(tokens, k) is called after each token, when the first k new tokens are drawn. Without a prefix the
+    prefill is the one token SOS at position 0: a decode step."""
     B, P = prefix.shape
     device = prefix.device
     tokens = torch.empty(B, n_positions - P, dtype=torch.long, device=device)
     inputs = torch.cat([torch.full((B, 1), model.config.sos_id, device=device), prefix], dim=1)
-    with autocast(device, dtype):
-        logits = prefill(model, inputs, cache)
+    positions = torch.arange(n_positions, device=device) if decoder.static else None
+    at = lambda position: positions[position : position + 1] if decoder.static else position
+    with autocast(device, decoder.dtype):
+        logits = decoder.step(model, inputs, at(0), cache) if P == 0 else prefill(model, inputs, cache)
     token = tokens[:, 0] = draw(logits)
     drawn(tokens, 1)
-    positions = torch.arange(n_positions, device=device) if static else None
     for position in range(P + 1, n_positions):
         # x_{position-1} goes in at `position`; its logits give x_position
-        with autocast(device, dtype):
-            at = positions[position : position + 1] if static else position
-            logits = step(model, token[:, None], at, cache)
+        with autocast(device, decoder.dtype):
+            logits = decoder.step(model, token[:, None], at(position), cache)
         token = tokens[:, position - P] = draw(logits)
         drawn(tokens, position - P + 1)
     return tokens
@@ -429,34 +443,22 @@ def _progress_bar(progress: bool | str, total: int):
 def sample(
     model: ImageGPT,
     n: int,
+    options: SamplingOptions | None = None,
     *,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    seed: int | None = None,
-    batch_size: int | None = None,
     device=None,
-    dtype=None,
-    compile: bool | str = False,
     progress: bool | str = False,
-    cache_dtype=None,
-    weight_dtype=None,
     callback=None,
+    **keywords,
 ) -> torch.LongTensor:
     """n images sampled from [SOS]: token ids (n, n_positions) on the CPU; processor.decode(ids) gives pixels.
 
-    temperature: 0 is greedy; top_k: keep the k most likely tokens (0 = off; transformers' docs use 40);
-    top_p: keep the smallest set of tokens whose mass reaches top_p (1 = off); seed: the same seed and
-    settings give the same images on the same machine. See generate() for batch_size, device, dtype, compile,
-    progress, cache_dtype, weight_dtype, callback.
+    options / keywords: SamplingOptions, e.g. sample(model, 8, top_k=40, seed=0). device, progress, callback:
+    generate()'s.
     """
     n = _check_count(n, "n")
     prefixes = torch.empty(n, 0, dtype=torch.long)
-    return generate(
-        model, prefixes, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, batch_size=batch_size,
-        device=device, dtype=dtype, compile=compile, progress=progress, cache_dtype=cache_dtype,
-        weight_dtype=weight_dtype, callback=callback,
-    )  # fmt: skip
+    options = sampling_options(options, **keywords)
+    return generate(model, prefixes, options, device=device, progress=progress, callback=callback)
 
 
 def image_shape(config, processor=None) -> tuple[int, int]:
@@ -520,21 +522,14 @@ def complete(
     model: ImageGPT,
     ids,
     keep: int | float,
+    options: SamplingOptions | None = None,
     *,
     n: int = 1,
     processor=None,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    seed: int | None = None,
-    batch_size: int | None = None,
     device=None,
-    dtype=None,
-    compile: bool | str = False,
     progress: bool | str = False,
-    cache_dtype=None,
-    weight_dtype=None,
     callback=None,
+    **keywords,
 ) -> torch.LongTensor:
     """n completions of each image of `ids` (B, L) from its top rows: token ids (B * n, n_positions) on the
     CPU.
@@ -543,8 +538,10 @@ def complete(
     fraction of the height in [0, 1] (0.5 = the top half); those keep * width tokens are copied unchanged and
     the rest is sampled. ids may hold just the prefix (L < n_positions) as long as it covers the rows kept.
     The image height and width come from `processor` when given, else the square of n_positions. keep=0 is
-    exactly sample() with the same seed and settings. The sampling options are sample()'s.
+    exactly sample() with the same seed and options. options / keywords, device, progress, callback:
+    sample()'s.
     """
+    options = sampling_options(options, **keywords)
     n = _check_count(n, "n")
     config = model.config
     height, width = image_shape(config, processor)
@@ -561,11 +558,7 @@ def complete(
             f"keeping {rows} rows needs {keep_tokens} tokens per image, but the ids have only {ids.size(1)}"
         )
     prefixes = ids[:, :keep_tokens].repeat_interleave(n, dim=0)
-    return generate(
-        model, prefixes, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, batch_size=batch_size,
-        device=device, dtype=dtype, compile=compile, progress=progress, cache_dtype=cache_dtype,
-        weight_dtype=weight_dtype, callback=callback,
-    )  # fmt: skip
+    return generate(model, prefixes, options, device=device, progress=progress, callback=callback)
 
 
 # ---- with a processor: images in, images out ----
@@ -594,20 +587,20 @@ def load_for_sampling(path, **kwargs):
     return model, processor
 
 
-def sample_images(model: ImageGPT, processor, n: int, **options) -> tuple[torch.LongTensor, np.ndarray]:
-    """sample() and the decoded images: (ids (n, H*W), uint8 images (n, H, W, 3)). options: sample()'s."""
+def sample_images(
+    model: ImageGPT, processor, n: int, options: SamplingOptions | None = None, **keywords
+) -> tuple[torch.LongTensor, np.ndarray]:
+    """sample() and the decoded images: (ids (n, H*W), uint8 images (n, H, W, 3)). keywords: sample()'s."""
     image_shape(model.config, processor)
-    ids = sample(model, n, **options)
+    ids = sample(model, n, options, **keywords)
     return ids, processor.decode(ids)
 
 
 def complete_images(
-    model: ImageGPT, processor, images, keep: int | float, *, n: int = 1, **options
-) -> tuple[torch.LongTensor, np.ndarray]:
+    model: ImageGPT, processor, images, keep: int | float, options: SamplingOptions | None = None, *,
+    n: int = 1, **keywords,
+) -> tuple[torch.LongTensor, np.ndarray]:  # fmt: skip
     """complete() on images in any form the processor reads: (ids (B * n, H*W), uint8 images (B * n, H, W,
-    3)).
-
-    options: complete()'s sampling options.
-    """
-    ids = complete(model, processor.encode(images), keep, n=n, processor=processor, **options)
+    3)). keywords: complete()'s."""
+    ids = complete(model, processor.encode(images), keep, options, n=n, processor=processor, **keywords)
     return ids, processor.decode(ids)

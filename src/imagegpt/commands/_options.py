@@ -13,6 +13,7 @@ import numpy as np
 from ..errors import ArgumentError
 from ..files import atomic_open, check_output
 from ..grid import image_format
+from ..sampling import SamplingOptions
 
 AUTO_TRAINING = "bfloat16 where the device has bfloat16 units (CUDA, AVX512-BF16/AMX CPUs), else float32"
 AUTO_FORWARD = "float32 (exact, the same on every machine)"
@@ -180,19 +181,14 @@ def add_sampling_options(parser: argparse.ArgumentParser) -> None:
 
 
 def sampling_kwargs(args, seed: int) -> dict:
-    """sample()'s and complete()'s keywords from add_sampling_options' arguments."""
-    return {
-        "temperature": args.temperature,
-        "top_k": args.top_k,
-        "top_p": args.top_p,
-        "seed": seed,
-        "batch_size": args.batch_size,
-        "device": args.device,
-        "dtype": args.dtype,
-        "compile": args.compile,
-        "cache_dtype": args.cache_dtype,
-        "weight_dtype": args.weight_dtype,
-    }
+    """sample()'s and complete()'s keywords from add_sampling_options' arguments: the SamplingOptions (checked
+    here, before any model is loaded) and the device."""
+    options = SamplingOptions(
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=seed,
+        batch_size=args.batch_size, dtype=args.dtype, compile=args.compile, cache_dtype=args.cache_dtype,
+        weight_dtype=args.weight_dtype,
+    )  # fmt: skip
+    return {"options": options, "device": args.device}
 
 
 def choose_seed(args) -> int:

@@ -1,13 +1,14 @@
-/* imagegpt._kernels: the decode step's CPU kernels on x86-64 CPUs with AVX2, FMA and F16C.
+/* imagegpt.cpu._kernels: the decode step's CPU kernels on x86-64 CPUs with AVX2, FMA and F16C.
  *
  * decode_attention: a decode step of a batch of images reads every cached key and value once, so on a CPU
- * its attention is bound by memory traffic. PyTorch's CPU SDPA kernel reads a float32 cache at about 60% of
- * the bandwidth here, and a bfloat16 or float16 cache at a fraction of that (its reduced-precision path is
- * built for CPUs with bfloat16 units). This kernel streams the cache once in any of the three dtypes,
- * widening to float32 in registers, and computes in float32: softmax(q . K^T / sqrt(hs)) V, with q (and the
- * result) in float32. Layout (strides in elements): for image b and head h, q[b, h, :] starts at
- * b * q_sb + h * q_sh; row s of the keys at b * kv_sb + h * kv_sh + s * kv_ss (the same for the values);
- * the result goes to b * o_sb + h * o_sh. The last dimension (hs, a multiple of 8) is contiguous everywhere.
+ * its attention is bound by memory traffic. PyTorch's CPU SDPA kernel reads a float32 cache below the
+ * bandwidth, and a bfloat16, float16 or int8 one only once widened to float32 whole (docs/performance.md).
+ * This kernel streams the cache once in any of the four dtypes, widening to float32 in registers, and
+ * computes in float32: softmax(q . K^T / sqrt(hs)) V, with q (and the result) in float32. Layout (strides
+ * in elements): for image b and head h, q[b, h, :] starts at b * q_sb + h * q_sh; row s of the keys at
+ * b * kv_sb + h * kv_sh + s * kv_ss (the same for the values; an int8 row's scale at b * s_sb + h * s_sh +
+ * s); the result goes to b * o_sb + h * o_sh. The last dimension (hs, a multiple of 8) is contiguous
+ * everywhere.
  *
  * pack_linear / packed_linear: few-rows linear layers on weights packed once (see below).
  *
@@ -15,8 +16,10 @@
  * and a KV cache.
  *
  * Work is split over PyTorch's OpenMP pool (`threads` of it); built without OpenMP (setup.py enables it on
- * Linux) the kernels run on the calling thread. Built by setup.py as an optional extension; imagegpt.kernels
- * falls back to SDPA and the library GEMM when it is missing or the CPU lacks AVX2/FMA/F16C.
+ * Linux) the kernels run on the calling thread. Built by setup.py as an optional extension; imagegpt.cpu.ops
+ * registers each entry point as a PyTorch operator that checks its tensors before handing over their
+ * addresses, and sampling runs on PyTorch alone where the extension is missing or the CPU lacks
+ * AVX2/FMA/F16C.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -41,11 +44,9 @@ enum { F32 = 0, BF16 = 1, F16 = 2, I8 = 3 };
 
 #define ELEMENT_SIZE(dt) ((dt) == F32 ? 4 : (dt) == I8 ? 1 : 2)
 
-/* How far ahead (bytes) both passes prefetch the keys and values of a half-precision or int8 cache. Measured
- * on a 2-core AMD EPYC, igpt-s batch 16 at position 960, 2 threads: bfloat16 attention 49 -> 43-45 ms with
- * 512-2048 bytes in the scores pass; adding the values pass, 51-77 -> 40-44 ms (bfloat16) and 35 -> 25-29
- * ms (int8) in A/B runs; 2048 bytes for int8 measured no better. No gain for float32, whose rows the
- * hardware prefetcher keeps up with. */
+/* How far ahead (bytes) both passes prefetch the keys and values of a half-precision or int8 cache: their
+ * rows go by too fast for the hardware prefetcher alone (about 10% faster bfloat16 and 25% faster int8
+ * attention late in an image, docs/performance.md). Not for float32, whose rows the hardware keeps up with. */
 #define PREFETCH 1024
 
 /* 8 cached elements widened to float32. dt is a compile-time constant wherever this is inlined. */
@@ -311,8 +312,8 @@ static TARGET void linear_blocks(const float *x, Py_ssize_t ldx, int M, int K, c
  * to every 32-bit lane meet their columns. vpmaddubsw multiplies unsigned by signed bytes and adds pairs into
  * int16, vpmaddwd adds pairs of those into int32; the unsigned operand is the input's |qx|, the weights take
  * the input's signs (vpsignb), so a product is at most 127 x 127 and a pair fits int16 without saturating.
- * Measured on a Zen 3 core: 97 G multiply-adds/s against 46 G for float32 FMA; the weights are a quarter of
- * the bytes. A 4 x 16 tile keeps 8 int32 accumulators in registers. */
+ * About twice float32 FMA's multiply-adds per cycle, on a quarter of the bytes (docs/performance.md). A
+ * 4 x 16 tile keeps 8 int32 accumulators in registers. */
 
 INLINE __m256i broadcast4(const void *p) {
     int32_t v;
@@ -351,9 +352,16 @@ typedef struct {
     I8_ROW(Q "(%[q],%[ld3])", Q "(%[a],%[ld3])", "c03", "c13")
 
 /* The k loop of a full 4-row tile, K a multiple of 8, as assembly: written with intrinsics, GCC keeps three
- * of the eight accumulators on the stack and reloads the broadcasts' addresses (measured: 15-30% slower on
- * a Zen 3 core). The accumulators live in ymm0-7, the weights in ymm8-9, temporaries in ymm10-13. Rows
- * are ld bytes apart; next is where the next block's lines are prefetched (into L2) as this one's pass. */
+ * of the eight accumulators on the stack and reloads the broadcasts' addresses (slower on Zen 3 and on an
+ * AMX Xeon: docs/performance.md). The accumulators live in ymm0-7, the weights in ymm8-9, temporaries in
+ * ymm10-13. Rows are ld bytes apart; next is where the next block's lines are prefetched (into L2) as this
+ * one's pass. Built with -DIMAGEGPT_NO_ASM, full tiles take the intrinsics loop of linear_tile_i8 instead
+ * (to measure the assembly against). */
+#ifndef IMAGEGPT_NO_ASM
+#define USE_ASM 1
+#else
+#define USE_ASM 0
+#endif
 INLINE void tile4_i8(const int8_t *q, const uint8_t *a, Py_ssize_t ld, const int8_t *w, const int8_t *next,
                      int K, __m256i c0[4], __m256i c1[4]) {
     register __m256i c00 __asm__("xmm0") = _mm256_setzero_si256();
@@ -389,9 +397,9 @@ INLINE void linear_tile_i8(const QuantRows *x, int m, const int8_t *block, const
     __m256i c0[4], c1[4];
     const int8_t *q = x->q + (Py_ssize_t)m * x->ld;
     const uint8_t *a = x->a + (Py_ssize_t)m * x->ld;
-    if (R == 4) {
+    if (R == 4 && USE_ASM) {
         tile4_i8(q, a, x->ld, block, next, K, c0, c1);
-    } else { /* the last 1-3 rows */
+    } else { /* the last 1-3 rows (and every tile without USE_ASM) */
         const __m256i ones = _mm256_set1_epi16(1);
 #pragma GCC unroll 4
         for (int r = 0; r < 4; r++) c0[r] = c1[r] = _mm256_setzero_si256();
@@ -442,7 +450,7 @@ static TARGET void linear_blocks_i8(const QuantRows *x, int M, int K, const int8
 /* ---- a whole transformer block for one new token per image ----
  *
  * x (M, C) rows, in place: x += proj(attention(qkv(norm1(x)))); x += out(silu(fc(norm2(x)))), where the
- * packed fc carries quick-GELU's 1.702 and out its 1 / 1.702 (imagegpt.model.packed_weights). The new key and
+ * packed fc carries quick-GELU's 1.702 and out its 1 / 1.702 (imagegpt.cpu.engine). The new key and
  * value are written into the cache at `pos` (rounded to its dtype as PyTorch rounds: to nearest, ties to
  * even) and the attention reads positions [0, pos]. One parallel region, barriers between the phases: a
  * decode step of a small model is otherwise a few hundred short kernels, each a round trip through Python.
@@ -493,7 +501,7 @@ static inline uint16_t to_bf16(float f) {
 }
 
 /* x (n, a multiple of 8) -> round(x / scale) in [-127, 127] with scale = max |x| / 127 (1 where x is all
- * zeros), rounded to nearest even: the same numbers as imagegpt.kernels.quantize_int8 */
+ * zeros), rounded to nearest even: the same numbers as imagegpt.model.quantize_int8 */
 static TARGET void quantize_row(const float *x, int n, int8_t *out, float *scale_out) {
     const __m256 sign = _mm256_set1_ps(-0.0f);
     __m256 top = _mm256_setzero_ps();
@@ -562,8 +570,7 @@ INLINE QuantRows block_rows(const BlockJob *j, int K) { return (QuantRows){j->rq
 
 /* The next `chunk` of a phase's `total` items into [first, last), or 0 when all are taken. The phases'
  * items go to whichever thread is free: split evenly in advance, a phase lasts as long as the slower
- * core's half, and on a shared machine one core is often slower (measured: ~15% of a step waiting in
- * barriers at pos 0 with static halves). */
+ * core's half, and on a shared machine one core is often slower (docs/performance.md). */
 static inline int claim(int *claimed, int chunk, int total, int *first, int *last) {
     *first = __atomic_fetch_add(claimed, chunk, __ATOMIC_RELAXED);
     *last = *first + chunk < total ? *first + chunk : total;
@@ -634,19 +641,21 @@ static int cpu_supported(void) { return 0; }
 #endif
 
 static PyObject *decode_attention(PyObject *self, PyObject *args) {
-    unsigned long long q, k, v, out;
-    Py_ssize_t q_sb, q_sh, kv_sb, kv_sh, kv_ss, o_sb, o_sh;
+    unsigned long long q, k, v, ks, vs, out;
+    Py_ssize_t q_sb, q_sh, kv_sb, kv_sh, kv_ss, s_sb, s_sh, o_sb, o_sh;
     int batch, nh, hs, length, dt, threads;
     float scale;
-    if (!PyArg_ParseTuple(args, "KnnKKnnnKnniiiiifi", &q, &q_sb, &q_sh, &k, &v, &kv_sb, &kv_sh, &kv_ss, &out,
-                          &o_sb, &o_sh, &batch, &nh, &hs, &length, &dt, &scale, &threads))
+    if (!PyArg_ParseTuple(args, "KnnKKnnnKKnnKnniiiiifi", &q, &q_sb, &q_sh, &k, &v, &kv_sb, &kv_sh, &kv_ss, &ks,
+                          &vs, &s_sb, &s_sh, &out, &o_sb, &o_sh, &batch, &nh, &hs, &length, &dt, &scale,
+                          &threads))
         return NULL;
     if (!cpu_supported()) {
-        PyErr_SetString(PyExc_RuntimeError, "imagegpt._kernels needs an x86-64 CPU with AVX2, FMA and F16C");
+        PyErr_SetString(PyExc_RuntimeError, "imagegpt.cpu._kernels needs an x86-64 CPU with AVX2, FMA and F16C");
         return NULL;
     }
-    if (batch < 0 || nh < 1 || hs < 8 || hs % 8 != 0 || length < 1 || dt < 0 || dt > 2) {
-        PyErr_SetString(PyExc_ValueError, "decode_attention: bad shape or dtype code");
+    if (batch < 0 || nh < 1 || hs < 8 || hs % 8 != 0 || length < 1 || dt < 0 || dt > 3 ||
+        (dt == 3 && (ks == 0 || vs == 0))) {
+        PyErr_SetString(PyExc_ValueError, "decode_attention: bad shape, dtype code or int8 scales");
         return NULL;
     }
 #if IMAGEGPT_AVX2
@@ -655,11 +664,11 @@ static PyObject *decode_attention(PyObject *self, PyObject *args) {
     if (threads < 1) threads = 1;
     Job job = {(const float *)(uintptr_t)q, (const char *)(uintptr_t)k, (const char *)(uintptr_t)v,
                (float *)(uintptr_t)out, q_sb, q_sh, kv_sb, kv_sh, kv_ss, o_sb, o_sh, nh, hs, length, dt,
-               scale, NULL, NULL, 0, 0, 0, pairs, 0};
+               scale, (const float *)(uintptr_t)ks, (const float *)(uintptr_t)vs, s_sb, s_sh, 0, pairs, 0};
     int failed = 0;
     Py_BEGIN_ALLOW_THREADS;
 #ifdef _OPENMP
-    /* PyTorch's own OpenMP pool when torch loaded libgomp.so.1 first (imagegpt.kernels imports torch
+    /* PyTorch's own OpenMP pool when torch loaded libgomp.so.1 first (imagegpt.cpu.ops imports torch
      * first): its threads are awake right after the step's matrix multiplies, and no second pool competes
      * with them for the cores. */
 #pragma omp parallel num_threads(threads) reduction(| : failed)
@@ -678,7 +687,6 @@ static PyObject *decode_attention(PyObject *self, PyObject *args) {
 #endif
     Py_RETURN_NONE;
 }
-
 
 static PyObject *pack_linear(PyObject *self, PyObject *args) {
     unsigned long long w, packed;
@@ -709,7 +717,7 @@ static PyObject *pack_linear(PyObject *self, PyObject *args) {
 }
 
 /* pack_linear_int8: weight (N, K) * scale, each row (an output column) quantized as quantize_row quantizes
- * (imagegpt.kernels.quantize_int8's numbers), into column blocks of 16, each [K / 4][16][4] bytes, and the
+ * (imagegpt.model.quantize_int8's numbers), into column blocks of 16, each [K / 4][16][4] bytes, and the
  * column scales; the padding columns are zeros with scale 0. K a multiple of 8. */
 static PyObject *pack_linear_int8(PyObject *self, PyObject *args) {
     unsigned long long w, packed, scales;
@@ -718,7 +726,7 @@ static PyObject *pack_linear_int8(PyObject *self, PyObject *args) {
     float scale;
     if (!PyArg_ParseTuple(args, "KiinfKK", &w, &N, &K, &ldw, &scale, &packed, &scales)) return NULL;
     if (!cpu_supported()) {
-        PyErr_SetString(PyExc_RuntimeError, "imagegpt._kernels needs an x86-64 CPU with AVX2, FMA and F16C");
+        PyErr_SetString(PyExc_RuntimeError, "imagegpt.cpu._kernels needs an x86-64 CPU with AVX2, FMA and F16C");
         return NULL;
     }
     if (N < 1 || K < 8 || K % 8 != 0 || ldw < K) {
@@ -769,7 +777,7 @@ static PyObject *packed_linear(PyObject *self, PyObject *args) {
                           &threads))
         return NULL;
     if (!cpu_supported()) {
-        PyErr_SetString(PyExc_RuntimeError, "imagegpt._kernels needs an x86-64 CPU with AVX2, FMA and F16C");
+        PyErr_SetString(PyExc_RuntimeError, "imagegpt.cpu._kernels needs an x86-64 CPU with AVX2, FMA and F16C");
         return NULL;
     }
     if (M < 0 || K < 1 || N < 1 || ldx < K || ldo < N || act < 0 || act > 2 || (scales && K % 8 != 0)) {
@@ -822,7 +830,7 @@ static PyObject *packed_linear(PyObject *self, PyObject *args) {
 }
 
 /* decode_blocks: `layers` blocks one after another (one parallel region, a barrier between blocks), their
- * operands in a table of TABLE_WIDTH pointers per block (imagegpt.kernels.decode_plan): ln1, ln2, then
+ * operands in a table of TABLE_WIDTH pointers per block (imagegpt.cpu.ops.decode_blocks): ln1, ln2, then
  * (w, b, s) of qkv, proj, fc and out, then k, v, ks, vs. Every block has the same shapes and cache layout. */
 enum { TABLE_WIDTH = 18 };
 
@@ -835,7 +843,7 @@ static PyObject *decode_blocks(PyObject *self, PyObject *args) {
                           &kv_sh, &kv_ss, &s_sb, &s_sh, &table, &pos, &scratch, &qscratch, &threads))
         return NULL;
     if (!cpu_supported()) {
-        PyErr_SetString(PyExc_RuntimeError, "imagegpt._kernels needs an x86-64 CPU with AVX2, FMA and F16C");
+        PyErr_SetString(PyExc_RuntimeError, "imagegpt.cpu._kernels needs an x86-64 CPU with AVX2, FMA and F16C");
         return NULL;
     }
     const unsigned long long *T = (const unsigned long long *)(uintptr_t)table;
@@ -896,16 +904,16 @@ static PyObject *supported(PyObject *self, PyObject *args) { return PyBool_FromL
 
 static PyMethodDef methods[] = {
     {"decode_attention", decode_attention, METH_VARARGS,
-     "decode_attention(q, q_sb, q_sh, k, v, kv_sb, kv_sh, kv_ss, out, o_sb, o_sh, batch, nh, hs, length, "
-     "dtype_code, scale, threads): one-token attention over a KV cache, on raw pointers (see "
-     "imagegpt.kernels)."},
+     "decode_attention(q, q_sb, q_sh, k, v, kv_sb, kv_sh, kv_ss, k_scale, v_scale, s_sb, s_sh, out, o_sb, o_sh, "
+     "batch, nh, hs, length, dtype_code, scale, threads): one-token attention over a KV cache (int8: with its "
+     "rows' scales), on raw pointers (see imagegpt.cpu.ops)."},
     {"pack_linear", pack_linear, METH_VARARGS,
      "pack_linear(weight, N, K, ldw, scale, packed): weight (N, K) * scale into column blocks of 16, "
-     "[ceil(N / 16)][K][16] floats, zero-padded (see imagegpt.kernels)."},
+     "[ceil(N / 16)][K][16] floats, zero-padded (see imagegpt.cpu.ops)."},
     {"pack_linear_int8", pack_linear_int8, METH_VARARGS,
      "pack_linear_int8(weight, N, K, ldw, scale, packed, scales): weight (N, K) * scale quantized per row "
      "into int8 column blocks of 16, [ceil(N / 16)][K / 4][16][4] bytes, and the rows' scales (see "
-     "imagegpt.kernels)."},
+     "imagegpt.cpu.ops)."},
     {"packed_linear", packed_linear, METH_VARARGS,
      "packed_linear(x, ldx, M, K, packed, N, bias, act, out, ldo, scales, threads): out (M, N) = act(x (M, "
      "K) W^T + bias) on a packed weight and a bias padded to the blocks; act 0 none, 1 silu, 2 none added "
@@ -916,7 +924,7 @@ static PyMethodDef methods[] = {
      "image, in place on x (M, C), each writing its key and value into its cache at pos (int8: with their "
      "scales); table: 18 pointers per block (ln1, ln2, (w, b, s) of qkv, proj, fc and out, k, v, k_scale, "
      "v_scale); scratch holds M (5 C + N_fc) floats, int8_scratch (int8 weights) 2 M max(C, N_fc) + 4 M "
-     "bytes (see imagegpt.kernels)."},
+     "bytes (see imagegpt.cpu.ops)."},
     {"supported", supported, METH_NOARGS, "whether this CPU can run the kernels"},
     {NULL, NULL, 0, NULL},
 };
