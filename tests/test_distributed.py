@@ -66,10 +66,14 @@ def assert_same_run(run_dir, single):
     assert [s for s, _ in two] == [1, 2, 3, 4, 5]  # only rank 0 logs: no duplicates
     np.testing.assert_allclose([v for _, v in two], [v for _, v in one], rtol=TOLERANCE)
     np.testing.assert_allclose(losses(run_dir, "val")[-1][1], single.val_loss, rtol=TOLERANCE)
-    # Weights agree to ~1e-7, except the key bias: its gradient is zero in exact arithmetic (it shifts every
-    # score of a query equally), so Adam normalises rounding noise into updates of up to ~1e-5.
+    # Weights agree to ~1e-6, except the key bias: its gradient is zero in exact arithmetic (it shifts every
+    # score of a query equally), so Adam normalises rounding noise into updates of up to a few 1e-5.
     ours, reference = ImageGPT.from_pretrained(run_dir / "model"), ImageGPT.from_pretrained(single.model_dir)
     for (name, a), b in zip(ours.state_dict().items(), reference.state_dict().values()):
+        if name.endswith("attn.c_attn.bias"):
+            C = a.numel() // 3
+            torch.testing.assert_close(a[C : 2 * C], b[C : 2 * C], rtol=0, atol=1e-4, msg=name + " (keys)")
+            a, b = torch.cat([a[:C], a[2 * C :]]), torch.cat([b[:C], b[2 * C :]])
         torch.testing.assert_close(a, b, rtol=0, atol=2e-5, msg=name)
 
 
@@ -89,4 +93,23 @@ def test_fsdp_on_two_processes_matches_one_process_and_resumes(tmp_path, single)
     assert "transformer.h.0.attn.c_attn.weight" in state["optimizer"]["state"]  # gathered whole, by name
     torchrun("--resume", str(tmp_path / "fsdp"))
     assert json.loads((tmp_path / "fsdp" / "args.json").read_text())["fsdp"] is True
+    assert_same_run(tmp_path / "fsdp", single)
+
+
+@pytest.mark.slow
+def test_bert_ddp_and_fsdp_on_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
+    """The step's BERT masks are drawn for the global batch and each rank takes its rows, so two ranks train
+    on exactly the masks of one process; validation masks belong to the images, whichever rank reads them.
+    FSDP is interrupted and resumed: the masks of the resumed steps are those of the uninterrupted run."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        single = train(TrainOptions(**ARGS, out=str(tmp_path / "single"), progress=False, objective="bert"))
+    finally:
+        torch.set_num_threads(threads)
+    torchrun("--out", str(tmp_path / "ddp"), "--objective", "bert")
+    assert ImageGPT.from_pretrained(tmp_path / "ddp" / "model").config.objective == "bert"
+    assert_same_run(tmp_path / "ddp", single)
+    torchrun("--out", str(tmp_path / "fsdp"), "--objective", "bert", "--fsdp", "--stop-after", "2")
+    torchrun("--resume", str(tmp_path / "fsdp"))
     assert_same_run(tmp_path / "fsdp", single)

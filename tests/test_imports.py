@@ -18,7 +18,7 @@ LAYERS = [
     ("leaves", {"errors", "config", "device", "files", "limits", "hub"}),
     ("images and data", {"pixels", "palette", "processor", "grid", "data"}),
     ("transformers-format I/O", {"pretrained"}),  # from_pretrained / save_pretrained: cls(config), no model
-    ("model", {"model"}),
+    ("model", {"model", "objectives"}),
     ("checkpoints and run directories", {"checkpoint"}),
     # kernels: the deprecated name of cpu (the native decode engine, which only sampling drives)
     ("inference", {"sampling", "cpu", "kernels", "evaluate", "probe"}),

@@ -15,9 +15,12 @@ from pathlib import Path
 from .config import ImageGPTConfig
 from .errors import CheckpointError
 from .pretrained import (  # noqa: F401  (the names this module has always offered)
+    BERT_MODEL_TYPE,
+    BERT_SAFETENSORS_NAME,
     CAUSAL_LM_ARCHITECTURE,
     CLASSIFIER_ARCHITECTURE,
     CONFIG_NAME,
+    MODEL_TYPE,
     PROCESSOR_NAME,
     PYTORCH_INDEX_NAME,
     PYTORCH_NAME,

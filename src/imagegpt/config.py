@@ -7,6 +7,9 @@ from dataclasses import asdict, dataclass, field, fields, replace
 
 from .errors import ConfigError
 
+# The pretraining objectives of Chen et al. (2020), section 2.1: next-pixel (L_AR) and masked-pixel (L_BERT).
+OBJECTIVES = ("ar", "bert")
+
 # Widths, depths and head counts. S, M and L are the released models (Chen et al. 2020, table/appendix and
 # openai/image-gpt). The paper gives no head count for XL: we use 24 heads of width 128, iGPT-M's head width.
 # The small presets are ours: they train in minutes on a 2-core CPU at 8x8 to 16x16.
@@ -39,6 +42,12 @@ class ImageGPTConfig:
     n_positions: sequence length, height * width of the images the model reads.
     n_inner: MLP width; None means 4 * n_embd.
     num_labels: classes of the classification head (ImageGPTClassifier only).
+    objective: what the model was pretrained on, which decides how it reads images (imagegpt.objectives):
+        "ar", the next-pixel objective (causal attention, SOS; what transformers' ImageGPT is), or "bert",
+        the masked-pixel objective (full attention; the token embeddings of masked positions zeroed, no SOS).
+    bert_mask_prob: "bert" only: the probability of each position being masked. A field of the model, not
+        only of its training run, because evaluation, probes and fine-tuning mask inputs with the same
+        probability to keep them in distribution (Chen et al. 2020, section 4.6).
     """
 
     vocab_size: int = 512 + 1
@@ -53,6 +62,8 @@ class ImageGPTConfig:
     layer_norm_epsilon: float = 1e-5
     num_labels: int = 2
     id2label: dict[int, str] | None = field(default=None)
+    objective: str = "ar"
+    bert_mask_prob: float = 0.15
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "num_labels"):
@@ -71,6 +82,15 @@ class ImageGPTConfig:
         for name in ("resid_pdrop", "embd_pdrop", "attn_pdrop"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.objective not in OBJECTIVES:
+            raise ConfigError(
+                f"objective must be one of {', '.join(OBJECTIVES)} (next-pixel or masked-pixel), got "
+                f"{self.objective!r}"
+            )
+        mask_prob = self.bert_mask_prob
+        if isinstance(mask_prob, bool) or not isinstance(mask_prob, int | float) or not 0 < mask_prob < 1:
+            raise ConfigError(f"bert_mask_prob must be a probability in (0, 1), got {mask_prob!r}")
+        self.bert_mask_prob = float(mask_prob)
         if self.id2label is not None:
             self.id2label = {int(k): str(v) for k, v in self.id2label.items()}
             if len(self.id2label) != self.num_labels:
@@ -84,6 +104,11 @@ class ImageGPTConfig:
     @property
     def sos_id(self) -> int:
         return self.vocab_size - 1
+
+    @property
+    def is_causal(self) -> bool:
+        """Whether attention is causal: the next-pixel objective's models, which can sample."""
+        return self.objective == "ar"
 
     @property
     def head_dim(self) -> int:

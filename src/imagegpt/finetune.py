@@ -11,6 +11,12 @@ exactly the linear probe's feature n^L (imagegpt.probe). During training, if W >
 L..end, final norm and `lm_head` are kept alongside to compute L_gen on the full model, as pretrained; they
 are dropped when the classifier is saved. The directory written is in transformers'
 ImageGPTForImageClassification format.
+
+A BERT model (imagegpt.objectives) is fine-tuned as the paper does: L_GEN is L_BERT ("L_GEN in
+{L_AR, L_BERT}", section 2.3), computed in the same forward pass as L_CLF on the image with a fresh BERT mask
+each step (the seeded training masks, a function of the run's seed and the step), and the classifier reads
+images under a fixed evaluation mask (section 4.6: "we must also mask them at evaluation time to keep inputs
+in-distribution"). `classify` also reports the paper's ensemble: the modal prediction over 5 masks per image.
 """
 
 from __future__ import annotations
@@ -35,7 +41,8 @@ from .errors import ArgumentError, CheckpointError, DataError
 from .files import check_folders, check_output, write_text_atomic
 from .limits import check_memory
 from .loop import EARLY, SIGNAL, STOPPED, Outcome, Plan, TrainingRun, evaluate_split, train_loop
-from .model import ImageGPT, ImageGPTClassifier, sos_inputs
+from .model import ImageGPT, ImageGPTClassifier, bert_loss_per_image, image_inputs
+from .objectives import ENSEMBLE_MASKS, ensemble_vote, evaluation_masks, training_masks
 from .probe import data_options_for
 from .trainer import (
     ARGS_FILE,
@@ -112,12 +119,22 @@ class FinetuneModel(nn.Module):
     def config(self):
         return self.classifier.config
 
-    def forward(self, ids: torch.Tensor, labels: torch.Tensor | None = None, gen_weight: float = 0.0):
-        """Image tokens [B, T] (no SOS) -> (class logits, L_clf, L_gen); L_gen is None if gen_weight is 0."""
+    def forward(
+        self,
+        ids: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        gen_weight: float = 0.0,
+        mask: torch.Tensor | None = None,
+    ):
+        """Image tokens [B, T] (no SOS) -> (class logits, L_clf, L_gen); L_gen is None if gen_weight is 0.
+
+        mask: BERT models' masked positions (B, T), True where masked (required for them)."""
         transformer = self.classifier.transformer
-        inputs = sos_inputs(ids, self.config.sos_id)
+        inputs = image_inputs(ids, self.config)
+        if not self.config.is_causal and mask is None:
+            raise ArgumentError("a BERT model reads masked images: pass the mask of the batch")
         # the last block's output (B, T, C), kept unnormed: L_gen continues from it through gen_blocks
-        _, (x,) = transformer.forward_intermediates(inputs, [self.layer], norm=False)
+        _, (x,) = transformer.forward_intermediates(inputs, [self.layer], norm=False, mask=mask)
         normed = transformer.ln_f(x)
         logits = self.classifier.score(normed.mean(dim=1))  # (B, num_labels)
         clf_loss = None if labels is None else F.cross_entropy(logits.float(), labels)
@@ -130,7 +147,10 @@ class FinetuneModel(nn.Module):
                     x = block(x)
                 normed = self.gen_norm(x)
             gen_logits = self.lm_head(normed)  # (B, T, n_clusters)
-            gen_loss = F.cross_entropy(gen_logits.flatten(0, 1).float(), ids.flatten())
+            if self.config.is_causal:
+                gen_loss = F.cross_entropy(gen_logits.flatten(0, 1).float(), ids.flatten())
+            else:  # L_BERT
+                gen_loss = bert_loss_per_image(gen_logits, ids, mask).mean()
         return logits, clf_loss, gen_loss
 
 
@@ -185,19 +205,29 @@ def predict(
     batch_size: int = 64,
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
+    draw: int = 0,
+    indices=None,
 ) -> np.ndarray:
-    """Class logits float32 [N, num_labels] of image tokens [N, H*W]; SOS is prepended here."""
+    """Class logits float32 [N, num_labels] of image tokens [N, H*W]; SOS is prepended here.
+
+    A BERT classifier reads each image under its fixed evaluation mask number `draw`, that of the image at
+    `indices` in its split (default 0..N-1)."""
     device = next(classifier.parameters()).device if device is None else resolve_device(device)
     dtype = resolve_dtype(dtype, device)
     was_training = classifier.training
     classifier.to(device).eval()
     ids = torch.as_tensor(np.asarray(ids, dtype=np.int64)) if isinstance(ids, np.ndarray) else ids.long()
+    config = classifier.config
+    indices = np.arange(len(ids)) if indices is None else np.asarray(indices)
     logits = []
     try:
         for start in range(0, len(ids), batch_size):
-            batch = sos_inputs(ids[start : start + batch_size].to(device), classifier.config.sos_id)
+            batch = image_inputs(ids[start : start + batch_size].to(device), config)
+            mask = None
+            if not config.is_causal:
+                mask = evaluation_masks(config, indices[start : start + batch_size], draw).to(device)
             with autocast(device, dtype):
-                logits.append(classifier(batch).logits.float().cpu())
+                logits.append(classifier(batch, mask=mask).logits.float().cpu())
     finally:
         classifier.train(was_training)
     return torch.cat(logits).numpy()
@@ -372,9 +402,9 @@ class Classification:
         self.gen_weight, self.batch_size = gen_weight, batch_size
         self.val = LabelledIds(val_ids, val_labels)
 
-    def loss(self, model: FinetuneModel, batch: tuple[torch.Tensor, torch.Tensor]):
-        ids, labels = batch
-        _, clf_loss, gen_loss = model(ids, labels, gen_weight=self.gen_weight)
+    def loss(self, model: FinetuneModel, batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]):
+        ids, labels, mask = batch  # mask: a BERT model's training mask of the step, else None
+        _, clf_loss, gen_loss = model(ids, labels, gen_weight=self.gen_weight, mask=mask)
         parts = {"clf_loss": clf_loss.detach()}
         if gen_loss is not None:
             parts["gen_loss"] = gen_loss.detach()
@@ -386,7 +416,12 @@ class Classification:
     def evaluate(self, run: TrainingRun, final: bool) -> dict[str, float]:
         def score(model: FinetuneModel, batch: LabelledIds) -> tuple[float, int]:
             logits = predict(
-                model.classifier, batch.ids, batch_size=len(batch), device=run.device, dtype=run.dtype
+                model.classifier,
+                batch.ids,
+                batch_size=len(batch),
+                device=run.device,
+                dtype=run.dtype,
+                indices=batch.indices,  # a BERT model's images each under their own evaluation mask
             )
             return float((logits.argmax(axis=1) == batch.labels).sum()), len(batch)
 
@@ -394,16 +429,17 @@ class Classification:
 
 
 class LabelledIds:
-    """Token ids [N, H*W] and their labels [N], sliced together."""
+    """Token ids [N, H*W], their labels [N] and their indices in the split, sliced together."""
 
-    def __init__(self, ids, labels: np.ndarray):
+    def __init__(self, ids, labels: np.ndarray, indices: np.ndarray | None = None):
         self.ids, self.labels = ids, labels
+        self.indices = np.arange(len(labels)) if indices is None else indices
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def __getitem__(self, index: slice) -> LabelledIds:
-        return LabelledIds(self.ids[index], self.labels[index])
+        return LabelledIds(self.ids[index], self.labels[index], self.indices[index])
 
 
 class FineTuning(TrainingRun):
@@ -441,14 +477,19 @@ class FineTuning(TrainingRun):
         self.order, self.train, self.train_ids, self.processor = order, train, train_ids, processor
         self.seed, self.patience, self.best = options.seed, options.patience, best
 
-    def batches(self, step: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def batches(self, step: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
         index = np.sort(self.order.next())  # sorted: reads the token memmap in file order
         if self.train_ids is None:  # augmented: a function of the step, so that a resumed run draws the same
             rng = np.random.default_rng([self.seed, step])
             ids = encode_images(self.processor, _batch_images(self.train, index), augment=True, rng=rng)
         else:
             ids = torch.as_tensor(np.asarray(self.train_ids[index], dtype=np.int64))
-        return [(ids.to(self.device), torch.as_tensor(self.train.labels[index]).to(self.device))]
+        mask = None  # BERT: the step's training masks, a function of the seed and the step
+        config = self.model.config
+        if not config.is_causal:
+            mask = training_masks(config, self.seed, step, len(ids)).to(self.device)
+        labels = torch.as_tensor(self.train.labels[index]).to(self.device)
+        return [(ids.to(self.device), labels, mask)]
 
     def after_evaluation(self, step: int, values: dict) -> bool:
         best = self.best
@@ -634,6 +675,7 @@ def _finetune(
         "augment": augment,
         "layer": model.layer,
         "gen_weight": options.gen_weight,
+        "objective": model.config.objective,
         "signal": outcome.signal,  # the signal (SIGINT, SIGTERM) that stopped the run, if one did
     }
     write_text_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
@@ -733,7 +775,9 @@ def classify(
     """Accuracy and confusion matrix of a classifier directory on one split of a labelled dataset.
 
     Writes classify-SPLIT.json and confusion-SPLIT.png into `out` (default: the folder holding the classifier
-    directory, which for `imagegpt finetune --out RUN` is RUN) and returns the report.
+    directory, which for `imagegpt finetune --out RUN` is RUN) and returns the report. A BERT classifier's
+    accuracy and confusion matrix are under its fixed evaluation masks (draw 0); accuracy_ensemble is the
+    modal prediction over 5 masks per image (the module's docstring).
     """
     model_dir = classifier_dir(model_dir)
     out = Path(model_dir).resolve().parent if out is None else Path(out)  # default: beside the classifier
@@ -765,7 +809,15 @@ def classify(
         "accuracy": float((predictions == dataset.labels).mean()),
         "class_names": class_names,
         "confusion": matrix.tolist(),
+        "objective": classifier.config.objective,
     }
+    if not classifier.config.is_causal:  # the paper's ensemble: the modal prediction over 5 masks per image
+        votes = [predictions] + [
+            predict(classifier, ids, batch_size=batch_size, device=device, dtype=dtype, draw=d).argmax(axis=1)
+            for d in range(1, ENSEMBLE_MASKS)
+        ]
+        report["ensemble_masks"] = ENSEMBLE_MASKS
+        report["accuracy_ensemble"] = float((ensemble_vote(np.stack(votes)) == dataset.labels).mean())
     out.mkdir(parents=True, exist_ok=True)
     report["json"] = str(out / f"classify-{split}.json")
     report["plot"] = str(out / f"confusion-{split}.png")

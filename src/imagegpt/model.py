@@ -11,6 +11,11 @@ Two levels of API:
 - `loss_per_image(ids)` and friends take image tokens [x0, ..., x_{n-1}] and feed [SOS, x0, ..., x_{n-2}], as
   the released models were trained, so every token of the image is predicted.
 
+The same network is the paper's BERT model when `config.objective == "bert"`: attention is not causal, the
+model reads the image tokens themselves (no SOS), `mask=` zeroes the token embeddings of masked positions, and
+the loss is the cross-entropy at the masked positions (`bert_loss_per_image`; imagegpt.objectives draws the
+masks).
+
 Module and parameter names mirror transformers' (transformer.h.{i}.attn.c_attn, ...): checkpoint conversion is
 a transpose of the linear weights. imagegpt.cpu runs CPU decode steps on these weights from outside.
 """
@@ -26,6 +31,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .config import ImageGPTConfig
+from .errors import ArgumentError
+from .objectives import evaluation_masks
 from .pretrained import CAUSAL_LM_ARCHITECTURE, CLASSIFIER_ARCHITECTURE, Pretrained
 
 
@@ -33,6 +40,20 @@ def sos_inputs(ids: torch.Tensor, sos_id: int) -> torch.Tensor:
     """[x0, ..., x_{n-1}] -> [SOS, x0, ..., x_{n-2}]: the input whose next-token targets are the image."""
     sos = torch.full_like(ids[:, :1], sos_id)
     return torch.cat([sos, ids[:, :-1]], dim=1)
+
+
+def image_inputs(ids: torch.Tensor, config: ImageGPTConfig) -> torch.Tensor:
+    """What the model reads for image tokens [x0, ..., x_{n-1}]: [SOS, x0, ..., x_{n-2}] for the next-pixel
+    objective, the tokens themselves for BERT models (read with the masked positions' embeddings zeroed)."""
+    return sos_inputs(ids, config.sos_id) if config.is_causal else ids
+
+
+def bert_loss_per_image(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """L_BERT of each image (B,): the cross-entropy of its masked tokens (mask True), averaged over them as in
+    the original code; 0 for an image without a masked position (the paper's sum over an empty M)."""
+    nll = F.cross_entropy(logits.flatten(0, 1).float(), ids.flatten(), reduction="none").view(ids.shape)
+    mask = mask.to(nll.dtype)
+    return (nll * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
 
 
 def quick_gelu(x: torch.Tensor) -> torch.Tensor:
@@ -145,17 +166,18 @@ class KVCache:
 # ---- the transformer ----
 
 
-def attention(q, k, v, mask: torch.Tensor | None = None, dropout: float = 0.0) -> torch.Tensor:
+def attention(q, k, v, mask: torch.Tensor | None = None, dropout: float = 0.0, causal: bool = True):
     """softmax(q k^T / sqrt(hs)) v through SDPA, which never materialises the T x S matrix.
 
     q is (B, nh, T, hs), k and v (B, nh, S, hs). Without a mask the queries are the last T of the S positions
-    (S > T when a KV cache holds earlier ones), each seeing the keys up to its own position.
+    (S > T when a KV cache holds earlier ones), each seeing the keys up to its own position; causal=False
+    (BERT models, no cache) lets every query see every key.
     """
     if k.dtype != q.dtype:  # a cache kept in another precision than the compute: read it in q's
         k, v = k.to(q.dtype), v.to(q.dtype)
     T, S = q.size(-2), k.size(-2)
     if mask is None and T == S:
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=causal)
     if mask is None and T > 1:
         mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=S - T)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
@@ -167,6 +189,7 @@ class CausalSelfAttention(nn.Module):
         self.layer_idx = layer_idx
         self.n_head = config.n_head
         self.attn_pdrop = config.attn_pdrop
+        self.is_causal = config.is_causal  # False for BERT models: "no attention logit masking is required"
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
         self.resid_dropout = nn.Dropout(config.resid_pdrop)
@@ -180,7 +203,7 @@ class CausalSelfAttention(nn.Module):
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         dropout = self.attn_pdrop if self.training else 0.0
         if kv_cache is None:
-            y = attention(q, k, v, mask, dropout)  # (B, nh, T, hs)
+            y = attention(q, k, v, mask, dropout, self.is_causal)  # (B, nh, T, hs)
         else:  # k and v stored at pos, q attending over every position cached so far
             y = kv_cache.attend(self.layer_idx, pos, q, k, v, mask, dropout)
         y = y.transpose(1, 2).reshape(B, T, C)  # heads side by side again
@@ -234,25 +257,32 @@ class Transformer(nn.Module):
         self.ln_f = Norm(config.n_embd, config.layer_norm_epsilon)
         self.gradient_checkpointing = False
 
-    def embed(self, input_ids: torch.Tensor, pos: int | torch.Tensor = 0) -> torch.Tensor:
-        """Token plus position embeddings (B, T, C) of ids at positions pos.. (an int) or at a tensor's."""
+    def embed(self, input_ids: torch.Tensor, pos: int | torch.Tensor = 0, mask=None) -> torch.Tensor:
+        """Token plus position embeddings (B, T, C) of ids at positions pos.. (an int) or at a tensor's.
+        mask (B, T) bool, BERT models': the token embeddings of masked positions are zeroed, their position
+        embeddings still added, as in the original code."""
         T = input_ids.size(1)
         if isinstance(pos, int):
             if pos + T > (n := self.wpe.num_embeddings):
                 raise ValueError(f"sequence of {pos + T} positions exceeds the model's n_positions={n}")
             pos = torch.arange(pos, pos + T, device=input_ids.device)
-        return self.drop(self.wte(input_ids) + self.wpe(pos))
+        tokens = self.wte(input_ids)  # (B, T, C)
+        if mask is not None:
+            tokens = tokens.masked_fill(mask.unsqueeze(-1), 0.0)
+        return self.drop(tokens + self.wpe(pos))
 
     def forward(self, input_ids, kv_cache: KVCache | None = None, start: int | torch.Tensor = 0,
-                output_hidden_states: bool = False):  # fmt: skip
+                output_hidden_states: bool = False, mask=None):  # fmt: skip
         """The final normed hidden state (B, T, C) and, if asked, the n_layer + 1 hidden states.
 
         As in transformers, hidden_states[i] is the input of block i for i < n_layer, and the last entry is
         the output of the final norm. start: the first position (an int), or a (T,) tensor of positions with
         a cache (a static-shape decode step, attending over the whole cache under a mask, as gpt-fast's).
+        mask: BERT models' masked positions (see embed).
         """
-        x = self.embed(input_ids, start)
-        mask = kv_cache.mask(start) if kv_cache is not None and not isinstance(start, int) else None
+        x = self.embed(input_ids, start, mask)
+        static = kv_cache is not None and not isinstance(start, int)
+        attn_mask = kv_cache.mask(start) if static else None
         hidden_states = []
         for block in self.h:
             if output_hidden_states:
@@ -260,7 +290,7 @@ class Transformer(nn.Module):
             if self.gradient_checkpointing and self.training and kv_cache is None:
                 x = checkpoint(block, x, use_reentrant=False)
             else:
-                x = block(x, kv_cache, start, mask)
+                x = block(x, kv_cache, start, attn_mask)
         x = self.ln_f(x)
         return x, (*hidden_states, x) if output_hidden_states else None
 
@@ -269,21 +299,21 @@ class Transformer(nn.Module):
         return self.ln_f if layer == len(self.h) else self.h[layer].ln_1
 
     def forward_intermediates(self, input_ids, layers, norm: bool = True, stop_early: bool = True,
-                              pool: bool = False):  # fmt: skip
+                              pool: bool = False, mask=None):  # fmt: skip
         """The activations at `layers` in one pass, as timm's: (final, [one per layer, in the order given]).
 
         Layer L < n_layer is the input of block L, layer n_layer the last block's output. norm=True returns
         each as the model reads it, normed by norm_at(L) (the probe's and the fine-tuning head's n^L).
         pool=True averages each over positions, in float32: (B, C) instead of (B, T, C). stop_early=True runs
         only the blocks below the deepest layer asked and `final` is None; otherwise final is forward()'s
-        (B, T, C).
+        (B, T, C). mask: BERT models' masked positions (see embed).
         """
         layers = [int(layer) for layer in layers]
         if not layers or not all(0 <= layer <= len(self.h) for layer in layers):
             raise ValueError(f"layers must lie in [0, {len(self.h)}], got {layers}")
         last = max(layers) if stop_early else len(self.h)
         taken = {}
-        x = self.embed(input_ids)
+        x = self.embed(input_ids, 0, mask)
         for layer in range(last + 1):
             if layer in layers:
                 h = self.norm_at(layer)(x) if norm else x
@@ -341,27 +371,47 @@ class ImageGPT(Pretrained):
         init_weights(self, config)
 
     def forward(self, input_ids, labels=None, output_hidden_states: bool = False,
-                kv_cache: KVCache | None = None, start: int | torch.Tensor = 0):  # fmt: skip
-        """transformers' semantics: ids used as given; loss = CE(logits[:, :-1], labels[:, 1:])."""
-        x, hidden_states = self.transformer(input_ids, kv_cache, start, output_hidden_states)
+                kv_cache: KVCache | None = None, start: int | torch.Tensor = 0, mask=None):  # fmt: skip
+        """transformers' semantics: ids used as given; loss = CE(logits[:, :-1], labels[:, 1:]).
+
+        BERT models: mask (B, T) bool, True where masked, zeroes those positions' token embeddings, and the
+        loss is L_BERT of labels at the masked positions (bert_loss_per_image, averaged over the batch).
+        """
+        x, hidden_states = self.transformer(input_ids, kv_cache, start, output_hidden_states, mask)
         logits = self.lm_head(x)  # (B, T, n_clusters)
         loss = None
-        if labels is not None:
+        if labels is not None and self.config.is_causal:
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten())
+        elif labels is not None:
+            if mask is None:
+                raise ArgumentError("a BERT model's loss is over its masked positions: pass mask= as well")
+            loss = bert_loss_per_image(logits, labels, mask).mean()
         return ImageGPTOutput(logits=logits, loss=loss, hidden_states=hidden_states)
 
-    def forward_intermediates(self, input_ids, layers, norm=True, stop_early=True, pool=False):
-        """Transformer.forward_intermediates on ids used as given (feed sos_inputs(ids) for images)."""
-        return self.transformer.forward_intermediates(input_ids, layers, norm, stop_early, pool)
+    def forward_intermediates(self, input_ids, layers, norm=True, stop_early=True, pool=False, mask=None):
+        """Transformer.forward_intermediates on ids used as given (images: feed image_inputs(ids, config))."""
+        return self.transformer.forward_intermediates(input_ids, layers, norm, stop_early, pool, mask)
 
-    def loss_per_image(self, ids: torch.Tensor) -> torch.Tensor:
-        """Mean next-token loss in nats of each image (B,), predicting every token of ids from [SOS, ...]."""
+    def loss_per_image(self, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean loss in nats of each image (B,) under the model's objective.
+
+        Next-pixel: every token of ids predicted from [SOS, ...]. BERT: the tokens at `mask` (B, T), True
+        where masked, predicted from the others; by default the fixed evaluation masks of images 0..B-1
+        (imagegpt.objectives.evaluation_masks), so that repeated calls agree.
+        """
+        if not self.config.is_causal:
+            if mask is None:
+                mask = evaluation_masks(self.config, range(len(ids))).to(ids.device)
+            return bert_loss_per_image(self(ids, mask=mask).logits, ids, mask)
         logits = self(sos_inputs(ids, self.config.sos_id)).logits
         nll = F.cross_entropy(logits.flatten(0, 1).float(), ids.flatten(), reduction="none")
         return nll.view(ids.shape).mean(dim=1)
 
-    def image_loss(self, ids: torch.Tensor) -> torch.Tensor:
-        """Mean next-token loss in nats over all tokens of the batch, SOS handled (the training objective)."""
+    def image_loss(self, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The training objective's loss in nats for the batch: next-pixel, the mean over all tokens, SOS
+        handled; BERT, the mean over images of loss_per_image(ids, mask)."""
+        if not self.config.is_causal:
+            return self.loss_per_image(ids, mask).mean()
         logits = self(sos_inputs(ids, self.config.sos_id)).logits
         return F.cross_entropy(logits.flatten(0, 1).float(), ids.flatten())
 
@@ -389,12 +439,13 @@ class ImageGPTClassifier(Pretrained):
         self.score = nn.Linear(config.n_embd, config.num_labels, bias=False)
         init_weights(self, config)
 
-    def forward(self, input_ids, labels=None, output_hidden_states: bool = False) -> ClassifierOutput:
-        x, hidden_states = self.transformer(input_ids, output_hidden_states=output_hidden_states)
+    def forward(self, input_ids, labels=None, output_hidden_states: bool = False, mask=None):
+        """mask: BERT models' masked positions (see ImageGPT.forward)."""
+        x, hidden_states = self.transformer(input_ids, None, 0, output_hidden_states, mask)
         logits = self.score(x.mean(dim=1))  # (B, num_labels)
         loss = None if labels is None else F.cross_entropy(logits.float(), labels)
         return ClassifierOutput(logits=logits, loss=loss, hidden_states=hidden_states)
 
-    def forward_intermediates(self, input_ids, layers, norm=True, stop_early=True, pool=False):
+    def forward_intermediates(self, input_ids, layers, norm=True, stop_early=True, pool=False, mask=None):
         """Transformer.forward_intermediates on ids used as given."""
-        return self.transformer.forward_intermediates(input_ids, layers, norm, stop_early, pool)
+        return self.transformer.forward_intermediates(input_ids, layers, norm, stop_early, pool, mask)

@@ -21,6 +21,13 @@ head with `num_labels` labels (a keyword argument; the lm_head is dropped): this
 ImageGPT loaded from a directory without an `lm_head` is a CheckpointError: a model that predicts nothing is
 never what was meant.
 
+BERT models (objective "bert", imagegpt.objectives) have no transformers class: transformers' ImageGPT is
+causal and would read their weights as a next-pixel model, silently wrong. Their directories are written so
+that transformers refuses them: config.json has `model_type: "imagegpt_bert"` (AutoConfig and every AutoModel
+raise "does not recognize this architecture") plus `objective` and `bert_mask_prob`, and the weights are
+`imagegpt-bert.safetensors`, a name transformers never reads (ImageGPTForCausalImageModeling.from_pretrained
+raises for want of model.safetensors). imagegpt reads both.
+
 Options of transformers' config that change the model's maths and that imagegpt does not implement are refused
 with a ConfigError naming the option; options that do not change the maths (use_cache, token ids, generation
 defaults, ...) are accepted; keys we do not know are reported with a warning, never silently dropped.
@@ -53,6 +60,9 @@ SAFETENSORS_INDEX_NAME = "model.safetensors.index.json"
 PYTORCH_NAME = "pytorch_model.bin"
 PYTORCH_INDEX_NAME = "pytorch_model.bin.index.json"
 PROCESSOR_NAME = "preprocessor_config.json"
+# A BERT model's weights and model_type: names transformers does not load (see the module docstring).
+BERT_SAFETENSORS_NAME = "imagegpt-bert.safetensors"
+MODEL_TYPE, BERT_MODEL_TYPE = "imagegpt", "imagegpt_bert"
 
 CAUSAL_LM_ARCHITECTURE = "ImageGPTForCausalImageModeling"
 CLASSIFIER_ARCHITECTURE = "ImageGPTForImageClassification"
@@ -154,10 +164,18 @@ def config_from_transformers(values: dict, *, source: str = "config.json") -> Im
     if not isinstance(values, dict):
         raise CheckpointError(f"{source} does not hold a JSON object; it is not a transformers config.json")
     model_type = values.get("model_type")
-    if model_type != "imagegpt":
+    if model_type not in (MODEL_TYPE, BERT_MODEL_TYPE):
         raise CheckpointError(
             f"{source} has model_type={model_type!r}, not 'imagegpt'; pass a directory holding an ImageGPT "
             "checkpoint (transformers' ImageGPTForCausalImageModeling or ImageGPTForImageClassification)"
+        )
+    objective = values.get("objective", "bert" if model_type == BERT_MODEL_TYPE else "ar")
+    if (objective == "bert") != (model_type == BERT_MODEL_TYPE):
+        raise CheckpointError(
+            f"{source} has model_type={model_type!r} but objective={objective!r}; a BERT model's config.json "
+            f"has model_type {BERT_MODEL_TYPE!r} (so that transformers does not read it as a causal model), "
+            "a next-pixel model's 'imagegpt'. The file was edited by hand: restore the one the model was "
+            "saved with"
         )
     for key, (wanted, why) in _REQUIRED_VALUES.items():
         if key in values and values[key] != wanted:
@@ -200,6 +218,9 @@ def config_from_transformers(values: dict, *, source: str = "config.json") -> Im
     for name in ("resid_pdrop", "embd_pdrop", "attn_pdrop", "layer_norm_epsilon"):
         if name in fields:
             fields[name] = float(fields[name])
+    fields["objective"] = objective
+    if "bert_mask_prob" in values:
+        fields["bert_mask_prob"] = values["bert_mask_prob"]
     id2label = values.get("id2label")
     if id2label:
         id2label = {int(k): str(v) for k, v in id2label.items()}
@@ -246,6 +267,10 @@ def config_to_transformers(config: ImageGPTConfig, architecture: str = CAUSAL_LM
         "eos_token_id": None,
         "pad_token_id": None,
     }
+    if not config.is_causal:  # written so that transformers refuses it (see the module docstring)
+        values.update(
+            model_type=BERT_MODEL_TYPE, objective=config.objective, bert_mask_prob=config.bert_mask_prob
+        )
     if architecture == CLASSIFIER_ARCHITECTURE or config.id2label is not None:
         id2label = config.id2label or {i: f"LABEL_{i}" for i in range(config.num_labels)}
         values["id2label"] = {str(k): v for k, v in sorted(id2label.items())}
@@ -274,7 +299,7 @@ def _read_json(path: Path) -> dict:
 # Finding the directory (local, or a Hugging Face Hub id)
 
 _HUB_WEIGHTS = {
-    "safetensors": [SAFETENSORS_NAME, SAFETENSORS_INDEX_NAME, "model-*.safetensors"],
+    "safetensors": [SAFETENSORS_NAME, SAFETENSORS_INDEX_NAME, "model-*.safetensors", BERT_SAFETENSORS_NAME],
     "pytorch": [PYTORCH_NAME, PYTORCH_INDEX_NAME, "pytorch_model-*.bin"],
 }
 
@@ -322,6 +347,8 @@ def _weights_files(directory: Path) -> tuple[str, list[Path]] | None:
     ):
         if (directory / single).is_file():
             return kind, [directory / single]
+        if kind == "safetensors" and (directory / BERT_SAFETENSORS_NAME).is_file():
+            return kind, [directory / BERT_SAFETENSORS_NAME]
         if (directory / index).is_file():
             weight_map = _read_json(directory / index).get("weight_map")
             if not isinstance(weight_map, dict) or not weight_map:
@@ -610,7 +637,8 @@ def save_pretrained(model, path: str | os.PathLike, processor=None) -> None:
 
     Writes config.json, model.safetensors and, given a processor, its preprocessor_config.json. transformers'
     ImageGPTForCausalImageModeling (for ImageGPT) or ImageGPTForImageClassification (for ImageGPTClassifier)
-    loads it with no missing or unexpected keys.
+    loads it with no missing or unexpected keys. A BERT model's weights go to imagegpt-bert.safetensors
+    instead, and transformers refuses the directory (see the module docstring).
     """
     from safetensors import SafetensorError
     from safetensors.torch import save_file
@@ -638,7 +666,8 @@ def save_pretrained(model, path: str | os.PathLike, processor=None) -> None:
     try:
         with write_errors(target):  # a full disk: one line, and the directory as it was
             try:
-                save_file(state, tmp / SAFETENSORS_NAME, metadata={"format": "pt"})
+                weights = SAFETENSORS_NAME if model.config.is_causal else BERT_SAFETENSORS_NAME
+                save_file(state, tmp / weights, metadata={"format": "pt"})
             except SafetensorError as e:
                 raise OSError(errno.EIO, str(e)) from e
             del state
@@ -658,6 +687,8 @@ def save_pretrained(model, path: str | os.PathLike, processor=None) -> None:
         # An existing directory: replace file by file, config.json last, so it never names missing weights.
         for file in sorted(tmp.iterdir(), key=lambda f: f.name == CONFIG_NAME):
             os.replace(file, target / file.name)
+        stale = BERT_SAFETENSORS_NAME if model.config.is_causal else SAFETENSORS_NAME
+        (target / stale).unlink(missing_ok=True)  # another objective's model was saved here before
         fsync_dir(target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -9,6 +9,13 @@ Two mistakes common in public notebooks are avoided here. transformers' `hidden_
 are *un-normed* residual-stream activations: we apply the block's own norm, as the paper does. And the model
 input is `[SOS, x0, ..., x_{n-2}]`, as in training: raw processor output shifts every feature by one position.
 
+BERT models (imagegpt.objectives) are probed as in section 4.6 of the paper: "because inputs to the BERT model
+are masked at training time, we must also mask them at evaluation time to keep inputs in-distribution". Every
+image is read under its fixed evaluation mask (draw 0; positions masked with the model's bert_mask_prob, token
+embeddings zeroed) with full attention and no SOS, and the test accuracy is also reported for the paper's
+ensemble: "we sample 5 independent masks for each input and take the modal prediction, breaking ties at
+random" (the probe fitted on draw 0 predicts the test images under draws 0..4).
+
 A probe is an L-BFGS logistic regression (scikit-learn) on standardised features. Its regularisation
 strength C is chosen on the validation split and the test accuracy reported for that choice.
 """
@@ -33,7 +40,8 @@ from .data import load_dataset, token_cache
 from .device import autocast, resolve_device, resolve_dtype
 from .errors import ArgumentError, DataError, ImageInputError
 from .files import check_folders, write_text_atomic
-from .model import ImageGPT, sos_inputs
+from .model import ImageGPT, image_inputs
+from .objectives import ENSEMBLE_MASKS, ensemble_vote, evaluation_masks
 
 DEFAULT_CS: tuple[float, ...] = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
 
@@ -150,9 +158,10 @@ def _run_layers(
     device: torch.device,
     dtype: torch.dtype,
     progress: bool,
+    draw: int = 0,
 ) -> dict[int, np.ndarray]:
     """Average-pooled normed activations of `layers` (model.forward_intermediates: one pass per batch, only
-    the blocks below the deepest layer asked)."""
+    the blocks below the deepest layer asked). BERT models read image i under its evaluation mask `draw`."""
     config = model.config
     n, deepest = ids.size(0), max(layers)
     features = {layer: np.empty((n, config.n_embd), dtype=np.float32) for layer in layers}
@@ -162,9 +171,12 @@ def _run_layers(
 
         starts = tqdm(starts, desc=f"features (layers {layers[0]}..{deepest})", unit="batch", leave=False)
     for start in starts:
-        batch = sos_inputs(ids[start : start + batch_size].to(device), config.sos_id)
+        batch = image_inputs(ids[start : start + batch_size].to(device), config)
         with autocast(device, dtype):
-            _, pooled = model.forward_intermediates(batch, layers, norm=True, pool=True)  # each (B, C)
+            mask = None
+            if not config.is_causal:  # BERT: the masked positions' token embeddings zeroed, as in training
+                mask = evaluation_masks(config, range(start, start + len(batch)), draw).to(device)
+            _, pooled = model.forward_intermediates(batch, layers, norm=True, pool=True, mask=mask)
         for layer, values in zip(layers, pooled):
             features[layer][start : start + len(batch)] = values.cpu().numpy()
     return features
@@ -189,6 +201,7 @@ def extract_features(
     dtype: str | torch.dtype | None = None,
     cache_dir: str | os.PathLike | None = None,
     progress: bool = False,
+    draw: int = 0,
 ) -> dict[int, np.ndarray] | np.ndarray:
     """Average-pooled layer-normed features: {layer: float32 [N, n_embd]}, or [N, n_embd * layers] if concat.
 
@@ -199,6 +212,9 @@ def extract_features(
     dtype: autocast dtype; None or 'auto' = float32 (imagegpt.device).
     cache_dir: if given, features are cached there per layer, keyed by the model's weights, the token ids and
         the dtype, so a second call (or another layer selection) reuses what was computed.
+    draw: BERT models read image i (its place in images_or_ids) under its fixed evaluation mask number
+        `draw` (imagegpt.objectives.evaluation_masks), as the paper evaluates them; next-pixel models
+        ignore it.
     """
     if batch_size < 1:
         raise ArgumentError(f"batch_size must be at least 1, got {batch_size}")
@@ -213,6 +229,7 @@ def extract_features(
     if cache_dir is not None:
         cache_dir = Path(cache_dir)
         key = f"{model_fingerprint(model)}-{ids_fingerprint(ids)}-{str(dtype).removeprefix('torch.')}"
+        key += "" if config.is_causal else f"-mask{draw}"
         for layer in layers:
             paths[layer] = cache_dir / f"{key}-layer{layer}.npy"
             if paths[layer].exists():
@@ -222,7 +239,7 @@ def extract_features(
         was_training = model.training
         model.to(device).eval()
         try:
-            computed = _run_layers(model, ids, missing, batch_size, device, dtype, progress)
+            computed = _run_layers(model, ids, missing, batch_size, device, dtype, progress, draw)
         finally:
             model.train(was_training)
         if cache_dir is not None:
@@ -248,6 +265,7 @@ class ProbeResult:
     val_accuracies: dict[float, float] = field(default_factory=dict)
     train_accuracy: float | None = None
     extended: list[float] = field(default_factory=list)  # Cs tried past the grid's end (_extend_grid)
+    test_accuracy_ensemble: float | None = None  # BERT: the modal prediction over the test images' masks
 
 
 def _check_labels(labels, what: str) -> np.ndarray:
@@ -272,9 +290,12 @@ def fit_probe(
     *,
     Cs: Sequence[float] = DEFAULT_CS,
     max_iter: int = 1000,
+    ensemble: Sequence[np.ndarray] = (),
 ) -> ProbeResult:
     """L-BFGS logistic regression on standardised features; C chosen by validation accuracy (ties: smaller C).
 
+    ensemble: the test images' features under further BERT masks; test_accuracy_ensemble is then the accuracy
+    of the modal prediction over test_features and these (ties broken at random, objectives.ensemble_vote).
     The scaler is fitted on the training features only. The C grid is walked from strong to weak
     regularisation with warm starts, which makes the whole grid cost little more than its weakest member.
     """
@@ -315,10 +336,13 @@ def fit_probe(
         fit(C)
     extended = _extend_grid(fit, best[0], grid) if len(grid) > 1 else []
     C, chosen = best
-    test_accuracy = None
+    test_accuracy = ensemble_accuracy = None
     if test_features is not None:
         test_labels = _check_labels(test_labels, "test")
         test_accuracy = float(chosen.score(scaler.transform(test_features), test_labels))
+    if ensemble:
+        votes = [chosen.predict(scaler.transform(f)) for f in (test_features, *ensemble)]
+        ensemble_accuracy = float((ensemble_vote(np.stack(votes)) == test_labels).mean())
     return ProbeResult(
         C=C,
         val_accuracy=val_accuracies[C],
@@ -326,6 +350,7 @@ def fit_probe(
         val_accuracies=val_accuracies,
         train_accuracy=float(chosen.score(train_x, train_labels)),
         extended=extended,
+        test_accuracy_ensemble=ensemble_accuracy,
     )
 
 
@@ -367,29 +392,41 @@ def labels_per_class_subset(labels, k: int, seed: int) -> np.ndarray:
     return np.sort(np.concatenate(chosen))
 
 
-def _probe_row(name, train, val, test, labels_per_class, seeds, Cs) -> dict:
-    """A table row: one probe (full data) or the mean and std over seeds (low-data mode)."""
+def _probe_row(name, train, val, test, labels_per_class, seeds, Cs, ensemble=()) -> dict:
+    """A table row: one probe (full data) or the mean and std over seeds (low-data mode). ensemble: the test
+    features under further BERT masks (fit_probe)."""
     (train_x, train_y), (val_x, val_y), (test_x, test_y) = train, val, test
     if labels_per_class is None:
-        result = fit_probe(train_x, train_y, val_x, val_y, test_x, test_y, Cs=Cs)
-        return {"layer": name, **asdict(result), "val_accuracies": _str_keys(result.val_accuracies)}
+        result = fit_probe(train_x, train_y, val_x, val_y, test_x, test_y, Cs=Cs, ensemble=ensemble)
+        return {"layer": name, **_result_dict(result)}
     runs = []
     for seed in range(seeds):
         subset = labels_per_class_subset(train_y, labels_per_class, seed)
-        runs.append(fit_probe(train_x[subset], train_y[subset], val_x, val_y, test_x, test_y, Cs=Cs))
+        runs.append(
+            fit_probe(
+                train_x[subset], train_y[subset], val_x, val_y, test_x, test_y, Cs=Cs, ensemble=ensemble
+            )
+        )
     tests = np.array([r.test_accuracy for r in runs])
     vals = np.array([r.val_accuracy for r in runs])
-    return {
+    row = {
         "layer": name,
         "test_accuracy": float(tests.mean()),
         "test_accuracy_std": float(tests.std()),
         "val_accuracy": float(vals.mean()),
         "val_accuracy_std": float(vals.std()),
-        "runs": [
-            {"seed": seed, **asdict(r), "val_accuracies": _str_keys(r.val_accuracies)}
-            for seed, r in enumerate(runs)
-        ],
+        "runs": [{"seed": seed, **_result_dict(r)} for seed, r in enumerate(runs)],
     }
+    if ensemble:
+        row["test_accuracy_ensemble"] = float(np.mean([r.test_accuracy_ensemble for r in runs]))
+    return row
+
+
+def _result_dict(result: ProbeResult) -> dict:
+    values = {**asdict(result), "val_accuracies": _str_keys(result.val_accuracies)}
+    if values["test_accuracy_ensemble"] is None:  # next-pixel models and the pixel baselines
+        del values["test_accuracy_ensemble"]
+    return values
 
 
 def _str_keys(values: dict[float, float]) -> dict[str, float]:
@@ -433,6 +470,7 @@ def run_probe(
     dtype: str | torch.dtype | None = None,
     cache_dir: str | os.PathLike | None = None,
     progress: bool = False,
+    ensemble_masks: int = ENSEMBLE_MASKS,
 ) -> dict:
     """Per-layer linear probes and pixel baselines on three labelled splits; returns a JSON-able report.
 
@@ -443,8 +481,13 @@ def run_probe(
     cache_dir: token ids (imagegpt.data.token_cache) and features are cached in its tokens/ and features/.
     labels_per_class: low-data mode, K training labels per class drawn `seeds` times; rows hold mean and std.
     concat: also probe the concatenation of the chosen layers (a row named like '3+4+5').
+    ensemble_masks: BERT models: the test accuracy is also reported for the modal prediction over this many
+        masks per test image (the paper's 5; 1 turns the ensemble off). See the module's docstring.
     """
     splits = {"train": train, "val": val, "test": test}
+    if isinstance(ensemble_masks, bool) or not isinstance(ensemble_masks, int) or ensemble_masks < 1:
+        raise ArgumentError(f"ensemble_masks must be a positive integer, got {ensemble_masks!r}")
+    draws = 1 if model.config.is_causal else ensemble_masks
     data = {}  # split -> (images: a dataset, images or token ids; labels)
     for split, dataset in splits.items():
         images, labels = (dataset, dataset.labels) if hasattr(dataset, "labels") else dataset
@@ -460,31 +503,40 @@ def run_probe(
         if unseen:
             raise DataError(f"the {split} split has classes {sorted(unseen)} that the training split lacks")
 
-    features, ids = {}, {}
-    for split, (images, _) in data.items():
-        ids[split] = images if _is_ids(images) else dataset_ids(images, processor, cache_dir)
-        features[split] = extract_features(
+    def features_of(split_ids, draw=0):
+        return extract_features(
             model,
-            ids[split],
+            split_ids,
             layers,
             batch_size=batch_size,
             device=device,
             dtype=dtype,
             cache_dir=None if cache_dir is None else Path(cache_dir) / "features",
             progress=progress,
+            draw=draw,
         )
 
-    def row(name, pick):
+    features, ids = {}, {}
+    for split, (images, _) in data.items():
+        ids[split] = images if _is_ids(images) else dataset_ids(images, processor, cache_dir)
+        features[split] = features_of(ids[split])
+    further = [features_of(ids["test"], draw) for draw in range(1, draws)]  # BERT: the test ensemble's
+
+    def row(name, pick, ensemble=()):
         return _probe_row(
-            name, *((pick(split), data[split][1]) for split in splits), labels_per_class, seeds, Cs
+            name, *((pick(split), data[split][1]) for split in splits), labels_per_class, seeds, Cs, ensemble
         )
 
-    rows = [row(layer, lambda split, layer=layer: features[split][layer]) for layer in layers]
+    rows = [
+        row(layer, lambda split, layer=layer: features[split][layer], [f[layer] for f in further])
+        for layer in layers
+    ]
     concat_row = None
     if concat and len(layers) > 1:
         concat_row = row(
             "+".join(map(str, layers)),
             lambda split: np.concatenate([features[split][layer] for layer in layers], axis=1),
+            [np.concatenate([f[layer] for layer in layers], axis=1) for f in further],
         )
     baseline_row = palette_row = None
     if baseline:
@@ -500,6 +552,9 @@ def run_probe(
     n_classes = len(train_classes)
     return {
         "data": getattr(train, "name", None),
+        "objective": model.config.objective,
+        "bert_mask_prob": None if model.config.is_causal else model.config.bert_mask_prob,
+        "ensemble_masks": draws if draws > 1 else None,
         "n_layer": model.config.n_layer,
         "n_embd": model.config.n_embd,
         "layers": layers,
@@ -538,12 +593,19 @@ def format_report(report: dict) -> str:
     title += f"{report['sizes']['test']}"
     if low_data:
         title += f"; {report['labels_per_class']} labels per class, mean ± std over {report['seeds']} seeds"
-    lines = [title, f"{'layer':>8}  {'val acc':>8}  {'test acc':>16}  {'C':>6}"]
+    lines = [title, _objective_line(report)]
+    ensemble = report.get("ensemble_masks")
+    header = f"{'layer':>8}  {'val acc':>8}  {'test acc':>16}"
+    lines.append(header + (f"  {f'{ensemble}-mask vote':>13}" if ensemble else "") + f"  {'C':>6}")
 
     def line(row, marker=""):
         C = f"{row['C']:g}" if "C" in row else "-"
         val = f"{100 * row['val_accuracy']:7.2f}%"
-        return f"{row['layer']!s:>8}  {val:>8}  {_accuracy_text(row):>16}  {C:>6}{marker}"
+        text = f"{row['layer']!s:>8}  {val:>8}  {_accuracy_text(row):>16}"
+        if ensemble:
+            voted = row.get("test_accuracy_ensemble")
+            text += f"  {'-' if voted is None else f'{100 * voted:.2f}%':>13}"
+        return f"{text}  {C:>6}{marker}"
 
     for row in report["rows"]:
         lines.append(line(row, "  <- best on val" if row["layer"] == report["best_layer"] else ""))
@@ -561,6 +623,21 @@ def format_report(report: dict) -> str:
         moves = ", ".join(f"{name} to C={C:g}" for name, C in extended.items())
         lines.append(f"the C grid ({grid[0]:g}..{grid[-1]:g}) was extended where its end won: {moves}")
     return "\n".join(lines)
+
+
+def _objective_line(report: dict) -> str:
+    """Which objective the model was pretrained with, and how its images were read."""
+    if report.get("objective", "ar") == "ar":
+        return "model pretrained with the next-pixel (ar) objective: images read as [SOS, x0, ..., x_{n-2}]"
+    line = (
+        f"model pretrained with the BERT objective (p={report['bert_mask_prob']:g}): images read under a "
+        "fixed mask, as in training"
+    )
+    if report.get("ensemble_masks"):
+        line += (
+            f"; the vote column is the modal prediction over {report['ensemble_masks']} masks per test image"
+        )
+    return line
 
 
 def grid_extensions(report: dict) -> dict[str, float]:
@@ -653,10 +730,12 @@ def probe_pretrained(
     seed: int = 0,
     data_options: dict | None = None,
     progress: bool = False,
+    ensemble_masks: int = ENSEMBLE_MASKS,
 ) -> tuple[dict, dict[str, Path]]:
     """`imagegpt probe`: load a model directory and a dataset's three splits, probe, write probe.json/.png.
 
     cache_dir defaults to `out/cache`; data_options go to imagegpt.data.load_dataset (limit, n, resolution).
+    ensemble_masks: BERT models' test ensemble (run_probe).
     """
     model_dir = latest_model_dir(model_dir)  # a model directory, or a run directory's model
     check_folders(out=out, cache_dir=cache_dir)
@@ -678,6 +757,7 @@ def probe_pretrained(
         dtype=dtype,
         cache_dir=Path(out) / "cache" if cache_dir is None else cache_dir,
         progress=progress,
+        ensemble_masks=ensemble_masks,
     )
     report = {"model": str(model_dir), **report, "data": str(data), "seed": seed}
     return report, write_report(report, out)

@@ -36,6 +36,7 @@ from .device import DTYPES, autocast, resolve_device, resolve_dtype
 from .errors import ArgumentError, CheckpointError, ConfigError
 from .limits import check_memory
 from .model import ImageGPT, KVCache, cache_position_bytes
+from .objectives import require_causal
 
 # The default batch holds at most this many bytes of KV cache (igpt-s in float32: 20 images of 32x32).
 CACHE_BUDGET_BYTES = 2 * 1024**3
@@ -350,6 +351,7 @@ def generate(
     """
     options = sampling_options(options, **keywords)
     config = model.config
+    require_causal(config, "sampling and completion")
     prefixes = _as_ids(prefixes, config.n_clusters)
     R, P = prefixes.shape
     n_positions = _check_length(config, P, length)
@@ -566,7 +568,7 @@ def load_for_sampling(path, **kwargs):
     """(ImageGPT, ImageProcessor) from a model directory, an imagegpt train run directory, or a Hub id.
 
     Sampling needs the palette to turn tokens into pixels, so a directory without preprocessor_config.json is
-    a CheckpointError.
+    a CheckpointError; and a next-pixel model, so a BERT model is a ConfigError.
     """
     from pathlib import Path
 
@@ -580,7 +582,9 @@ def load_for_sampling(path, **kwargs):
             "images; use a checkpoint saved with its processor (imagegpt train writes one), or save one "
             "there with ImageProcessor(palette, size).save_pretrained(directory)"
         )
-    return load_with_processor(ImageGPT, directory, **kwargs)
+    model, processor = load_with_processor(ImageGPT, directory, **kwargs)
+    require_causal(model.config, f"sampling from {directory}")  # before any other work of the caller's
+    return model, processor
 
 
 def sample_images(

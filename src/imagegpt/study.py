@@ -146,8 +146,23 @@ def study_run(run_dir: Path, options: StudyOptions) -> dict:
     return {
         "run": str(run_dir), "name": name, "data": data, "data_options": data_options,
         "parameters": config.num_parameters(), "n_layer": config.n_layer, "points": points,
+        "objective": config.objective,
         "correlation": correlation(points),
     }  # fmt: skip
+
+
+def _check_objectives(runs: list[Path]) -> None:
+    """The runs' bits/dim are compared with each other: a BERT run's (of masked tokens) with a next-pixel
+    run's would compare two different tasks."""
+    from .trainer import load_args
+
+    objectives = {run: load_args(run).get("objective", "ar") for run in runs}
+    if len(set(objectives.values())) > 1:
+        bert = ", ".join(str(run) for run, objective in objectives.items() if objective == "bert")
+        raise ArgumentError(
+            f"the runs mix objectives ({bert}: bert, the others ar); a BERT run's bits/dim is of masked "
+            "tokens and not comparable to a next-pixel run's. Study each objective's runs on their own"
+        )
 
 
 def correlation(points: list[dict]) -> float | None:
@@ -167,6 +182,7 @@ def run_study(options: StudyOptions) -> dict:
     out = Path(options.out)
     out.mkdir(parents=True, exist_ok=True)
     runs = [Path(r) for r in options.runs] or train_runs(options)
+    _check_objectives(runs)
     results = [study_run(run_dir, options) for run_dir in runs]
     every = [p for r in results for p in r["points"]]
     study = {
@@ -233,7 +249,10 @@ def plot_layers(run: dict, path: Path) -> None:
 def format_study(study: dict) -> str:
     lines = []
     for run in study["runs"]:
-        lines.append(f"{run['name']} ({run['parameters'] / 1e6:.2f}M parameters, {run['n_layer']} layers):")
+        bert = " of masked tokens: a BERT run" if run.get("objective") == "bert" else ""
+        lines.append(
+            f"{run['name']} ({run['parameters'] / 1e6:.2f}M parameters, {run['n_layer']} layers){bert}:"
+        )
         lines.append(f"  {'step':>7}  {'bits/dim':>8}  {'best layer':>10}  {'test acc':>8}")
         for p in run["points"]:
             lines.append(

@@ -1,11 +1,12 @@
-"""Pretraining from pixels: fit a palette, tokenise once, train the next-pixel objective.
+"""Pretraining from pixels: fit a palette, tokenise once, train the next-pixel (or the BERT) objective.
 
 `train(TrainOptions(...))` sets a run up and hands it to imagegpt.loop's train_loop, the loop fine-tuning
 shares: `Pretraining` is what the loop trains (the token cache a global batch at a time, checkpoints that
 carry the run's palette), `NextPixel` what it learns (the loss, and bits/dim on the validation split). The
 paper's recipe: AdamW (0.9, 0.95) without weight decay, linear warmup then cosine decay to 0, gradient
 clipping at 1.0, bfloat16 autocast where supported, and SOS handled as the original: the model reads
-[SOS, x0, ..., x_{n-2}] and predicts [x0, ..., x_{n-1}].
+[SOS, x0, ..., x_{n-2}] and predicts [x0, ..., x_{n-1}]. `objective="bert"` trains the paper's masked-pixel
+objective instead (`MaskedPixels`, with imagegpt.objectives' seeded masks).
 
 Under torchrun, the same function runs DistributedDataParallel (or FSDP), applied from outside the model:
 every rank reads its own slice of each global batch from the token cache, and only rank 0 writes files.
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
@@ -31,7 +33,8 @@ from .evaluate import bits_per_dim, image_nll
 from .files import check_output
 from .limits import check_memory
 from .loop import Outcome, Plan, TrainingRun, evaluate_split, train_loop
-from .model import ImageGPT, sos_inputs
+from .model import ImageGPT, bert_loss_per_image, sos_inputs
+from .objectives import bert_micro_batches, check_mask_prob, check_objective, describe
 from .palette import Palette, check_clusters
 from .processor import ImageProcessor
 from .trainer import (
@@ -79,6 +82,8 @@ class TrainOptions:
     fsdp: under torchrun, shard weights, gradients and optimizer state over the ranks (FSDP2) instead of DDP.
     keep_checkpoints: also keep the model at this many log-spaced steps (kept_steps), the last step among
     them, as checkpoints/step-NNNNNNN model directories: what `imagegpt study` probes.
+    objective: "ar" (next-pixel prediction) or "bert" (masked-pixel prediction, each position masked with
+    probability mask_prob; recorded in the model's config as bert_mask_prob).
     """
 
     data: str = "shapes"
@@ -110,6 +115,8 @@ class TrainOptions:
     progress: bool = True
     stop_after: int | None = None
     keep_checkpoints: int = 0
+    objective: str = "ar"
+    mask_prob: float = 0.15
 
     def validate(self) -> None:
         """Every option checked before anything is created: a refused run leaves nothing behind, so the
@@ -143,6 +150,10 @@ class TrainOptions:
         for name in ("gradient_checkpointing", "fsdp", "progress"):
             if not isinstance(getattr(self, name), bool):
                 raise ArgumentError(f"{_flag(name)} must be true or false, got {getattr(self, name)!r}")
+        check_objective(self.objective)
+        check_mask_prob(self.mask_prob)
+        if self.objective != "bert" and self.mask_prob != TrainOptions.mask_prob:
+            raise ArgumentError("--mask-prob is the BERT objective's; give it with --objective bert")
         if self.palette is None:
             check_clusters(self.clusters)
         if self.preset not in PRESETS:
@@ -234,6 +245,7 @@ class TrainResult:
     tokens_per_second: float | None
     dtype: str | None = None  # the compute dtype the run's steps used ("float32", "bfloat16", ...)
     signal: int | None = None  # the signal (SIGINT, SIGTERM) that stopped the run, if one did
+    objective: str = "ar"  # "bert": the losses are of the masked tokens (not comparable to "ar" bits/dim)
 
 
 # What the loop trains, and on what
@@ -252,6 +264,10 @@ class NextPixel:
         self.sos_id, self.val_tokens = sos_id, val_tokens
         self.eval_images, self.batch_size = eval_images, batch_size
 
+    def micro_batches(self, ids: torch.Tensor, step: int, dist: Distributed, chunks: int) -> Sequence:
+        """What loss() takes: this rank's share of step `step`'s global batch, in `chunks` micro-batches."""
+        return ids.chunk(chunks)
+
     def loss(self, model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
         return image_loss(model, ids, self.sos_id)
 
@@ -268,8 +284,48 @@ class NextPixel:
         return {"loss": nats, "bits_per_dim": bits_per_dim(nats)}
 
 
-def pretraining_objective(config: ImageGPTConfig, val_tokens, eval_images: int, batch_size: int) -> NextPixel:
-    """The objective a pretraining run of `config` learns: the one place that chooses it."""
+class MaskedPixels(NextPixel):
+    """The paper's L_BERT (imagegpt.objectives): the masked tokens predicted from all the others.
+
+    Each step's micro-batches carry the step's training masks, drawn for the global batch with the run's seed
+    (so a resumed run and any number of processes draw the same ones); the loss is each image's mean over its
+    masked tokens, averaged over the batch. Scored like NextPixel, on the masked tokens of the images' fixed
+    evaluation masks (one per image) instead of every token: not comparable to a next-pixel run's numbers.
+    """
+
+    def __init__(self, config: ImageGPTConfig, seed: int, val_tokens, eval_images: int = 0, batch_size=64):
+        super().__init__(config.sos_id, val_tokens, eval_images, batch_size)
+        self.config, self.seed = config, seed
+
+    def micro_batches(self, ids, step, dist, chunks):
+        return bert_micro_batches(self.config, self.seed, step, ids, dist.rank, dist.world_size, chunks)
+
+    def loss(self, model, batch):
+        ids, mask = batch
+        return bert_loss_per_image(model(ids, mask=mask).logits, ids, mask).mean()
+
+    def evaluate(self, run, final):
+        n = (
+            len(self.val_tokens)
+            if final or not self.eval_images
+            else min(self.eval_images, len(self.val_tokens))
+        )
+
+        def score(model, indices):  # each image under its own evaluation mask, whichever rank reads it
+            ids = self.val_tokens[indices]
+            return image_nll(model, ids, device=run.device, dtype=run.dtype, indices=indices)
+
+        nats = evaluate_split(run, np.arange(n), score, self.batch_size)
+        return {"loss": nats, "bits_per_dim": bits_per_dim(nats)}
+
+
+def pretraining_objective(
+    config: ImageGPTConfig, val_tokens, eval_images: int, batch_size: int, seed: int = 0
+) -> NextPixel:
+    """The objective a pretraining run of `config` learns: the one place that chooses it (seed: the BERT
+    training masks')."""
+    if not config.is_causal:
+        return MaskedPixels(config, seed, val_tokens, eval_images, batch_size)
     return NextPixel(config.sos_id, val_tokens, eval_images, batch_size)
 
 
@@ -300,6 +356,7 @@ class Pretraining(TrainingRun):
         dtype: torch.dtype,
         step: int,
         on_step=None,
+        objective: NextPixel,
     ):
         super().__init__(
             ddp,
@@ -313,13 +370,14 @@ class Pretraining(TrainingRun):
         )
         self.plain, self.order, self.tokens, self.processor = model, order, tokens, processor
         self.accumulate, self.on_step = options.accumulate, on_step
+        self.objective = objective  # what its micro-batches carry (a BERT run's: the step's masks)
         self.schedule = {"lr": options.lr, "warmup": options.warmup, "total": options.steps}
         self.keep = set(kept_steps(options.steps, options.keep_checkpoints))
         self.checkpoints = self.run_dir / CHECKPOINTS_DIR
 
     def batches(self, step: int) -> tuple[torch.Tensor, ...]:
         ids = torch.from_numpy(self.tokens[self.order.next()].astype(np.int64)).to(self.device)
-        return ids.chunk(self.accumulate)
+        return self.objective.micro_batches(ids, step, self.dist, self.accumulate)
 
     def after_step(self, step: int, record: dict) -> None:
         if step in self.keep:
@@ -405,12 +463,14 @@ def _train(options: TrainOptions, resume: bool, dist: Distributed, on_step, hold
     if state is not None:
         step = restore_state(state, optimizer, order, dist, model=ddp, source=latest / STATE_FILE)
         if step >= options.steps and (run_dir / MODEL_DIR / "config.json").is_file():
-            return _finished(run_dir, step)  # resuming a finished run changes nothing
+            return _finished(run_dir, step, config.objective)  # resuming a finished run changes nothing
     if resume and dist.is_main:
         prepare_run_dir(run_dir, asdict(options), resume=True)  # records the overrides of this session
     if not resume and options.progress and dist.is_main:
         print(_banner(options, config, processor, tokens, dist, is_sharded(ddp), dtype))
     metrics = MetricsLog(run_dir / METRICS_FILE, enabled=dist.is_main, resume_step=step if resume else None)
+    per_rank = options.batch_size // dist.world_size
+    objective = pretraining_objective(config, tokens[1], options.eval_images, per_rank, options.seed)
     run = Pretraining(
         options,
         model,
@@ -424,9 +484,8 @@ def _train(options: TrainOptions, resume: bool, dist: Distributed, on_step, hold
         dtype=dtype,
         step=step,
         on_step=on_step,
+        objective=objective,
     )
-    per_rank = options.batch_size // dist.world_size
-    objective = pretraining_objective(config, tokens[1], options.eval_images, per_rank)
     plan = Plan(
         steps=options.steps,
         lr=options.lr,
@@ -492,6 +551,8 @@ def _config(options: TrainOptions, resolution, palette: Palette | None, dist: Di
         resid_pdrop=options.dropout,
         embd_pdrop=options.dropout,
         attn_pdrop=options.dropout,
+        objective=options.objective,
+        bert_mask_prob=options.mask_prob,
     )
     what = f"training {options.preset} at {config.n_positions} positions"
     hint = "choose a smaller --preset, --resolution or --batch-size (or a larger --accumulate)"
@@ -514,7 +575,7 @@ def _read_checkpoint(latest: Path, config: ImageGPTConfig) -> tuple[dict, ImageG
     """A checkpoint's training state and model, read and checked before anything of the run is written."""
     state = load_training_state(latest)
     loaded = ImageGPT.from_pretrained(latest)
-    shape = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head")
+    shape = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "objective", "bert_mask_prob")
     if any(getattr(loaded.config, k) != getattr(config, k) for k in shape):
         raise CheckpointError(f"{latest} holds a model of another shape than this run's arguments describe")
     return state, loaded
@@ -556,7 +617,8 @@ def _model(options: TrainOptions, config: ImageGPTConfig, loaded: ImageGPT | Non
 
 def _banner(options, config, processor, tokens, dist: Distributed, sharded: bool, dtype) -> str:
     return (
-        f"imagegpt train: {options.preset} ({config.num_parameters() / 1e6:.2f}M parameters) at "
+        f"imagegpt train: {options.preset} ({config.num_parameters() / 1e6:.2f}M parameters, "
+        f"{describe(config)}) at "
         f"{processor.height}x{processor.width}, {len(processor.palette)} colours, {len(tokens[0])} train / "
         f"{len(tokens[1])} val images, {dist.world_size} process(es){' with FSDP' * sharded} on "
         f"{dist.device}, {str(dtype).split('.')[-1]}"
@@ -578,7 +640,7 @@ def _check_resume(options: TrainOptions, run_dir: Path) -> None:
         raise ArgumentError(f"cannot resume {run_dir} with other arguments: {detail}")
 
 
-def _finished(run_dir: Path, step: int) -> TrainResult:
+def _finished(run_dir: Path, step: int, objective: str) -> TrainResult:
     """The result of resuming a finished run, from its metrics: nothing is trained or written."""
     records = read_metrics(run_dir / METRICS_FILE)
     last = {r.get("split"): r["loss"] for r in records if "loss" in r}  # the last record of each split
@@ -591,6 +653,7 @@ def _finished(run_dir: Path, step: int) -> TrainResult:
         val_loss=last.get("val"),
         val_bits_per_dim=None if "val" not in last else bits_per_dim(last["val"]),
         tokens_per_second=None,
+        objective=objective,
     )
 
 
@@ -607,4 +670,5 @@ def _result(run: Pretraining, outcome: Outcome) -> TrainResult:
         tokens_per_second=outcome.tokens_per_second,
         dtype=str(run.dtype).removeprefix("torch."),
         signal=outcome.signal,
+        objective=run.plain.config.objective,
     )

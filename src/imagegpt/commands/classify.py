@@ -53,6 +53,12 @@ def run(args) -> int:
     print(
         f"accuracy {100 * report['accuracy']:.2f}% on {report['images']} images ({args.data}, {args.split})"
     )
+    if "accuracy_ensemble" in report:
+        print(
+            f"a BERT classifier: the accuracy above reads each image under one fixed mask; the modal "
+            f"prediction over {report['ensemble_masks']} masks per image: "
+            f"{100 * report['accuracy_ensemble']:.2f}%"
+        )
     print(format_confusion(np.array(report["confusion"]), report["class_names"]))
     print(f"wrote {report['json']} and {report['plot']}")
     return 0

@@ -19,7 +19,9 @@ def register(subparsers) -> None:
             "in training: nats per token, bits per token, and the paper's bits per dimension (bits per token "
             "/ 3 channels; with a palette this is not the 8-bit bits/dim of PixelCNN-style models). "
             "Also reports a palette-unigram baseline (entropy of the colour frequencies of the train split) "
-            "and the uniform baseline (log2 K / 3)."
+            "and the uniform baseline (log2 K / 3). A BERT model (train --objective bert) is scored on the "
+            "masked tokens of fixed, seeded masks instead (--masks per image), each predicted from all "
+            "unmasked tokens: its numbers are not comparable to a next-pixel model's."
         ),
     )
     parser.add_argument(
@@ -28,6 +30,12 @@ def register(subparsers) -> None:
     add_data_arguments(parser)
     parser.add_argument("--split", default="test", choices=["train", "val", "test", "all"])
     parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
+    parser.add_argument(
+        "--masks",
+        type=int,
+        default=1,
+        help="BERT models: fixed evaluation masks per image (default 1, the masks training validates on)",
+    )
     add_output_argument(
         parser, "--cache-dir", kind="folder", default=None, help="cache the dataset's token ids here"
     )
@@ -52,6 +60,7 @@ def run(args) -> int:
         unigram=not args.no_unigram,
         progress=True,
         data_options=data_options(args),
+        masks=args.masks,
     )
     print(result.summary())
     if args.json:

@@ -21,7 +21,9 @@ def register(subparsers) -> None:
             "Average-pooled, layer-normed features of [SOS, x0, ..., x_{n-2}] at each chosen layer, an "
             "L-BFGS logistic regression on the standardised features with C chosen on the validation split, "
             "and test accuracy for that choice; logistic regressions on the raw and on the palette-quantised "
-            "pixels of the same splits as baselines. "
+            "pixels of the same splits as baselines. A BERT model (train --objective bert) reads each image "
+            "under a fixed mask, as the paper evaluates it, and the test accuracy of the modal prediction "
+            "over --ensemble-masks masks per image is reported beside. "
             "Writes probe.json and probe.png under --out."
         ),
         epilog=EXAMPLE,
@@ -58,6 +60,13 @@ def register(subparsers) -> None:
         help="regularisation strengths tried on the validation split",
     )
     parser.add_argument("--no-baseline", action="store_true", help="skip the pixel baselines")
+    parser.add_argument(
+        "--ensemble-masks",
+        type=int,
+        default=5,
+        metavar="N",
+        help="BERT models: also vote over N masks per test image (default 5, the paper's; 1: no vote)",
+    )
     parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
     add_output_argument(
         parser, "--cache-dir", kind="folder", default=None, help="token and feature cache (OUT/cache)"
@@ -84,6 +93,7 @@ def run(args) -> int:
         seed=args.seed,
         data_options=data_options(args),
         progress=True,
+        ensemble_masks=args.ensemble_masks,
     )
     print(format_report(report))
     print(f"wrote {paths['json']} and {paths['plot']}")

@@ -15,6 +15,7 @@ EXAMPLE = """examples:
   imagegpt train --data cifar-10-python.tar.gz --preset igpt-mini --resolution 32 --palette palette.json \\
       --out runs/cifar --steps 20000 --batch-size 64 --accumulate 2
   imagegpt train --resume runs/shapes                   # continue after Ctrl-C, a crash or --stop-after
+  imagegpt train --data shapes --objective bert --out runs/bert   # the paper's masked-pixel objective
   torchrun --standalone --nproc_per_node=4 -m imagegpt train --data ... --out runs/ddp   # DDP, 4 processes
 """
 
@@ -43,6 +44,8 @@ TRAIN_ARGUMENTS = (
     "cache_dir",
     "stop_after",
     "keep_checkpoints",
+    "objective",
+    "mask_prob",
 )
 
 
@@ -53,11 +56,12 @@ def register(subparsers) -> None:
         help="pretrain an ImageGPT on a dataset",
         description=(
             "Fit a palette (unless --palette is given), tokenise the dataset once (cached), and train the "
-            "next-pixel objective with AdamW (0.9, 0.95), linear warmup then cosine decay to 0, gradient "
-            "clipping at 1.0 and bfloat16 autocast where supported. RUN_DIR gets args.json, metrics.jsonl, "
-            "loss.png, checkpoints/latest (a transformers model directory plus the training state) and, when "
-            "the run finishes, model/. Ctrl-C or SIGTERM saves a checkpoint; --resume RUN_DIR continues "
-            "exactly. Under torchrun the same command runs DistributedDataParallel."
+            "next-pixel objective (or, with --objective bert, the paper's masked-pixel one) with AdamW "
+            "(0.9, 0.95), linear warmup then cosine decay to 0, gradient clipping at 1.0 and bfloat16 "
+            "autocast where supported. RUN_DIR gets args.json, metrics.jsonl, loss.png, checkpoints/latest "
+            "(a transformers model directory plus the training state) and, when the run finishes, model/. "
+            "Ctrl-C or SIGTERM saves a checkpoint; --resume RUN_DIR continues exactly. Under torchrun the "
+            "same command runs DistributedDataParallel."
         ),
         epilog=EXAMPLE + "\n" + EXIT_STATUS,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -110,7 +114,17 @@ def _add_model_options(model, defaults: dict) -> None:
     model.add_argument("--weight-decay", type=float, help="AdamW weight decay on matrices (default 0)")
     model.add_argument("--clip", type=float, help="gradient norm clipping (default 1.0; 0 turns it off)")
     model.add_argument("--dropout", type=float, help="dropout rate (default 0, as the paper)")
-    model.add_argument("--seed", type=int, help="seed of the initialisation (default 0)")
+    model.add_argument(
+        "--objective",
+        choices=["ar", "bert"],
+        help="ar: predict each pixel from the ones before (default); bert: masked pixels from the rest",
+    )
+    model.add_argument(
+        "--mask-prob",
+        type=float,
+        help=f"with --objective bert: probability of masking each pixel (default {defaults['mask_prob']})",
+    )
+    model.add_argument("--seed", type=int, help="seed of the initialisation and BERT masks (default 0)")
     model.add_argument(
         "--fsdp",
         action="store_true",
@@ -200,8 +214,13 @@ def run_train(args) -> int:
             f"`imagegpt train --resume {result.run_dir}`"
         )
     elif result.val_bits_per_dim is not None:
+        what = (
+            "bits/dim"
+            if result.objective == "ar"
+            else "bits/dim of masked tokens (BERT; not comparable to ar)"
+        )
         print(
             f"step {result.step}: validation {result.val_loss:.4f} nats/token = "
-            f"{result.val_bits_per_dim:.4f} bits/dim; model in {result.model_dir}"
+            f"{result.val_bits_per_dim:.4f} {what}; model in {result.model_dir}"
         )
     return status
