@@ -257,3 +257,18 @@ def test_the_status_line_shows_a_progress_bar():
 
     assert progress_bar(0.5, width=4) == "`██░░` 50%"
     assert progress_bar(1.0, width=4) == "`████` 100%"
+
+
+def test_stop_returns_only_once_the_generation_has_shown_that_it_stopped():
+    # The Stop event cancels the generation's event when the handler returns: it must first let the
+    # generation show "Stopped after ..." (flag.ended), or the page keeps the last progress line.
+    import threading
+
+    from imagegpt.app.page import Stops
+
+    stops = Stops()
+    flag = stops.new("visitor", "sample")
+    threading.Timer(0.3, flag.ended.set).start()  # the generation, reading the flag at its next token
+    stops.stop("visitor", "sample")
+    assert flag.is_set() and flag.ended.is_set()
+    stops.stop("visitor", "sample")  # nothing running any more: returns at once, raises nothing

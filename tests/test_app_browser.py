@@ -137,31 +137,6 @@ def fetch_png(driver, css: str) -> np.ndarray:
         return np.asarray(Image.open(io.BytesIO(response.read())).convert("RGB"))
 
 
-@pytest.fixture(scope="module")
-def slow_app_url(tmp_path_factory):
-    """The app on a model slow enough to stop mid-way: a random igpt-mini at 32x32 (1024 tokens an image)."""
-    from app_helpers import save_model
-
-    model_dir = save_model(tmp_path_factory.mktemp("slow-model") / "model", "igpt-mini", side=32)
-    yield from serve(model_dir, tmp_path_factory.mktemp("slow-app-log") / "app.log")
-
-
-def test_stop_ends_a_generation_midway_and_keeps_what_was_drawn(browser, slow_app_url, tmp_path):
-    shots = tmp_path / "screenshots"
-    open_page(browser, slow_app_url, shots)
-    find(browser, "#tab-sample-button").click()
-    set_number(browser, "samples", 8)
-    find(browser, "#sample-button").click()
-    grown = "var i = document.querySelector('#sample-result img'); return !!i && i.complete && i.naturalWidth"
-    wait_for(browser, lambda d: d.execute_script(grown), "the first rows of the samples")
-    browser.save_screenshot(str(shots / "2-growing.png"))
-    find(browser, "#sample-stop").click()
-    wait_for(browser, lambda d: "Stopped after" in text_of(d, "#sample-status"), "the stop")
-    browser.save_screenshot(str(shots / "3-stopped.png"))
-    assert "Done" not in text_of(browser, "#sample-status")
-    assert "Traceback" not in browser.page_source
-
-
 def test_an_uploaded_png_is_completed_and_its_kept_rows_are_the_quantised_input(
     browser, app_url, model_dir, tmp_path
 ):
@@ -269,3 +244,28 @@ def test_two_visitors_at_once_each_get_their_own_result(browser, app_url, tmp_pa
         assert "Traceback" not in browser.page_source + second.page_source
     finally:
         second.quit()
+
+
+@pytest.fixture(scope="module")
+def slow_app_url(tmp_path_factory):
+    """The app on a model slow enough to stop mid-way: a random igpt-mini at 32x32 (1024 tokens an image)."""
+    from app_helpers import save_model
+
+    model_dir = save_model(tmp_path_factory.mktemp("slow-model") / "model", "igpt-mini", side=32)
+    yield from serve(model_dir, tmp_path_factory.mktemp("slow-app-log") / "app.log")
+
+
+def test_stop_ends_a_generation_midway_and_keeps_what_was_drawn(browser, slow_app_url, tmp_path):
+    shots = tmp_path / "screenshots"
+    open_page(browser, slow_app_url, shots)
+    find(browser, "#tab-sample-button").click()
+    set_number(browser, "samples", 8)
+    find(browser, "#sample-button").click()
+    grown = "var i = document.querySelector('#sample-result img'); return !!i && i.complete && i.naturalWidth"
+    wait_for(browser, lambda d: d.execute_script(grown), "the first rows of the samples")
+    browser.save_screenshot(str(shots / "2-growing.png"))
+    find(browser, "#sample-stop").click()
+    wait_for(browser, lambda d: "Stopped after" in text_of(d, "#sample-status"), "the stop")
+    browser.save_screenshot(str(shots / "3-stopped.png"))
+    assert "Done" not in text_of(browser, "#sample-status")
+    assert "Traceback" not in browser.page_source

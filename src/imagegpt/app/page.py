@@ -30,6 +30,19 @@ QUEUE_SIZE = 16  # requests waiting for the model; one more gets "the queue is f
 LOCAL_FONTS = ["ui-sans-serif", "system-ui", "sans-serif"]  # the default theme would fetch web fonts
 
 
+# How long Stop waits for a running generation to show how far it got before gradio cancels the event (which
+# also drops a generation still queued behind another visitor's).
+STOP_GRACE_SECONDS = 5.0
+
+
+class StopFlag(threading.Event):
+    """A generation's stop flag, and `ended`: set once the generation has shown its last status."""
+
+    def __init__(self):
+        super().__init__()
+        self.ended = threading.Event()
+
+
 class Stops:
     """A stop flag per (browser session, tab): the Stop button sets the one its tab's generation reads."""
 
@@ -37,16 +50,20 @@ class Stops:
         self._flags: dict[tuple[str, str], threading.Event] = {}
         self._lock = threading.Lock()
 
-    def new(self, session: str, tab: str) -> threading.Event:
+    def new(self, session: str, tab: str) -> StopFlag:
         with self._lock:
-            flag = self._flags[session, tab] = threading.Event()
+            flag = self._flags[session, tab] = StopFlag()
         return flag
 
     def stop(self, session: str, tab: str) -> None:
+        """Set the flag, then wait (at most STOP_GRACE_SECONDS) until its generation has said so in the page:
+        the Stop event cancels the generation's event when this returns, and a cancelled generation can no
+        longer update its status."""
         with self._lock:
             flag = self._flags.pop((session, tab), None)
         if flag is not None:
             flag.set()
+            flag.ended.wait(STOP_GRACE_SECONDS)
 
 
 class Handlers:
@@ -134,7 +151,13 @@ class Handlers:
             "dtype": self.served.dtype,
         }
 
-    def _stream(self, prefixes, run, stop, figure, what: str):
+    def _stream(self, prefixes, run, stop: StopFlag, figure, what: str):
+        try:
+            yield from self._grow(prefixes, run, stop, figure, what)
+        finally:
+            stop.ended.set()
+
+    def _grow(self, prefixes, run, stop, figure, what: str):
         start = time.perf_counter()
         grid = None
         try:
