@@ -23,6 +23,8 @@ from imagegpt.processor import ImageProcessor
 from imagegpt.sampling import complete, load_for_sampling, sample
 from imagegpt.train import MaskedPixels, NextPixel, TrainOptions, pretraining_objective, resume_options, train
 from imagegpt.trainer import find_checkpoint, read_metrics
+from test_train import losses
+from test_train import options as train_options
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -302,30 +304,9 @@ def test_the_cli_refuses_a_bert_model_in_one_line(bert_dir, tmp_path, capsys, co
 
 
 def options(out, **changes) -> TrainOptions:
-    base = dict(
-        data="digits",
-        out=str(out),
-        preset="igpt-nano",
-        resolution=4,
-        clusters=8,
-        palette_pixels=5000,
-        steps=6,
-        batch_size=16,
-        lr=3e-3,
-        warmup=2,
-        eval_every=3,
-        eval_images=64,
-        save_every=3,
-        device="cpu",
-        dtype="float32",
-        progress=False,
-        objective="bert",
-    )
-    return TrainOptions(**(base | changes))
-
-
-def losses(run_dir, split="train"):
-    return [(r["step"], r["loss"]) for r in read_metrics(run_dir / "metrics.jsonl") if r["split"] == split]
+    """test_train's tiny digits run, as a BERT model, a few steps."""
+    bert = {"steps": 6, "eval_every": 3, "save_every": 3, "objective": "bert"}
+    return train_options(out, **(bert | changes))
 
 
 def test_a_bert_run_learns_records_its_objective_and_resumes_exactly(tmp_path):
