@@ -59,20 +59,19 @@ INLINE __m256 load8(const void *p, int dt) {
 }
 
 /* exp(x) for x <= 0 (x - max of a softmax): 2^(x log2 e) as 2^n * 2^f, |f| <= 1/2, 2^f by a degree-6
- * polynomial; relative error about 2e-7. Below -80 the result is flushed to exp(-80) ~ 2e-35, which no
- * softmax over at least one exp(0) = 1 can tell from 0. */
+ * polynomial (EXP2_POLY, highest power first); relative error about 2e-7. Below -80 the result is flushed
+ * to exp(-80) ~ 2e-35, which no softmax over at least one exp(0) = 1 can tell from 0. exp16 (AVX-512)
+ * computes the same numbers, step for step. */
+static const float EXP2_POLY[7] = {1.535336188319500e-4f, 1.339887440266574e-3f, 9.618437357674640e-3f,
+                                   5.550332471162809e-2f, 2.402264791363012e-1f, 6.931472028550421e-1f, 1.0f};
+
 INLINE __m256 exp8(__m256 x) {
     x = _mm256_max_ps(x, _mm256_set1_ps(-80.0f));
     __m256 t = _mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f));
     __m256 n = _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     __m256 f = _mm256_sub_ps(t, n);
-    __m256 p = _mm256_set1_ps(1.535336188319500e-4f);
-    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.339887440266574e-3f));
-    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(9.618437357674640e-3f));
-    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(5.550332471162809e-2f));
-    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2.402264791363012e-1f));
-    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(6.931472028550421e-1f));
-    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
+    __m256 p = _mm256_set1_ps(EXP2_POLY[0]);
+    for (int i = 1; i < 7; i++) p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(EXP2_POLY[i]));
     __m256i e = _mm256_slli_epi32(_mm256_cvtps_epi32(n), 23);
     return _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(p), e));
 }
@@ -289,16 +288,101 @@ static TARGET void linear_rows(const float *x, Py_ssize_t ldx, const float *bloc
     }
 }
 
+/* ---- the same tiles on AVX-512F: one zmm register holds a block's 16 columns at one k ----
+ *
+ * Twice the multiply-adds per instruction of AVX2, and 32 registers: a tile of up to 16 rows keeps one
+ * accumulator per row, so a decode step's batch of 16 reads each column block once. Each output is the
+ * same chain of FMAs over k as the AVX2 tile's, and exp16 is exp8 lane for lane, so the two paths give the
+ * same numbers bit for bit. Compiled for AVX-512F whatever the build machine, and taken only where the
+ * caller says so (imagegpt.cpu.ops.avx512 decides, from the CPU and IMAGEGPT_CPU_AVX512). */
+
+#define TARGET512 __attribute__((target("avx512f,avx2,fma,f16c")))
+#define INLINE512 static inline __attribute__((always_inline)) TARGET512
+
+INLINE512 __m512 exp16(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-80.0f));
+    __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
+    __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 f = _mm512_sub_ps(t, n);
+    __m512 p = _mm512_set1_ps(EXP2_POLY[0]);
+    for (int i = 1; i < 7; i++) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(EXP2_POLY[i]));
+    __m512i e = _mm512_slli_epi32(_mm512_cvtps_epi32(n), 23);
+    return _mm512_castsi512_ps(_mm512_add_epi32(_mm512_castps_si512(p), e));
+}
+
+INLINE512 __m512 silu16(__m512 z) {
+    __m512 e = exp16(_mm512_min_ps(_mm512_sub_ps(_mm512_setzero_ps(), z), _mm512_set1_ps(80.0f)));
+    return _mm512_div_ps(z, _mm512_add_ps(_mm512_set1_ps(1.0f), e));
+}
+
+/* tile_store for one row of 16 columns: the last, partial block's columns past `cols` are masked off */
+INLINE512 void tile_store16(__m512 v, const float *bias, int act, float *out, int cols) {
+    const __mmask16 keep = (__mmask16)((1u << cols) - 1);
+    v = _mm512_add_ps(v, _mm512_loadu_ps(bias));
+    if (act == 1) v = silu16(v);
+    if (act == 2) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(keep, out)); /* a residual */
+    _mm512_mask_storeu_ps(out, keep, v);
+}
+
+INLINE512 void linear_tile16(const float *x, Py_ssize_t ldx, const float *block, const float *next, int K,
+                             int R, const float *bias, int act, float *out, Py_ssize_t ldo, int cols) {
+    __m512 c[16]; /* every loop over r unrolled, as in linear_tile */
+#pragma GCC unroll 16
+    for (int r = 0; r < 16; r++) c[r] = _mm512_setzero_ps();
+    for (int k = 0; k < K; k++) {
+        const __m512 w = _mm512_loadu_ps(block + 16 * k);
+        _mm_prefetch((const char *)(next + 16 * k), _MM_HINT_T1); /* as in linear_tile */
+#pragma GCC unroll 16
+        for (int r = 0; r < R; r++) c[r] = _mm512_fmadd_ps(_mm512_set1_ps(x[r * ldx + k]), w, c[r]);
+    }
+#pragma GCC unroll 16
+    for (int r = 0; r < R; r++) tile_store16(c[r], bias, act, out + r * ldo, cols);
+}
+
+/* linear_rows for up to 16 rows */
+static TARGET512 void linear_rows16(const float *x, Py_ssize_t ldx, const float *block, const float *next,
+                                    int K, int R, const float *bias, int act, float *out, Py_ssize_t ldo,
+                                    int cols) {
+#define TILE16(R) linear_tile16(x, ldx, block, next, K, R, bias, act, out, ldo, cols)
+    switch (R) {
+    case 16: TILE16(16); break;
+    case 15: TILE16(15); break;
+    case 14: TILE16(14); break;
+    case 13: TILE16(13); break;
+    case 12: TILE16(12); break;
+    case 11: TILE16(11); break;
+    case 10: TILE16(10); break;
+    case 9: TILE16(9); break;
+    case 8: TILE16(8); break;
+    case 7: TILE16(7); break;
+    case 6: TILE16(6); break;
+    case 5: TILE16(5); break;
+    case 4: TILE16(4); break;
+    case 3: TILE16(3); break;
+    case 2: TILE16(2); break;
+    default: TILE16(1); break;
+    }
+#undef TILE16
+}
+
+/* out = act(x W^T + b) for column blocks [first, last) of a packed weight, all M rows; on AVX-512F in tiles
+ * of up to 16 rows, else in tiles of up to 6 */
 static TARGET void linear_blocks(const float *x, Py_ssize_t ldx, int M, int K, const float *packed, int N,
-                                 const float *bias, int act, float *out, Py_ssize_t ldo, int first, int last) {
+                                 const float *bias, int act, float *out, Py_ssize_t ldo, int first, int last,
+                                 int avx512) {
+    const int rows = avx512 ? 16 : 6;
     for (int nb = first; nb < last; nb++) {
         const float *block = packed + (Py_ssize_t)nb * K * 16;
         const float *next = nb + 1 < (N + 15) / 16 ? block + (Py_ssize_t)K * 16 : block;
         const int cols = N - 16 * nb < 16 ? N - 16 * nb : 16;
-        for (int m = 0; m < M; m += 6) {
-            const int R = M - m < 6 ? M - m : 6;
-            linear_rows(x + m * ldx, ldx, block, next, K, R, bias + 16 * nb, act, out + m * ldo + 16 * nb, ldo,
-                        cols);
+        for (int m = 0; m < M; m += rows) {
+            const int R = M - m < rows ? M - m : rows;
+            const float *xm = x + m * ldx, *b = bias + 16 * nb;
+            float *o = out + m * ldo + 16 * nb;
+            if (avx512)
+                linear_rows16(xm, ldx, block, next, K, R, b, act, o, ldo, cols);
+            else
+                linear_rows(xm, ldx, block, next, K, R, b, act, o, ldo, cols);
         }
     }
 }
@@ -459,6 +543,7 @@ static TARGET void linear_blocks_i8(const QuantRows *x, int M, int K, const int8
 typedef struct {
     float *x;
     int M, C, nh, N_fc, dt, pos, wq;
+    int avx512; /* the linear layers take their AVX-512F tiles */
     const float *ln1, *ln2;
     float eps;
     const void *w[4];  /* qkv, proj, fc, out: packed float32 blocks, or int8 ones (wq) */
@@ -587,7 +672,7 @@ static TARGET void block_linear(BlockJob *j, int i, const float *in, int K, int 
             const QuantRows rows = block_rows(j, K);
             linear_blocks_i8(&rows, j->M, K, j->w[i], N, j->s[i], j->b[i], act, out, ldo, first, last);
         } else {
-            linear_blocks(in, K, j->M, K, j->w[i], N, j->b[i], act, out, ldo, first, last);
+            linear_blocks(in, K, j->M, K, j->w[i], N, j->b[i], act, out, ldo, first, last, j->avx512);
         }
     }
 }
@@ -635,10 +720,30 @@ static int cpu_supported(void) {
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
 }
+
+/* whether the CPU (and the OS, which must save the zmm registers: libgcc checks both) runs AVX-512F */
+static int cpu_avx512(void) {
+    __builtin_cpu_init();
+    return cpu_supported() && __builtin_cpu_supports("avx512f");
+}
 #else
 #define IMAGEGPT_AVX2 0
 static int cpu_supported(void) { return 0; }
+static int cpu_avx512(void) { return 0; }
 #endif
+
+/* 0 after setting an exception unless the kernels run here, and AVX-512F too where `avx512` asks for it */
+static int check_cpu(int avx512) {
+    if (!cpu_supported()) {
+        PyErr_SetString(PyExc_RuntimeError, "imagegpt.cpu._kernels needs an x86-64 CPU with AVX2, FMA and F16C");
+        return 0;
+    }
+    if (avx512 && !cpu_avx512()) {
+        PyErr_SetString(PyExc_RuntimeError, "imagegpt.cpu._kernels: this CPU lacks AVX-512F (avx512 must be 0)");
+        return 0;
+    }
+    return 1;
+}
 
 static PyObject *decode_attention(PyObject *self, PyObject *args) {
     unsigned long long q, k, v, ks, vs, out;
@@ -649,10 +754,7 @@ static PyObject *decode_attention(PyObject *self, PyObject *args) {
                           &vs, &s_sb, &s_sh, &out, &o_sb, &o_sh, &batch, &nh, &hs, &length, &dt, &scale,
                           &threads))
         return NULL;
-    if (!cpu_supported()) {
-        PyErr_SetString(PyExc_RuntimeError, "imagegpt.cpu._kernels needs an x86-64 CPU with AVX2, FMA and F16C");
-        return NULL;
-    }
+    if (!check_cpu(0)) return NULL;
     if (batch < 0 || nh < 1 || hs < 8 || hs % 8 != 0 || length < 1 || dt < 0 || dt > 3 ||
         (dt == 3 && (ks == 0 || vs == 0))) {
         PyErr_SetString(PyExc_ValueError, "decode_attention: bad shape, dtype code or int8 scales");
@@ -725,10 +827,7 @@ static PyObject *pack_linear_int8(PyObject *self, PyObject *args) {
     Py_ssize_t ldw;
     float scale;
     if (!PyArg_ParseTuple(args, "KiinfKK", &w, &N, &K, &ldw, &scale, &packed, &scales)) return NULL;
-    if (!cpu_supported()) {
-        PyErr_SetString(PyExc_RuntimeError, "imagegpt.cpu._kernels needs an x86-64 CPU with AVX2, FMA and F16C");
-        return NULL;
-    }
+    if (!check_cpu(0)) return NULL;
     if (N < 1 || K < 8 || K % 8 != 0 || ldw < K) {
         PyErr_SetString(PyExc_ValueError, "pack_linear_int8: bad shape");
         return NULL;
@@ -772,14 +871,11 @@ static PyObject *pack_linear_int8(PyObject *self, PyObject *args) {
 static PyObject *packed_linear(PyObject *self, PyObject *args) {
     unsigned long long x, packed, bias, out, scales;
     Py_ssize_t ldx, ldo;
-    int M, K, N, act, threads;
-    if (!PyArg_ParseTuple(args, "KniiKiKiKnKi", &x, &ldx, &M, &K, &packed, &N, &bias, &act, &out, &ldo, &scales,
-                          &threads))
+    int M, K, N, act, threads, avx512;
+    if (!PyArg_ParseTuple(args, "KniiKiKiKnKii", &x, &ldx, &M, &K, &packed, &N, &bias, &act, &out, &ldo, &scales,
+                          &threads, &avx512))
         return NULL;
-    if (!cpu_supported()) {
-        PyErr_SetString(PyExc_RuntimeError, "imagegpt.cpu._kernels needs an x86-64 CPU with AVX2, FMA and F16C");
-        return NULL;
-    }
+    if (!check_cpu(avx512)) return NULL;
     if (M < 0 || K < 1 || N < 1 || ldx < K || ldo < N || act < 0 || act > 2 || (scales && K % 8 != 0)) {
         PyErr_SetString(PyExc_ValueError, "packed_linear: bad shape or activation");
         return NULL;
@@ -813,14 +909,15 @@ static PyObject *packed_linear(PyObject *self, PyObject *args) {
         if (S != NULL)
             linear_blocks_i8(&rows, M, K, (const int8_t *)(uintptr_t)packed, N, S, B, act, O, ldo, first, last);
         else
-            linear_blocks(X, ldx, M, K, (const float *)(uintptr_t)packed, N, B, act, O, ldo, first, last);
+            linear_blocks(X, ldx, M, K, (const float *)(uintptr_t)packed, N, B, act, O, ldo, first, last,
+                          avx512);
     }
 #else
     if (S != NULL) {
         quantize_rows(rows, X, ldx, 0, M);
         linear_blocks_i8(&rows, M, K, (const int8_t *)(uintptr_t)packed, N, S, B, act, O, ldo, 0, blocks);
     } else {
-        linear_blocks(X, ldx, M, K, (const float *)(uintptr_t)packed, N, B, act, O, ldo, 0, blocks);
+        linear_blocks(X, ldx, M, K, (const float *)(uintptr_t)packed, N, B, act, O, ldo, 0, blocks, avx512);
     }
 #endif
     Py_END_ALLOW_THREADS;
@@ -836,16 +933,13 @@ enum { TABLE_WIDTH = 18 };
 
 static PyObject *decode_blocks(PyObject *self, PyObject *args) {
     unsigned long long x, table, scratch, qscratch;
-    int M, C, nh, N_fc, wq, layers, dt, pos, threads;
+    int M, C, nh, N_fc, wq, layers, dt, pos, threads, avx512;
     float eps;
     Py_ssize_t kv_sb, kv_sh, kv_ss, s_sb, s_sh;
-    if (!PyArg_ParseTuple(args, "KiiifiiiinnnnnKiKKi", &x, &M, &C, &nh, &eps, &N_fc, &wq, &layers, &dt, &kv_sb,
-                          &kv_sh, &kv_ss, &s_sb, &s_sh, &table, &pos, &scratch, &qscratch, &threads))
+    if (!PyArg_ParseTuple(args, "KiiifiiiinnnnnKiKKii", &x, &M, &C, &nh, &eps, &N_fc, &wq, &layers, &dt, &kv_sb,
+                          &kv_sh, &kv_ss, &s_sb, &s_sh, &table, &pos, &scratch, &qscratch, &threads, &avx512))
         return NULL;
-    if (!cpu_supported()) {
-        PyErr_SetString(PyExc_RuntimeError, "imagegpt.cpu._kernels needs an x86-64 CPU with AVX2, FMA and F16C");
-        return NULL;
-    }
+    if (!check_cpu(avx512)) return NULL;
     const unsigned long long *T = (const unsigned long long *)(uintptr_t)table;
     int bad = M < 1 || layers < 1 || nh < 1 || C < 8 || C % nh != 0 || (C / nh) % 8 != 0 || N_fc < 1 || dt < 0 ||
               dt > 3 || pos < 0 || kv_ss < C / nh || (wq && (N_fc % 8 != 0 || qscratch == 0));
@@ -865,12 +959,12 @@ static PyObject *decode_blocks(PyObject *self, PyObject *args) {
     int8_t *Q = (int8_t *)(uintptr_t)qscratch;
     for (int l = 0; l < layers; l++) {
         const unsigned long long *p = T + (Py_ssize_t)l * TABLE_WIDTH;
-        BlockJob job = {(float *)(uintptr_t)x, M, C, nh, N_fc, dt, pos, wq, (const float *)(uintptr_t)p[0],
-                        (const float *)(uintptr_t)p[1], eps, {0}, {0}, {0}, (char *)(uintptr_t)p[14],
-                        (char *)(uintptr_t)p[15], kv_sb, kv_sh, kv_ss, (float *)(uintptr_t)p[16],
-                        (float *)(uintptr_t)p[17], s_sb, s_sh, S, S + (Py_ssize_t)M * C, S + (Py_ssize_t)M * 4 * C,
-                        S + (Py_ssize_t)M * 5 * C, Q, (uint8_t *)(Q + M * widest),
-                        (float *)(uintptr_t)(Q + 2 * M * widest), {0}};
+        BlockJob job = {(float *)(uintptr_t)x, M, C, nh, N_fc, dt, pos, wq, avx512,
+                        (const float *)(uintptr_t)p[0], (const float *)(uintptr_t)p[1], eps, {0}, {0}, {0},
+                        (char *)(uintptr_t)p[14], (char *)(uintptr_t)p[15], kv_sb, kv_sh, kv_ss,
+                        (float *)(uintptr_t)p[16], (float *)(uintptr_t)p[17], s_sb, s_sh, S,
+                        S + (Py_ssize_t)M * C, S + (Py_ssize_t)M * 4 * C, S + (Py_ssize_t)M * 5 * C, Q,
+                        (uint8_t *)(Q + M * widest), (float *)(uintptr_t)(Q + 2 * M * widest), {0}};
         for (int i = 0; i < 4; i++) {
             job.w[i] = (const void *)(uintptr_t)p[2 + 3 * i];
             job.b[i] = (const float *)(uintptr_t)p[3 + 3 * i];
@@ -902,6 +996,8 @@ static PyObject *decode_blocks(PyObject *self, PyObject *args) {
 
 static PyObject *supported(PyObject *self, PyObject *args) { return PyBool_FromLong(cpu_supported()); }
 
+static PyObject *supports_avx512(PyObject *self, PyObject *args) { return PyBool_FromLong(cpu_avx512()); }
+
 static PyMethodDef methods[] = {
     {"decode_attention", decode_attention, METH_VARARGS,
      "decode_attention(q, q_sb, q_sh, k, v, kv_sb, kv_sh, kv_ss, k_scale, v_scale, s_sb, s_sh, out, o_sb, o_sh, "
@@ -915,17 +1011,20 @@ static PyMethodDef methods[] = {
      "into int8 column blocks of 16, [ceil(N / 16)][K / 4][16][4] bytes, and the rows' scales (see "
      "imagegpt.cpu.ops)."},
     {"packed_linear", packed_linear, METH_VARARGS,
-     "packed_linear(x, ldx, M, K, packed, N, bias, act, out, ldo, scales, threads): out (M, N) = act(x (M, "
-     "K) W^T + bias) on a packed weight and a bias padded to the blocks; act 0 none, 1 silu, 2 none added "
-     "to out; scales (not 0): W is int8 (pack_linear_int8) with these column scales, x quantized per row."},
+     "packed_linear(x, ldx, M, K, packed, N, bias, act, out, ldo, scales, threads, avx512): out (M, N) = "
+     "act(x (M, K) W^T + bias) on a packed weight and a bias padded to the blocks; act 0 none, 1 silu, 2 none "
+     "added to out; scales (not 0): W is int8 (pack_linear_int8) with these column scales, x quantized per "
+     "row; avx512 (not 0): float32 weights take the AVX-512F tiles (supports_avx512())."},
     {"decode_blocks", decode_blocks, METH_VARARGS,
      "decode_blocks(x, M, C, nh, eps, N_fc, int8_weights, layers, dtype_code, kv_sb, kv_sh, kv_ss, s_sb, "
-     "s_sh, table, pos, scratch, int8_scratch, threads): `layers` transformer blocks for one new token per "
-     "image, in place on x (M, C), each writing its key and value into its cache at pos (int8: with their "
+     "s_sh, table, pos, scratch, int8_scratch, threads, avx512): `layers` transformer blocks for one new token "
+     "per image, in place on x (M, C), each writing its key and value into its cache at pos (int8: with their "
      "scales); table: 18 pointers per block (ln1, ln2, (w, b, s) of qkv, proj, fc and out, k, v, k_scale, "
      "v_scale); scratch holds M (5 C + N_fc) floats, int8_scratch (int8 weights) 2 M max(C, N_fc) + 4 M "
      "bytes (see imagegpt.cpu.ops)."},
     {"supported", supported, METH_NOARGS, "whether this CPU can run the kernels"},
+    {"supports_avx512", supports_avx512, METH_NOARGS,
+     "whether this CPU runs the AVX-512F paths (packed_linear's and decode_blocks' avx512 argument)"},
     {NULL, NULL, 0, NULL},
 };
 

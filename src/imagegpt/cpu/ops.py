@@ -52,6 +52,19 @@ def available() -> bool:
     return os.environ.get("IMAGEGPT_NATIVE_KERNELS", "1") != "0" and built()
 
 
+@functools.cache
+def _cpu_avx512() -> bool:
+    return built() and _kernels.supports_avx512()
+
+
+def avx512() -> bool:
+    """Whether the float32 linear layers take their AVX-512F tiles: the CPU (and OS) runs AVX-512F, and
+    IMAGEGPT_CPU_AVX512=0 does not switch them off (read at every call, so that tests and users can switch;
+    there is no switching them on where the CPU lacks the instructions). The one place that decides; the
+    two paths give the same numbers."""
+    return os.environ.get("IMAGEGPT_CPU_AVX512", "1") != "0" and _cpu_avx512()
+
+
 def _require(condition: bool, message: str) -> None:
     if not condition:
         raise ValueError(message)
@@ -248,7 +261,7 @@ def packed_linear(x: Tensor, packed: Tensor, bias: Tensor, out_features: int, ac
     out = torch.empty(M, out_features)
     _kernel().packed_linear(
         x.data_ptr(), K, M, K, packed.data_ptr(), out_features, bias.data_ptr(), ACTIVATIONS[activation],
-        out.data_ptr(), out_features, 0 if scales is None else scales.data_ptr(), _threads(),
+        out.data_ptr(), out_features, 0 if scales is None else scales.data_ptr(), _threads(), int(avx512()),
     )  # fmt: skip
     return out
 
@@ -287,7 +300,7 @@ def decode_blocks(
     rows = scratch.data_ptr() + 4 * B * (5 * C + fc_width)  # the int8 weights' quantized rows, after
     _kernel().decode_blocks(
         x.data_ptr(), B, C, n_head, eps, fc_width, int(bool(scales)), len(k), code, *strides,
-        table.data_ptr(), position, scratch.data_ptr(), rows if scales else 0, _threads(),
+        table.data_ptr(), position, scratch.data_ptr(), rows if scales else 0, _threads(), int(avx512()),
     )  # fmt: skip
 
 
