@@ -412,93 +412,26 @@ typedef struct {
     int ld;           /* K */
 } QuantRows;
 
-/* one row of the 4-row tile's k loop (inline assembly below): row r's 4 bytes of q and |q| at QA and AA,
- * broadcast; the two weight vectors (ymm8, ymm9) take q's signs; |q| x signed weights, pairs into int16,
- * pairs of those into int32, added to the row's two accumulators C0 and C1 */
-#define I8_ROW(QA, AA, C0, C1)                        \
-    "vpbroadcastd " QA ", %%ymm10\n\t"                \
-    "vpbroadcastd " AA ", %%ymm11\n\t"                \
-    "vpsignb %%ymm10, %%ymm8, %%ymm12\n\t"            \
-    "vpsignb %%ymm10, %%ymm9, %%ymm13\n\t"            \
-    "vpmaddubsw %%ymm12, %%ymm11, %%ymm12\n\t"        \
-    "vpmaddubsw %%ymm13, %%ymm11, %%ymm13\n\t"        \
-    "vpmaddwd %[ones], %%ymm12, %%ymm12\n\t"          \
-    "vpmaddwd %[ones], %%ymm13, %%ymm13\n\t"          \
-    "vpaddd %%ymm12, %[" C0 "], %[" C0 "]\n\t"        \
-    "vpaddd %%ymm13, %[" C1 "], %[" C1 "]\n\t"
-#define I8_K4(W, Q)                                                  \
-    "vmovdqu " W "(%[w]), %%ymm8\n\t"                                \
-    "vmovdqu 32+" W "(%[w]), %%ymm9\n\t"                             \
-    "prefetcht1 " W "(%[w],%[ahead])\n\t"                            \
-    I8_ROW(Q "(%[q])", Q "(%[a])", "c00", "c10")                     \
-    I8_ROW(Q "(%[q],%[ld])", Q "(%[a],%[ld])", "c01", "c11")         \
-    I8_ROW(Q "(%[q],%[ld],2)", Q "(%[a],%[ld],2)", "c02", "c12")     \
-    I8_ROW(Q "(%[q],%[ld3])", Q "(%[a],%[ld3])", "c03", "c13")
-
-/* The k loop of a full 4-row tile, K a multiple of 8, as assembly: written with intrinsics, GCC keeps three
- * of the eight accumulators on the stack and reloads the broadcasts' addresses (slower on Zen 3 and on an
- * AMX Xeon: docs/performance.md). The accumulators live in ymm0-7, the weights in ymm8-9, temporaries in
- * ymm10-13. Rows are ld bytes apart; next is where the next block's lines are prefetched (into L2) as this
- * one's pass. Built with -DIMAGEGPT_NO_ASM, full tiles take the intrinsics loop of linear_tile_i8 instead
- * (to measure the assembly against). */
-#ifndef IMAGEGPT_NO_ASM
-#define USE_ASM 1
-#else
-#define USE_ASM 0
-#endif
-INLINE void tile4_i8(const int8_t *q, const uint8_t *a, Py_ssize_t ld, const int8_t *w, const int8_t *next,
-                     int K, __m256i c0[4], __m256i c1[4]) {
-    register __m256i c00 __asm__("xmm0") = _mm256_setzero_si256();
-    register __m256i c01 __asm__("xmm1") = c00;
-    register __m256i c02 __asm__("xmm2") = c00;
-    register __m256i c03 __asm__("xmm3") = c00;
-    register __m256i c10 __asm__("xmm4") = c00;
-    register __m256i c11 __asm__("xmm5") = c00;
-    register __m256i c12 __asm__("xmm6") = c00;
-    register __m256i c13 __asm__("xmm7") = c00;
-    register __m256i ones __asm__("xmm14") = _mm256_set1_epi16(1);
-    const int8_t *end = w + 16 * (Py_ssize_t)K;
-    const Py_ssize_t ld3 = 3 * ld, ahead = next - w;
-    __asm__ volatile("1:\n\t" I8_K4("0", "0") I8_K4("64", "4")
-                     "add $128, %[w]\n\t"
-                     "add $8, %[q]\n\t"
-                     "add $8, %[a]\n\t"
-                     "cmp %[end], %[w]\n\t"
-                     "jne 1b\n\t"
-                     : [c00] "+x"(c00), [c01] "+x"(c01), [c02] "+x"(c02), [c03] "+x"(c03), [c10] "+x"(c10),
-                       [c11] "+x"(c11), [c12] "+x"(c12), [c13] "+x"(c13), [w] "+r"(w), [q] "+r"(q), [a] "+r"(a)
-                     : [ones] "x"(ones), [ld] "r"(ld), [ld3] "r"(ld3), [ahead] "r"(ahead), [end] "r"(end)
-                     : "cc", "memory", "xmm8", "xmm9", "xmm10", "xmm11", "xmm12", "xmm13");
-    c0[0] = c00, c0[1] = c01, c0[2] = c02, c0[3] = c03;
-    c1[0] = c10, c1[1] = c11, c1[2] = c12, c1[3] = c13;
-}
-#undef I8_K4
-#undef I8_ROW
-
 INLINE void linear_tile_i8(const QuantRows *x, int m, const int8_t *block, const int8_t *next, int K, int R,
                            const float *scales, const float *bias, int act, float *out, Py_ssize_t ldo,
                            int cols) {
     __m256i c0[4], c1[4];
     const int8_t *q = x->q + (Py_ssize_t)m * x->ld;
     const uint8_t *a = x->a + (Py_ssize_t)m * x->ld;
-    if (R == 4 && USE_ASM) {
-        tile4_i8(q, a, x->ld, block, next, K, c0, c1);
-    } else { /* the last 1-3 rows (and every tile without USE_ASM) */
-        const __m256i ones = _mm256_set1_epi16(1);
+    const __m256i ones = _mm256_set1_epi16(1);
 #pragma GCC unroll 4
-        for (int r = 0; r < 4; r++) c0[r] = c1[r] = _mm256_setzero_si256();
-        for (int k = 0; k < K; k += 4) {
-            const __m256i w0 = _mm256_loadu_si256((const __m256i *)(block + 16 * k));
-            const __m256i w1 = _mm256_loadu_si256((const __m256i *)(block + 16 * k + 32));
-            _mm_prefetch((const char *)(next + 16 * k), _MM_HINT_T1);
+    for (int r = 0; r < 4; r++) c0[r] = c1[r] = _mm256_setzero_si256();
+    for (int k = 0; k < K; k += 4) {
+        const __m256i w0 = _mm256_loadu_si256((const __m256i *)(block + 16 * k));
+        const __m256i w1 = _mm256_loadu_si256((const __m256i *)(block + 16 * k + 32));
+        _mm_prefetch((const char *)(next + 16 * k), _MM_HINT_T1);
 #pragma GCC unroll 4
-            for (int r = 0; r < R; r++) {
-                const __m256i sign = broadcast4(q + r * x->ld + k), mag = broadcast4(a + r * x->ld + k);
-                c0[r] = _mm256_add_epi32(
-                    c0[r], _mm256_madd_epi16(_mm256_maddubs_epi16(mag, _mm256_sign_epi8(w0, sign)), ones));
-                c1[r] = _mm256_add_epi32(
-                    c1[r], _mm256_madd_epi16(_mm256_maddubs_epi16(mag, _mm256_sign_epi8(w1, sign)), ones));
-            }
+        for (int r = 0; r < R; r++) {
+            const __m256i sign = broadcast4(q + r * x->ld + k), mag = broadcast4(a + r * x->ld + k);
+            c0[r] = _mm256_add_epi32(c0[r],
+                                     _mm256_madd_epi16(_mm256_maddubs_epi16(mag, _mm256_sign_epi8(w0, sign)), ones));
+            c1[r] = _mm256_add_epi32(c1[r],
+                                     _mm256_madd_epi16(_mm256_maddubs_epi16(mag, _mm256_sign_epi8(w1, sign)), ones));
         }
     }
     const __m256 s0 = _mm256_loadu_ps(scales), s1 = _mm256_loadu_ps(scales + 8);
