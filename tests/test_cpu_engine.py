@@ -52,7 +52,7 @@ class Spy:
 
 @pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16, torch.float16, torch.int8])
 @pytest.mark.parametrize(("n_embd", "n_head", "n_inner"), [(40, 5, 88), (64, 2, None), (96, 4, 200)])
-def test_a_step_equals_the_models_own(monkeypatch, cache_dtype, n_embd, n_head, n_inner):
+def test_a_step_equals_the_models_own(monkeypatch, cache_dtype, n_embd, n_head, n_inner, cpu_avx512):
     # widths that are not multiples of the kernel's 16 columns (40, 120, 88, 200) and head widths of 8..32
     model = randomised(ImageGPT(config_for(n_embd, n_head, n_inner)))
     engine = cpu.DecodeEngine(model)

@@ -23,6 +23,9 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#ifdef __linux__
+#include <sys/mman.h>
+#endif
 
 #if defined(__GNUC__) && defined(__x86_64__) && !defined(_WIN32)
 #define IMAGEGPT_AVX2 1
@@ -299,6 +302,12 @@ static TARGET void linear_rows(const float *x, Py_ssize_t ldx, const float *bloc
 #define TARGET512 __attribute__((target("avx512f,avx2,fma,f16c")))
 #define INLINE512 static inline __attribute__((always_inline)) TARGET512
 
+/* How far ahead (bytes) the AVX-512 tile asks for its weights' lines, into L2. A thread's consecutive column
+ * blocks lie one after another, one stream, which this keeps ahead of the tile across the blocks' ends and
+ * across 4 KiB pages, where the hardware prefetcher stops. Measured against asking for the next block's line
+ * at each k (as the AVX2 tile does), for the blocks the thread's next share may not hold: docs/performance.md. */
+#define STREAM_AHEAD 8192
+
 INLINE512 __m512 exp16(__m512 x) {
     x = _mm512_max_ps(x, _mm512_set1_ps(-80.0f));
     __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
@@ -324,14 +333,14 @@ INLINE512 void tile_store16(__m512 v, const float *bias, int act, float *out, in
     _mm512_mask_storeu_ps(out, keep, v);
 }
 
-INLINE512 void linear_tile16(const float *x, Py_ssize_t ldx, const float *block, const float *next, int K,
-                             int R, const float *bias, int act, float *out, Py_ssize_t ldo, int cols) {
+INLINE512 void linear_tile16(const float *x, Py_ssize_t ldx, const float *block, int K, int R, const float *bias,
+                             int act, float *out, Py_ssize_t ldo, int cols) {
     __m512 c[16]; /* every loop over r unrolled, as in linear_tile */
 #pragma GCC unroll 16
     for (int r = 0; r < 16; r++) c[r] = _mm512_setzero_ps();
     for (int k = 0; k < K; k++) {
         const __m512 w = _mm512_loadu_ps(block + 16 * k);
-        _mm_prefetch((const char *)(next + 16 * k), _MM_HINT_T1); /* as in linear_tile */
+        _mm_prefetch((const char *)(block + 16 * k) + STREAM_AHEAD, _MM_HINT_T1);
 #pragma GCC unroll 16
         for (int r = 0; r < R; r++) c[r] = _mm512_fmadd_ps(_mm512_set1_ps(x[r * ldx + k]), w, c[r]);
     }
@@ -339,11 +348,10 @@ INLINE512 void linear_tile16(const float *x, Py_ssize_t ldx, const float *block,
     for (int r = 0; r < R; r++) tile_store16(c[r], bias, act, out + r * ldo, cols);
 }
 
-/* linear_rows for up to 16 rows */
-static TARGET512 void linear_rows16(const float *x, Py_ssize_t ldx, const float *block, const float *next,
-                                    int K, int R, const float *bias, int act, float *out, Py_ssize_t ldo,
-                                    int cols) {
-#define TILE16(R) linear_tile16(x, ldx, block, next, K, R, bias, act, out, ldo, cols)
+/* rows [m, m + R) of one column block, R <= 16 */
+static TARGET512 void linear_rows16(const float *x, Py_ssize_t ldx, const float *block, int K, int R,
+                                    const float *bias, int act, float *out, Py_ssize_t ldo, int cols) {
+#define TILE16(R) linear_tile16(x, ldx, block, K, R, bias, act, out, ldo, cols)
     switch (R) {
     case 16: TILE16(16); break;
     case 15: TILE16(15); break;
@@ -380,7 +388,7 @@ static TARGET void linear_blocks(const float *x, Py_ssize_t ldx, int M, int K, c
             const float *xm = x + m * ldx, *b = bias + 16 * nb;
             float *o = out + m * ldo + 16 * nb;
             if (avx512)
-                linear_rows16(xm, ldx, block, next, K, R, b, act, o, ldo, cols);
+                linear_rows16(xm, ldx, block, K, R, b, act, o, ldo, cols);
             else
                 linear_rows(xm, ldx, block, next, K, R, b, act, o, ldo, cols);
         }
@@ -539,27 +547,26 @@ static TARGET void quantize_row(const float *x, int n, int8_t *out, float *scale
     *scale_out = scale > 0.0f ? scale : 1.0f;
 }
 
-/* the new key and value of images [first, last) into the cache at pos */
+/* the new key and value of (image, head) pairs [first, last), b * nh + h, into the cache at pos */
 static TARGET void write_cache(const BlockJob *j, int first, int last) {
     const int C = j->C, hs = C / j->nh, es = ELEMENT_SIZE(j->dt);
-    for (int b = first; b < last; b++) {
-        for (int h = 0; h < j->nh; h++) {
-            const Py_ssize_t at = ((Py_ssize_t)b * j->kv_sb + h * j->kv_sh + (Py_ssize_t)j->pos * j->kv_ss) * es;
-            for (int which = 0; which < 2; which++) {
-                const float *src = j->qkv + (Py_ssize_t)b * 3 * C + (1 + which) * C + h * hs;
-                char *dst = (which ? j->v : j->k) + at;
-                if (j->dt == I8) {
-                    float *scale = (which ? j->vs : j->ks) + b * j->s_sb + h * j->s_sh + j->pos;
-                    quantize_row(src, hs, (int8_t *)dst, scale);
-                } else if (j->dt == F32) {
-                    memcpy(dst, src, (size_t)hs * 4);
-                } else if (j->dt == BF16) {
-                    for (int d = 0; d < hs; d++) ((uint16_t *)dst)[d] = to_bf16(src[d]);
-                } else {
-                    for (int d = 0; d < hs; d += 8)
-                        _mm_storeu_si128((__m128i *)(dst + 2 * d),
-                                         _mm256_cvtps_ph(_mm256_loadu_ps(src + d), _MM_FROUND_TO_NEAREST_INT));
-                }
+    for (int i = first; i < last; i++) {
+        const int b = i / j->nh, h = i % j->nh;
+        const Py_ssize_t at = ((Py_ssize_t)b * j->kv_sb + h * j->kv_sh + (Py_ssize_t)j->pos * j->kv_ss) * es;
+        for (int which = 0; which < 2; which++) {
+            const float *src = j->qkv + (Py_ssize_t)b * 3 * C + (1 + which) * C + h * hs;
+            char *dst = (which ? j->v : j->k) + at;
+            if (j->dt == I8) {
+                float *scale = (which ? j->vs : j->ks) + b * j->s_sb + h * j->s_sh + j->pos;
+                quantize_row(src, hs, (int8_t *)dst, scale);
+            } else if (j->dt == F32) {
+                memcpy(dst, src, (size_t)hs * 4);
+            } else if (j->dt == BF16) {
+                for (int d = 0; d < hs; d++) ((uint16_t *)dst)[d] = to_bf16(src[d]);
+            } else {
+                for (int d = 0; d < hs; d += 8)
+                    _mm_storeu_si128((__m128i *)(dst + 2 * d),
+                                     _mm256_cvtps_ph(_mm256_loadu_ps(src + d), _MM_FROUND_TO_NEAREST_INT));
             }
         }
     }
@@ -586,21 +593,49 @@ static TARGET void quantize_rows(QuantRows r, const float *x, Py_ssize_t ld, int
 /* the block's quantized rows, K wide (int8 weights' input) */
 INLINE QuantRows block_rows(const BlockJob *j, int K) { return (QuantRows){j->rq, j->ra, j->rs, K}; }
 
-/* The next `chunk` of a phase's `total` items into [first, last), or 0 when all are taken. The phases'
- * items go to whichever thread is free: split evenly in advance, a phase lasts as long as the slower
- * core's half, and on a shared machine one core is often slower (docs/performance.md). */
-static inline int claim(int *claimed, int chunk, int total, int *first, int *last) {
-    *first = __atomic_fetch_add(claimed, chunk, __ATOMIC_RELAXED);
-    *last = *first + chunk < total ? *first + chunk : total;
-    return *first < total;
+/* The next share of a phase's `total` items into [first, last), or 0 when all are taken. The items go to
+ * whichever thread is free: split evenly in advance, a phase lasts as long as the slower core's half, and on
+ * a shared machine one core is often slower (docs/performance.md). A share is a part of what is left (1 / 2n
+ * of it for n threads, guided scheduling): long runs first, which stream from memory best, then shorter ones,
+ * so that the threads finish close together. */
+static inline int claim(int *claimed, int total, int threads, int *first, int *last) {
+    int at = __atomic_load_n(claimed, __ATOMIC_RELAXED), size;
+    do {
+        if (at >= total) return 0;
+        size = (total - at) / (2 * threads);
+        size = size > 1 ? size : 1;
+    } while (!__atomic_compare_exchange_n(claimed, &at, at + size, 1, __ATOMIC_RELAXED, __ATOMIC_RELAXED));
+    *first = at;
+    *last = at + size;
+    return 1;
+}
+
+/* Before the pairs [first, last) are attended: their cache rows at pos fetched (to be written), and the first
+ * PREFETCH bytes of their keys and values asked for. Each pair's two streams start cold; met one after the
+ * other, each start waits a round trip to memory, asked for together the round trips overlap. */
+static TARGET void prefetch_pairs(const BlockJob *j, int first, int last) {
+    const int es = ELEMENT_SIZE(j->dt), row = j->C / j->nh * es;
+    const Py_ssize_t held = (Py_ssize_t)(j->pos + 1) * j->kv_ss * es; /* bytes from the first key past the last */
+    for (int i = first; i < last; i++) {
+        const Py_ssize_t base = ((Py_ssize_t)(i / j->nh) * j->kv_sb + (i % j->nh) * j->kv_sh) * es;
+        const Py_ssize_t at = base + (Py_ssize_t)j->pos * j->kv_ss * es;
+        for (int d = 0; d < row; d += 64) {
+            _mm_prefetch(j->k + at + d, _MM_HINT_T0);
+            _mm_prefetch(j->v + at + d, _MM_HINT_T0);
+        }
+        for (Py_ssize_t d = 0; d < PREFETCH && d < held; d += 64) {
+            _mm_prefetch(j->k + base + d, _MM_HINT_T0);
+            _mm_prefetch(j->v + base + d, _MM_HINT_T1);
+        }
+    }
 }
 
 /* layer i of the block (0 qkv, 1 proj, 2 fc, 3 out) over its input `in` (M, K), in chunks of column blocks
  * claimed in turn; int8 weights take the input as quantize_rows left it */
 static TARGET void block_linear(BlockJob *j, int i, const float *in, int K, int N, int act, float *out,
-                                int ldo) {
+                                int ldo, int threads) {
     int first, last;
-    while (claim(&j->claimed[i], 4, (N + 15) / 16, &first, &last)) {
+    while (claim(&j->claimed[i], (N + 15) / 16, threads, &first, &last)) {
         if (j->wq) {
             const QuantRows rows = block_rows(j, K);
             linear_blocks_i8(&rows, j->M, K, j->w[i], N, j->s[i], j->b[i], act, out, ldo, first, last);
@@ -617,14 +652,16 @@ static TARGET int block_share(BlockJob *j, int t, int n) {
     rms_rows(j->x, C, j->ln1, j->eps, j->xn, first, last);
     if (j->wq) quantize_rows(block_rows(j, C), j->xn, C, first, last);
     BARRIER();
-    block_linear(j, 0, j->xn, C, 3 * C, 0, j->qkv, 3 * C);
-    BARRIER();
-    share(M, t, n, &first, &last);
-    write_cache(j, first, last);
+    block_linear(j, 0, j->xn, C, 3 * C, 0, j->qkv, 3 * C, n);
     BARRIER();
     Job att = {j->qkv, j->k, j->v, j->y, 3 * C, hs, j->kv_sb, j->kv_sh, j->kv_ss, C, hs, j->nh, hs, j->pos + 1,
                j->dt, (float)(1.0 / sqrt((double)hs)), j->ks, j->vs, j->s_sb, j->s_sh, 0, 0, 0};
-    while (!att.failed && claim(&j->claimed[4], 4, M * j->nh, &att.first, &att.last)) attend(&att);
+    /* a pair's new key and value are read by its own attention alone: written just before it */
+    while (!att.failed && claim(&j->claimed[4], M * j->nh, n, &att.first, &att.last)) {
+        prefetch_pairs(j, att.first, att.last);
+        write_cache(j, att.first, att.last);
+        attend(&att);
+    }
     failed |= att.failed;
     BARRIER();
     if (j->wq) { /* an image's heads may come from both threads: its row is whole only now */
@@ -632,20 +669,20 @@ static TARGET int block_share(BlockJob *j, int t, int n) {
         quantize_rows(block_rows(j, C), j->y, C, first, last);
         BARRIER();
     }
-    block_linear(j, 1, j->y, C, C, 2, j->x, C);
+    block_linear(j, 1, j->y, C, C, 2, j->x, C, n);
     BARRIER();
     share(M, t, n, &first, &last);
     rms_rows(j->x, C, j->ln2, j->eps, j->xn, first, last);
     if (j->wq) quantize_rows(block_rows(j, C), j->xn, C, first, last);
     BARRIER();
-    block_linear(j, 2, j->xn, C, j->N_fc, 1, j->h, j->N_fc);
+    block_linear(j, 2, j->xn, C, j->N_fc, 1, j->h, j->N_fc, n);
     BARRIER();
     if (j->wq) {
         share(M, t, n, &first, &last);
         quantize_rows(block_rows(j, j->N_fc), j->h, j->N_fc, first, last);
         BARRIER();
     }
-    block_linear(j, 3, j->h, j->N_fc, C, 2, j->x, C);
+    block_linear(j, 3, j->h, j->N_fc, C, 2, j->x, C, n);
     return failed;
 }
 
@@ -929,6 +966,22 @@ static PyObject *decode_blocks(PyObject *self, PyObject *args) {
 
 static PyObject *supported(PyObject *self, PyObject *args) { return PyBool_FromLong(cpu_supported()); }
 
+/* advise_huge_pages: transparent huge pages (2 MiB) asked for the whole 2 MiB pages of a range. Streamed
+ * once per decode step, the packed weights and the KV cache cross a 4 KiB page every 4 KiB: each crossing a
+ * TLB miss, and a restart for the hardware prefetcher, which stays within a page. Pages already touched
+ * keep their size (the kernel may merge them later); where the advice is refused or THP is off, nothing
+ * changes. */
+static PyObject *advise_huge_pages(PyObject *self, PyObject *args) {
+    unsigned long long address, nbytes;
+    if (!PyArg_ParseTuple(args, "KK", &address, &nbytes)) return NULL;
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+    const unsigned long long huge = 2ull << 20;
+    const unsigned long long first = (address + huge - 1) & ~(huge - 1), end = (address + nbytes) & ~(huge - 1);
+    if (end > first) (void)madvise((void *)(uintptr_t)first, (size_t)(end - first), MADV_HUGEPAGE);
+#endif
+    Py_RETURN_NONE;
+}
+
 static PyObject *supports_avx512(PyObject *self, PyObject *args) { return PyBool_FromLong(cpu_avx512()); }
 
 static PyMethodDef methods[] = {
@@ -956,6 +1009,8 @@ static PyMethodDef methods[] = {
      "v_scale); scratch holds M (5 C + N_fc) floats, int8_scratch (int8 weights) 2 M max(C, N_fc) + 4 M "
      "bytes (see imagegpt.cpu.ops)."},
     {"supported", supported, METH_NOARGS, "whether this CPU can run the kernels"},
+    {"advise_huge_pages", advise_huge_pages, METH_VARARGS,
+     "advise_huge_pages(address, nbytes): ask for transparent huge pages in the range (Linux; advice only)"},
     {"supports_avx512", supports_avx512, METH_NOARGS,
      "whether this CPU runs the AVX-512F paths (packed_linear's and decode_blocks' avx512 argument)"},
     {NULL, NULL, 0, NULL},
