@@ -233,34 +233,6 @@ def test_the_avx512_switch_reaches_the_kernels(monkeypatch):
     assert calls == {"packed_linear": [0, detected], "decode_blocks": [0, detected]}
 
 
-def huge_pages_under(tensor: torch.Tensor) -> int:
-    """kB of transparent huge pages in the mappings that overlap the tensor's memory (/proc/self/smaps; the
-    advice splits a mapping at 2 MiB boundaries)."""
-    first = tensor.data_ptr()
-    end, inside, total = first + tensor.numel() * tensor.element_size(), False, 0
-    for line in Path("/proc/self/smaps").read_text().splitlines():
-        fields = line.split()
-        if "-" in fields[0] and len(fields) >= 5:  # a mapping's first line: start-end perms offset dev inode
-            start, stop = (int(part, 16) for part in fields[0].split("-"))
-            inside = start < end and first < stop
-        elif inside and fields[0] == "AnonHugePages:":
-            total += int(fields[1])
-    return total
-
-
-@pytest.mark.skipif(
-    not Path("/sys/kernel/mm/transparent_hugepage/enabled").exists()
-    or "[never]" in Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text(),
-    reason="no transparent huge pages on this system",
-)
-@needs_kernel
-def test_huge_pages_are_asked_for_under_the_streamed_tensors():
-    # what the engine asks for under its packed weights and caches, before they are first written
-    tensor = ops.advise_huge_pages(torch.empty(16 * 2**20 // 4))
-    tensor.fill_(1.0)
-    assert huge_pages_under(tensor) >= 2048
-
-
 def pack_linear_int8_reference(weight: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """pack_linear_int8's layout in PyTorch: quantize_int8 per row, column blocks of 16, [K / 4][16][4]."""
     N, K = weight.shape

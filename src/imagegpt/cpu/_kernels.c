@@ -23,9 +23,6 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
-#ifdef __linux__
-#include <sys/mman.h>
-#endif
 
 #if defined(__GNUC__) && defined(__x86_64__) && !defined(_WIN32)
 #define IMAGEGPT_AVX2 1
@@ -966,22 +963,6 @@ static PyObject *decode_blocks(PyObject *self, PyObject *args) {
 
 static PyObject *supported(PyObject *self, PyObject *args) { return PyBool_FromLong(cpu_supported()); }
 
-/* advise_huge_pages: transparent huge pages (2 MiB) asked for the whole 2 MiB pages of a range. Streamed
- * once per decode step, the packed weights and the KV cache cross a 4 KiB page every 4 KiB: each crossing a
- * TLB miss, and a restart for the hardware prefetcher, which stays within a page. Pages already touched
- * keep their size (the kernel may merge them later); where the advice is refused or THP is off, nothing
- * changes. */
-static PyObject *advise_huge_pages(PyObject *self, PyObject *args) {
-    unsigned long long address, nbytes;
-    if (!PyArg_ParseTuple(args, "KK", &address, &nbytes)) return NULL;
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-    const unsigned long long huge = 2ull << 20;
-    const unsigned long long first = (address + huge - 1) & ~(huge - 1), end = (address + nbytes) & ~(huge - 1);
-    if (end > first) (void)madvise((void *)(uintptr_t)first, (size_t)(end - first), MADV_HUGEPAGE);
-#endif
-    Py_RETURN_NONE;
-}
-
 static PyObject *supports_avx512(PyObject *self, PyObject *args) { return PyBool_FromLong(cpu_avx512()); }
 
 static PyMethodDef methods[] = {
@@ -1009,8 +990,6 @@ static PyMethodDef methods[] = {
      "v_scale); scratch holds M (5 C + N_fc) floats, int8_scratch (int8 weights) 2 M max(C, N_fc) + 4 M "
      "bytes (see imagegpt.cpu.ops)."},
     {"supported", supported, METH_NOARGS, "whether this CPU can run the kernels"},
-    {"advise_huge_pages", advise_huge_pages, METH_VARARGS,
-     "advise_huge_pages(address, nbytes): ask for transparent huge pages in the range (Linux; advice only)"},
     {"supports_avx512", supports_avx512, METH_NOARGS,
      "whether this CPU runs the AVX-512F paths (packed_linear's and decode_blocks' avx512 argument)"},
     {NULL, NULL, 0, NULL},

@@ -36,16 +36,7 @@ GELU = 1.702  # quick_gelu(z) = silu(1.702 z) / 1.702
 
 class NativeKVCache(KVCache):
     """A KVCache whose one-token attention (a decode step's) runs ops.decode_attention over the cache as it
-    is stored: bfloat16, float16 and int8 caches are not widened to float32 first, as SDPA needs them. Its
-    memory is asked for huge pages (ops.advise_huge_pages): a decode step streams it whole."""
-
-    def __init__(self, config, batch_size: int, max_length: int | None = None, device=None,
-                 dtype: torch.dtype = torch.float32, zeroed: bool = True):  # fmt: skip
-        super().__init__(config, batch_size, max_length, device, dtype, zeroed=False)
-        for tensor in self.k + self.v:  # advised before their pages are first written
-            ops.advise_huge_pages(tensor)
-            if zeroed:
-                tensor.zero_()
+    is stored: bfloat16, float16 and int8 caches are not widened to float32 first, as SDPA needs them."""
 
     def attend(self, layer: int, pos, q, k, v, mask=None, dropout: float = 0.0) -> torch.Tensor:
         if not (
@@ -128,7 +119,7 @@ def pack_blocks(model: ImageGPT, weight_dtype: torch.dtype = torch.float32) -> P
         for i, (N, K) in enumerate(((3 * C, C), (C, C), (fc, C), (C, fc))):
             layers = linears[i::4]
             shape = (ops.column_blocks(N), K // 4, 16, 4) if int8 else (ops.column_blocks(N), K, 16)
-            weight = ops.advise_huge_pages(torch.empty(len(blocks), *shape, dtype=weight_dtype))
+            weight = torch.empty(len(blocks), *shape, dtype=weight_dtype)
             bias = torch.zeros(len(blocks), 16 * ops.column_blocks(N))
             scale = torch.empty(len(blocks), 16 * ops.column_blocks(N)) if int8 else None
             for j, layer in enumerate(layers):

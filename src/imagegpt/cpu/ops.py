@@ -65,15 +65,6 @@ def avx512() -> bool:
     return os.environ.get("IMAGEGPT_CPU_AVX512", "1") != "0" and _cpu_avx512()
 
 
-def advise_huge_pages(tensor: Tensor) -> Tensor:
-    """tensor, with the OS asked for transparent huge pages under it (Linux; advice only, a no-op where the
-    extension is not built): for the large tensors a decode step streams whole, the packed weights and the KV
-    cache. Best asked before the tensor's memory is first written."""
-    if _kernels is not None and tensor.device.type == "cpu":
-        _kernels.advise_huge_pages(tensor.data_ptr(), tensor.numel() * tensor.element_size())
-    return tensor
-
-
 def _require(condition: bool, message: str) -> None:
     if not condition:
         raise ValueError(message)
