@@ -587,4 +587,3 @@ def test_int8_weights_are_refused_where_they_cannot_run(monkeypatch):
     monkeypatch.setenv("IMAGEGPT_NATIVE_KERNELS", "0")
     with pytest.raises(ConfigError, match="not available here"):
         sample(model, 1, weight_dtype="int8")
-
