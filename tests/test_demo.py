@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from imagegpt import demo
 from imagegpt.cli import main
@@ -102,3 +103,29 @@ def test_without_steps_the_demo_trains_what_fits_its_budget_and_resumes_with_it(
     assert args["steps"] == 5
     with pytest.raises(ArgumentError, match="--train-seconds"):
         DemoOptions(out=str(tmp_path / "x"), train_seconds=0, **options).validate()
+
+
+def test_two_threads_fall_back_to_one_when_steps_turn_several_times_slower(monkeypatch):
+    """ThreadFallback on made-up step times: usual steps keep two threads, five in a row over 2.5x the
+    usual (a core taken by another process) leave one; on one thread it changes nothing."""
+    clock = iter(range(10**6))
+    times = []
+    monkeypatch.setattr(demo.time, "perf_counter", lambda: times[-1] if times else 0.0)
+    said = []
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        guard = demo.ThreadFallback(said.append, baseline=10, slow=5, factor=2.5)
+        now = 0.0
+        for seconds in [1.0] * 11 + [3.0] * 4 + [1.0] + [3.0] * 4:  # never five slow steps in a row
+            now += seconds
+            times.append(now)
+            guard(next(clock), {}, None)
+        assert torch.get_num_threads() == 2 and not said
+        for _ in range(5):
+            now += 3.0
+            times.append(now)
+            guard(next(clock), {}, None)
+        assert torch.get_num_threads() == 1 and "one thread" in said[0]
+    finally:
+        torch.set_num_threads(threads)

@@ -85,6 +85,30 @@ def seconds_per_step(config: ImageGPTConfig, batch_size: int, device, dtype) -> 
     return (time.perf_counter() - started) / TIMED_STEPS
 
 
+class ThreadFallback:
+    """on_step for the demo's training: on two threads, when `slow` steps in a row take over `factor` times
+    the usual (the median of the first `baseline` steps), go on with one thread. Another process has then
+    taken a core, and the two threads' synchronisation waits on it: steps turn several times slower than on
+    one thread (docs/performance.md, "The demo's thread count")."""
+
+    def __init__(self, say, baseline: int = 10, slow: int = 5, factor: float = 2.5):
+        self.say, self.baseline, self.slow, self.factor = say, baseline, slow, factor
+        self.seconds: list[float] = []
+        self.last = time.perf_counter()
+
+    def __call__(self, step: int, record: dict, model) -> None:
+        now = time.perf_counter()
+        self.seconds.append(now - self.last)
+        self.last = now
+        if torch.get_num_threads() < 2 or len(self.seconds) <= self.baseline + self.slow:
+            return
+        usual = float(np.median(self.seconds[1 : self.baseline + 1]))  # the first step warms up
+        if min(self.seconds[-self.slow :]) > self.factor * usual:
+            torch.set_num_threads(1)
+            slowed = f"steps slowed from {usual:.2f} s to over {self.factor * usual:.2f} s"
+            self.say(f"\ntrain: {slowed} (the CPU is shared now); one thread from step {step} on")
+
+
 @dataclass
 class DemoOptions:
     """What the demo runs. The defaults fit in about 5 minutes on a 2-core CPU.
@@ -229,7 +253,7 @@ def train_step(ctx: DemoContext) -> None:
     else:
         steps = o.steps or _plan(ctx)
     options = train_options(o, ctx.out, ctx.palette_path, steps)
-    result = train(options, resume=resume)
+    result = train(options, resume=resume, on_step=ThreadFallback(ctx.say))
     if result.stopped:
         message = f"training was stopped at step {result.step}; run the demo again to resume it"
         raise Interrupted(message, result.signal) if result.signal else ArgumentError(message)
