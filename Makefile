@@ -9,6 +9,7 @@ demo: setup
 
 test: setup
 	.venv/bin/python -m ruff check .
+	.venv/bin/python -m ruff format --check src tests benchmarks
 	.venv/bin/python -m pytest
 	bash scripts/test-other-cpu.sh
 

@@ -40,7 +40,7 @@ from packaging.version import Version
 
 from imagegpt import ImageGPT, cpu
 from imagegpt.device import autocast, describe_cpu, resolve_dtype
-from imagegpt.model import cache_position_bytes
+from imagegpt.quantize import cache_position_bytes
 from imagegpt.sampling import (
     SamplingOptions,
     generate,

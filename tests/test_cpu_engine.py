@@ -12,7 +12,8 @@ from imagegpt import ImageGPT, ImageGPTConfig, cpu
 from imagegpt.cpu import engine as engine_module
 from imagegpt.cpu import ops
 from imagegpt.errors import ConfigError
-from imagegpt.model import KVCache, quantize_int8
+from imagegpt.model import KVCache
+from imagegpt.quantize import new_cache, quantize_int8
 from imagegpt.sampling import decode_one_token
 
 needs_kernel = pytest.mark.skipif(not cpu.available(), reason="the native kernels do not run here")
@@ -60,7 +61,7 @@ def test_a_step_equals_the_models_own(monkeypatch, cache_dtype, n_embd, n_head, 
     threads = torch.get_num_threads()
     for seed, (batch, position, n) in enumerate([(1, 0, 1), (7, 1, 2), (64, 37, 3), (16, 39, threads)]):
         token = torch.randint(0, 16, (batch, 1), generator=torch.Generator().manual_seed(seed))
-        plain = filled(KVCache(model.config, batch, dtype=cache_dtype), seed)
+        plain = filled(new_cache(model.config, batch, dtype=cache_dtype), seed)
         native = filled(engine.new_cache(batch, 40, cache_dtype), seed)
         torch.set_num_threads(n)
         try:
@@ -120,7 +121,7 @@ def test_an_int8_weights_step_equals_its_definition(cache_dtype, n_embd, n_head,
     rows = agreeing = 0
     for seed, (batch, position) in enumerate([(7, 1), (64, 37), (16, 39)]):
         token = torch.randint(0, 16, (batch, 1), generator=torch.Generator().manual_seed(seed))
-        plain, defined = (filled(KVCache(model.config, batch, dtype=cache_dtype), seed) for _ in range(2))
+        plain, defined = (filled(new_cache(model.config, batch, dtype=cache_dtype), seed) for _ in range(2))
         native = filled(engine.new_cache(batch, 40, cache_dtype), seed)
         with torch.no_grad():
             exact = decode_one_token(model, token, position, plain)
@@ -192,7 +193,7 @@ def test_the_native_cache_attends_one_token_natively_and_the_rest_as_the_model_d
     attention = Spy(monkeypatch, "decode_attention")
     ids = torch.randint(0, 16, (3, 12), generator=torch.Generator().manual_seed(2))
     for dtype in (torch.float32, torch.bfloat16, torch.int8):
-        plain, native = KVCache(model.config, 3, dtype=dtype), engine.new_cache(3, 40, dtype)
+        plain, native = new_cache(model.config, 3, dtype=dtype), engine.new_cache(3, 40, dtype)
         with torch.no_grad():
             expected = [model(ids[:, :8], kv_cache=plain).logits[:, -1]]
             got = [model(ids[:, :8], kv_cache=native).logits[:, -1]]  # a prefill: SDPA over the cache

@@ -3,9 +3,22 @@
 import json
 
 import pytest
+import torch
 
+from imagegpt import demo
 from imagegpt.cli import main
-from imagegpt.demo import DemoOptions, format_summary, run_demo
+from imagegpt.config import ImageGPTConfig
+from imagegpt.demo import (
+    MAX_STEPS,
+    MIN_STEPS,
+    DemoOptions,
+    auto_threads,
+    demo_threads,
+    format_summary,
+    planned_steps,
+    run_demo,
+    seconds_per_step,
+)
 from imagegpt.errors import ArgumentError
 
 TINY = dict(
@@ -57,3 +70,62 @@ def test_demo_refuses_bad_options_with_exit_2(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "--keep" in err
     assert not (tmp_path / "d").exists()
+
+
+def test_the_demo_takes_a_second_thread_only_where_two_cpus_are_idle():
+    assert demo_threads(cpus=2, load=0.2) == 2
+    assert demo_threads(cpus=2, load=1.0) == 1  # one core busy: a second thread would wait on it
+    assert demo_threads(cpus=1, load=0.0) == 1
+    assert demo_threads(cpus=16, load=9.0) == 2
+    assert auto_threads() in (1, 2)
+
+
+def test_planned_steps_fill_the_budget_within_bounds():
+    assert planned_steps(180, 0.3) == 600
+    assert planned_steps(180, 0.01) == MAX_STEPS
+    assert planned_steps(1, 0.5) == MIN_STEPS
+
+
+def test_without_steps_the_demo_trains_what_fits_its_budget_and_resumes_with_it(tmp_path, monkeypatch):
+    """steps=None: a timed step plans the run (seconds_per_step, here on a nano model), bounded by MIN_STEPS
+    and MAX_STEPS; a resumed run keeps the steps it was started with."""
+    assert seconds_per_step(ImageGPTConfig.from_preset("igpt-nano", 4, 6), 8, "cpu", "auto") > 0
+    monkeypatch.setattr(demo, "MIN_STEPS", 3)
+    monkeypatch.setattr(demo, "MAX_STEPS", 5)
+    first = [("palette", demo.fit_palette_step), ("train", demo.train_step)]
+    options = {**TINY, "steps": None}
+    ctx = run_demo(DemoOptions(out=str(tmp_path / "short"), train_seconds=1e-6, **options), steps=first)
+    assert ctx.results["train"]["steps"] == 3
+    ctx = run_demo(DemoOptions(out=str(tmp_path / "long"), train_seconds=1e6, **options), steps=first)
+    assert ctx.results["train"]["steps"] == 5
+    # an interrupted run: its args.json says 5 steps; planned now, it would get 3
+    args = json.loads((tmp_path / "long" / "run" / "args.json").read_text())
+    assert args["steps"] == 5
+    with pytest.raises(ArgumentError, match="--train-seconds"):
+        DemoOptions(out=str(tmp_path / "x"), train_seconds=0, **options).validate()
+
+
+def test_two_threads_fall_back_to_one_when_steps_turn_several_times_slower(monkeypatch):
+    """ThreadFallback on made-up step times: usual steps keep two threads, five in a row over 2.5x the
+    usual (a core taken by another process) leave one; on one thread it changes nothing."""
+    clock = iter(range(10**6))
+    times = []
+    monkeypatch.setattr(demo.time, "perf_counter", lambda: times[-1] if times else 0.0)
+    said = []
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        guard = demo.ThreadFallback(said.append, baseline=10, slow=5, factor=2.5)
+        now = 0.0
+        for seconds in [1.0] * 11 + [3.0] * 4 + [1.0] + [3.0] * 4:  # never five slow steps in a row
+            now += seconds
+            times.append(now)
+            guard(next(clock), {}, None)
+        assert torch.get_num_threads() == 2 and not said
+        for _ in range(5):
+            now += 3.0
+            times.append(now)
+            guard(next(clock), {}, None)
+        assert torch.get_num_threads() == 1 and "one thread" in said[0]
+    finally:
+        torch.set_num_threads(threads)

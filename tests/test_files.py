@@ -14,4 +14,3 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["palette.json"]
     write_text_atomic(path, "new\n")
     assert path.read_text() == "new\n"
-

@@ -21,7 +21,7 @@ LAYERS = [
     ("model", {"model", "objectives"}),
     ("checkpoints and run directories", {"checkpoint"}),
     # kernels: the deprecated name of cpu (the native decode engine, which only sampling drives)
-    ("inference", {"sampling", "cpu", "kernels", "evaluate", "probe"}),
+    ("inference", {"sampling", "quantize", "cpu", "kernels", "evaluate", "probe"}),
     ("training", {"trainer", "loop", "train", "finetune", "study"}),
     ("programs", {"", "__main__", "cli", "commands", "demo", "app"}),
 ]

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from imagegpt.cpu import ops
-from imagegpt.model import quantize_int8
+from imagegpt.quantize import quantize_int8
 
 
 def cpu_flags() -> set[str]:

@@ -10,8 +10,9 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from imagegpt import ImageGPT, ImageGPTClassifier, ImageGPTConfig
-from imagegpt import model as model_module
-from imagegpt.model import MLP, KVCache, Norm, quantize_int8, quick_gelu, sos_inputs
+from imagegpt.errors import ArgumentError
+from imagegpt.model import MLP, KVCache, Norm, quick_gelu, sos_inputs
+from imagegpt.quantize import Int8KVCache, cache_position_bytes, new_cache, quantize_int8
 
 
 def nano(**overrides):
@@ -241,9 +242,9 @@ def test_dropout_is_configurable_and_off_in_eval():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int8])
 def test_kv_cache_position_bytes_are_what_the_cache_allocates(dtype):
     config = nano()
-    cache = KVCache(config, 3, 7, dtype=dtype)
+    cache = new_cache(config, 3, 7, dtype=dtype)
     tensors = cache.k + cache.v + (cache.k_scale + cache.v_scale if cache.quantized else [])
-    assert sum(t.nbytes for t in tensors) == 3 * 7 * model_module.cache_position_bytes(config, dtype)
+    assert sum(t.nbytes for t in tensors) == 3 * 7 * cache_position_bytes(config, dtype)
 
 
 def test_kv_cache_forward_equals_full_forward():
@@ -307,7 +308,10 @@ def test_bfloat16_autocast_model_is_close_to_float32():
 
 def test_an_int8_cache_returns_keys_and_values_within_half_a_step():
     config = ImageGPTConfig(vocab_size=17, n_positions=40, n_embd=64, n_layer=1, n_head=2)
-    cache = KVCache(config, 3, dtype=torch.int8)
+    with pytest.raises(ArgumentError, match="Int8KVCache"):  # int8 rows need scales: refused, not truncated
+        KVCache(config, 3, dtype=torch.int8)
+    cache = new_cache(config, 3, dtype=torch.int8)
+    assert isinstance(cache, Int8KVCache)
     k, v = torch.randn(2, 3, 2, 6, 32).unbind(0)
     keys, values = cache.update(0, 4, k, v)  # positions 4..9, float32, dequantized
     assert keys.dtype == values.dtype == torch.float32 and keys.shape == (3, 2, 10, 32)

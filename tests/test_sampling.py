@@ -11,10 +11,12 @@ import pytest
 import torch
 
 from imagegpt import ImageGPT, ImageGPTConfig, cpu, sampling
+from imagegpt.cpu.engine import NativeInt8KVCache
 from imagegpt.errors import ArgumentError, CheckpointError, ConfigError
 from imagegpt.model import KVCache, sos_inputs
 from imagegpt.palette import Palette
 from imagegpt.processor import ImageProcessor
+from imagegpt.quantize import Int8KVCache
 from imagegpt.sampling import (
     CACHE_BUDGET_BYTES,
     SamplingOptions,
@@ -123,10 +125,11 @@ def test_a_half_precision_cache_holds_the_rounded_keys_and_values(monkeypatch, n
     model = tiny_model(32, std=0.1)
     dtype = getattr(torch, cache_dtype)
     inputs = sos_inputs(random_ids(2, 33), model.config.sos_id)
-    kind = cpu.NativeKVCache if native == "1" else KVCache  # one-token attention native or SDPA's
+    # one-token attention native or SDPA's; an int8 cache is its own class (quantize.Int8KVCache)
+    kinds = {"1": (cpu.NativeKVCache, NativeInt8KVCache), "0": (KVCache, Int8KVCache)}[native]
     with torch.no_grad():
         full = model(inputs).logits
-        cache = kind(model.config, 2, dtype=dtype)
+        cache = kinds[1](model.config, 2) if cache_dtype == "int8" else kinds[0](model.config, 2, dtype=dtype)
         logits = [prefill(model, inputs[:, :5], cache)]  # a prefill of 5 reads the cache back in float32
         for position in range(5, inputs.size(1)):
             logits.append(decode_one_token(model, inputs[:, position : position + 1], position, cache))

@@ -13,7 +13,7 @@ from imagegpt.train import TrainOptions, kept_steps, train
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-TINY = dict(data="digits", data_options={}, resolution=4, clusters=8, steps=8, checkpoints=3, batch_size=16,
+TINY = dict(data="digits", resolution=4, clusters=8, steps=8, checkpoints=3, batch_size=16,
             Cs=(0.1, 1.0), device="cpu", dtype="float32", progress=False)  # fmt: skip
 
 
@@ -72,6 +72,10 @@ def test_the_defaults_of_the_demo_and_the_study_parse_and_validate():
 
     StudyOptions().validate()
     DemoOptions().validate()
+    # data options default to what the data takes: colour=mono for shapes, none for digits
+    assert StudyOptions().dataset_options == {"colour": "mono"}
+    assert StudyOptions(data="digits").dataset_options == {}
+    assert StudyOptions(data="shapes", data_options={"n": 90}).dataset_options == {"n": 90}
     parser = build_parser()
     for command in (["study"], ["demo"]):
         assert parser.parse_args(command).func is not None

@@ -19,8 +19,9 @@ import numpy as np
 import torch
 
 from .checkpoint import load_with_processor, read_config
+from .config import ImageGPTConfig
 from .data import BUILTINS, GENERATED, fit_palette, load_dataset
-from .device import resolve_device, resolve_dtype
+from .device import autocast, resolve_device, resolve_dtype
 from .errors import ArgumentError, Interrupted
 from .evaluate import evaluate
 from .files import check_output, write_text_atomic
@@ -32,6 +33,81 @@ from .sampling import complete, image_shape, keep_rows, sample
 from .train import TrainOptions, train
 from .trainer import LOCK_FILE, RunLock
 
+# The demo trains as many steps as fit its budget on the machine at hand, within these bounds: at MAX_STEPS
+# its completions close rings and triangles; at MIN_STEPS its probe already beats raw pixels 1.8 times
+# (docs/results.md).
+MIN_STEPS, MAX_STEPS = 300, 1000
+TIMED_STEPS = 3  # training steps timed (after one untimed) to plan the rest
+
+
+def demo_threads(cpus: int, load: float) -> int:
+    """torch intra-op threads for the demo: 2 where two CPUs are idle by the 1-minute load average, else 1.
+
+    The demo's model is small: a second thread makes its steps about 1.7 times faster on an idle core, and
+    several times slower on a busy one, whose other work its synchronisation then waits on
+    (docs/performance.md, "The demo's thread count")."""
+    return 2 if cpus >= 2 and cpus - load >= 1.5 else 1
+
+
+def auto_threads() -> int:
+    """demo_threads() for this machine: the CPUs this process may use and the load average."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float(cpus)
+    return demo_threads(cpus, load)
+
+
+def planned_steps(budget_seconds: float, seconds_per_step: float) -> int:
+    """The steps that fit budget_seconds at seconds_per_step, within [MIN_STEPS, MAX_STEPS]."""
+    return max(MIN_STEPS, min(MAX_STEPS, int(budget_seconds / max(seconds_per_step, 1e-9))))
+
+
+def seconds_per_step(config: ImageGPTConfig, batch_size: int, device, dtype) -> float:
+    """The seconds of one pretraining step of a fresh model of `config` here (forward, backward, AdamW), as
+    the run will take them: its dtype resolved as train resolves it, random tokens, TIMED_STEPS timed."""
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device, training=True, width=config.n_embd)
+    model = ImageGPT(config).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    ids = torch.randint(0, config.n_clusters, (batch_size, config.n_positions), device=device)
+
+    def step():
+        with autocast(device, dtype):
+            loss = model.image_loss(ids)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.item()  # waits for the device
+
+    step()
+    started = time.perf_counter()
+    for _ in range(TIMED_STEPS):
+        step()
+    return (time.perf_counter() - started) / TIMED_STEPS
+
+
+class ThreadFallback:
+    """on_step for the demo's training: on two threads, when `slow` steps in a row take over `factor` times
+    the usual (the median of the first `baseline` steps), go on with one thread. Another process has then
+    taken a core, and the two threads' synchronisation waits on it: steps turn several times slower than on
+    one thread (docs/performance.md, "The demo's thread count")."""
+
+    def __init__(self, say, baseline: int = 10, slow: int = 5, factor: float = 2.5):
+        self.say, self.baseline, self.slow, self.factor = say, baseline, slow, factor
+        self.seconds: list[float] = []
+        self.last = time.perf_counter()
+
+    def __call__(self, step: int, record: dict, model) -> None:
+        now = time.perf_counter()
+        self.seconds.append(now - self.last)
+        self.last = now
+        if torch.get_num_threads() < 2 or len(self.seconds) <= self.baseline + self.slow:
+            return
+        usual = float(np.median(self.seconds[1 : self.baseline + 1]))  # the first step warms up
+        if min(self.seconds[-self.slow :]) > self.factor * usual:
+            torch.set_num_threads(1)
+            slowed = f"steps slowed from {usual:.2f} s to over {self.factor * usual:.2f} s"
+            self.say(f"\ntrain: {slowed} (the CPU is shared now); one thread from step {step} on")
+
 
 @dataclass
 class DemoOptions:
@@ -41,7 +117,9 @@ class DemoOptions:
     colour: shapes only, "mono" (light shapes on dark grey: the features a short run learns are about form,
     which a linear model on raw pixels cannot see past position and size) or "random" (random colours on
     random gradients, a far harder task for a model this small: docs/results.md).
-    steps/batch_size/lr: pretraining. keep: the fraction of rows kept when completing held-out images.
+    steps/batch_size/lr: pretraining; steps=None trains as many steps as fit train_seconds on this machine
+    (planned_steps), between MIN_STEPS and MAX_STEPS. keep: the fraction of rows kept when completing
+    held-out images. threads: torch's intra-op threads, None for demo_threads()'s choice.
     """
 
     out: str = "imagegpt-demo"
@@ -51,7 +129,8 @@ class DemoOptions:
     images: int = 8000
     clusters: int = 8
     preset: str = "igpt-micro"
-    steps: int = 400
+    steps: int | None = None
+    train_seconds: float = 180.0
     batch_size: int = 32
     lr: float = 3e-3
     warmup: int = 20
@@ -64,9 +143,7 @@ class DemoOptions:
     probe: bool = True
     device: str = "auto"
     dtype: str = "auto"
-    # One intra-op thread: the demo's model is so small that a second thread costs more in synchronisation
-    # than it gains (docs/performance.md, "The demo's thread count").
-    threads: int = 1
+    threads: int | None = None
     overwrite: bool = False
     progress: bool = True
 
@@ -82,14 +159,18 @@ class DemoOptions:
     def validate(self) -> None:
         """Every option checked before anything is created, with the checks the other commands use: the
         palette's size as `palette fit` and `train` check it, the training options as `train` does."""
-        counts = ("resolution", "images", "steps", "batch_size", "completions", "completion_images")
-        for name in (*counts, "samples", "threads"):
+        counts = ("resolution", "images", "batch_size", "completions", "completion_images", "samples")
+        for name in (*counts, *(n for n in ("steps", "threads") if getattr(self, n) is not None)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ArgumentError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
         cpus = os.cpu_count() or 1
-        if self.threads > cpus:  # torch's OpenMP pool with thousands of threads crashes the process
+        if self.threads is not None and self.threads > cpus:  # thousands of OpenMP threads crash the process
             raise ArgumentError(f"--threads must be at most this machine's {cpus} CPUs, got {self.threads}")
+        if isinstance(self.train_seconds, bool) or not isinstance(self.train_seconds, int | float):
+            raise ArgumentError(f"--train-seconds must be a number, got {self.train_seconds!r}")
+        if not self.train_seconds > 0:
+            raise ArgumentError(f"--train-seconds must be positive, got {self.train_seconds!r}")
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
             raise ArgumentError(f"top_k must be an integer >= 0, got {self.top_k!r}")
         if isinstance(self.keep, bool) or not isinstance(self.keep, int | float) or not 0 <= self.keep <= 1:
@@ -101,26 +182,28 @@ class DemoOptions:
             raise ArgumentError(f"--colour must be mono or random, got {self.colour!r}")
         resolve_dtype(self.dtype, resolve_device(self.device), training=True)
         check_output(self.out, directory=True, what="--out")
-        train_options(self, Path(self.out), Path(self.out) / "palette.json").validate()
+        train_options(
+            self, Path(self.out), Path(self.out) / "palette.json", self.steps or MAX_STEPS
+        ).validate()
         for split in ("val", "test"):  # a split too small or a resolution the data refuses (the train split
             load_dataset(self.data, split=split, seed=self.seed, **self.data_options)  # is never empty)
 
 
-def train_options(o: DemoOptions, out: Path, palette: Path):
-    """The demo's pretraining run (out/run), on the palette fitted in `palette`."""
+def train_options(o: DemoOptions, out: Path, palette: Path, steps: int):
+    """The demo's pretraining run (out/run) of `steps` steps, on the palette fitted in `palette`."""
     return TrainOptions(
         data=o.data,
         out=str(out / "run"),
         preset=o.preset,
         resolution=o.resolution,
         palette=str(palette),
-        steps=o.steps,
+        steps=steps,
         batch_size=o.batch_size,
         lr=o.lr,
         warmup=o.warmup,
-        eval_every=max(o.steps // 4, 1),
+        eval_every=max(steps // 4, 1),
         eval_images=256,
-        save_every=max(o.steps // 4, 1),
+        save_every=max(steps // 4, 1),
         seed=o.seed,
         data_seed=o.seed,
         data_options={k: v for k, v in o.data_options.items() if k != "resolution"},  # train sets it
@@ -162,12 +245,15 @@ def fit_palette_step(ctx: DemoContext) -> None:
 
 def train_step(ctx: DemoContext) -> None:
     o = ctx.options
-    options = train_options(o, ctx.out, ctx.palette_path)
-    run_dir = Path(options.out)
+    run_dir = ctx.out / "run"
     resume = (run_dir / "args.json").exists()
-    if resume:
+    if resume:  # the steps it was started with, whatever this machine would plan now
+        steps = json.loads((run_dir / "args.json").read_text())["steps"]
         ctx.say(f"train: resuming the interrupted run in {run_dir}")
-    result = train(options, resume=resume)
+    else:
+        steps = o.steps or _plan(ctx)
+    options = train_options(o, ctx.out, ctx.palette_path, steps)
+    result = train(options, resume=resume, on_step=ThreadFallback(ctx.say))
     if result.stopped:
         message = f"training was stopped at step {result.step}; run the demo again to resume it"
         raise Interrupted(message, result.signal) if result.signal else ArgumentError(message)
@@ -181,6 +267,19 @@ def train_step(ctx: DemoContext) -> None:
         "tokens_per_second": result.tokens_per_second,
         "final_train_loss": result.train_loss,
     }
+
+
+def _plan(ctx: DemoContext) -> int:
+    """The steps that fit the training budget here (planned_steps on a timed step), said."""
+    o = ctx.options
+    config = ImageGPTConfig.from_preset(o.preset, o.resolution, o.clusters)
+    seconds = seconds_per_step(config, o.batch_size, o.device, o.dtype)
+    steps = planned_steps(o.train_seconds, seconds)
+    ctx.say(
+        f"train: {steps} steps ({seconds:.2f} s each here) fit the {o.train_seconds:g} s budget "
+        f"(between {MIN_STEPS} and {MAX_STEPS}; --steps N trains exactly N)"
+    )
+    return steps
 
 
 def evaluate_step(ctx: DemoContext) -> None:
@@ -302,7 +401,7 @@ def run_demo(options: DemoOptions | None = None, steps: list[tuple[str, Step]] |
     options = options or DemoOptions()
     options.validate()
     threads = torch.get_num_threads()
-    torch.set_num_threads(options.threads)
+    torch.set_num_threads(options.threads or auto_threads())
     try:
         return _run_steps(options, steps)
     finally:

@@ -4,7 +4,7 @@ operators torch.ops.imagegpt.*). This module keeps the names a user could have c
 import warnings
 
 from .cpu import MAX_ROWS, available
-from .model import quantize_int8
+from .quantize import quantize_int8
 
 __all__ = ["MAX_ROWS", "available", "quantize_int8"]
 

@@ -32,7 +32,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .config import ImageGPTConfig
 from .errors import ArgumentError
-from .objectives import evaluation_masks
+from .objectives import bert_loss_per_image, evaluation_masks
 from .pretrained import CAUSAL_LM_ARCHITECTURE, CLASSIFIER_ARCHITECTURE, Pretrained
 
 
@@ -46,14 +46,6 @@ def image_inputs(ids: torch.Tensor, config: ImageGPTConfig) -> torch.Tensor:
     """What the model reads for image tokens [x0, ..., x_{n-1}]: [SOS, x0, ..., x_{n-2}] for the next-pixel
     objective, the tokens themselves for BERT models (read with the masked positions' embeddings zeroed)."""
     return sos_inputs(ids, config.sos_id) if config.is_causal else ids
-
-
-def bert_loss_per_image(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """L_BERT of each image (B,): the cross-entropy of its masked tokens (mask True), averaged over them as in
-    the original code; 0 for an image without a masked position (the paper's sum over an empty M)."""
-    nll = F.cross_entropy(logits.flatten(0, 1).float(), ids.flatten(), reduction="none").view(ids.shape)
-    mask = mask.to(nll.dtype)
-    return (nll * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
 
 
 def quick_gelu(x: torch.Tensor) -> torch.Tensor:
@@ -82,42 +74,24 @@ class Norm(nn.Module):
 # ---- the KV cache ----
 
 
-def quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows of x (..., n) as int8 and a float32 scale per row: round(x / scale), scale = max |x| / 127 (1 for
-    a row of zeros), to nearest even; x ~= q * scale to within scale / 2."""
-    x = x.float()
-    scale = x.abs().amax(-1) / 127
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    return torch.round(x / scale[..., None]).clamp_(-127, 127).to(torch.int8), scale
-
-
-def cache_position_bytes(config: ImageGPTConfig, dtype: torch.dtype) -> int:
-    """Bytes of a KVCache for one image at one position, over all layers (int8: with its scales)."""
-    per_layer = config.n_embd * torch.empty((), dtype=dtype).element_size()
-    if dtype == torch.int8:  # and a float32 scale per head
-        per_layer += 4 * config.n_head
-    return 2 * config.n_layer * per_layer
-
-
 class KVCache:
     """Preallocated keys and values, one (B, nh, max_length, hs) tensor of each per layer, as gpt-fast's (one
-    per layer lets torch.compile update each in place). dtype=torch.int8 stores each cached row of hs as int8
-    with a float32 scale (quantize_int8; k_scale, v_scale (B, nh, max_length)), read back as float32.
-    zeroed=False leaves the memory uninitialised: fine for int positions, which only ever read positions
-    written; a static step (tensor positions) reads the whole cache under a mask and needs finite values.
+    per layer lets torch.compile update each in place). zeroed=False leaves the memory uninitialised: fine for
+    int positions, which only ever read positions written; a static step (tensor positions) reads the whole
+    cache under a mask and needs finite values. imagegpt.quantize.Int8KVCache stores int8 rows instead.
     """
+
+    quantized = False  # Int8KVCache's rows are int8, with a scale each
 
     def __init__(self, config: ImageGPTConfig, batch_size: int, max_length: int | None = None,
                  device=None, dtype: torch.dtype = torch.float32, zeroed: bool = True):  # fmt: skip
         max_length = config.n_positions if max_length is None else max_length
         shape = (batch_size, config.n_head, max_length, config.head_dim)
+        if not (dtype.is_floating_point or self.quantized):
+            raise ArgumentError(f"a KVCache holds float rows, not {dtype}; int8: quantize.Int8KVCache")
         new = torch.zeros if zeroed else torch.empty
         self.k = [new(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         self.v = [new(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
-        self.quantized = dtype == torch.int8
-        if self.quantized:
-            self.k_scale = [torch.ones(shape[:3], device=device) for _ in range(config.n_layer)]
-            self.v_scale = [torch.ones(shape[:3], device=device) for _ in range(config.n_layer)]
 
     @property
     def batch_size(self) -> int:
@@ -130,21 +104,12 @@ class KVCache:
     def write(self, layer: int, pos: int | torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store k, v (B, nh, T, hs) at positions pos, pos + 1, ... (an int) or at a tensor's T positions."""
         at = slice(pos, pos + k.size(2)) if isinstance(pos, int) else pos
-        if self.quantized:
-            (qk, sk), (qv, sv) = quantize_int8(k), quantize_int8(v)
-            self.k[layer][:, :, at], self.k_scale[layer][:, :, at] = qk, sk
-            self.v[layer][:, :, at], self.v_scale[layer][:, :, at] = qv, sv
-        else:
-            self.k[layer][:, :, at] = k.to(self.k[layer].dtype)
-            self.v[layer][:, :, at] = v.to(self.v[layer].dtype)
+        self.k[layer][:, :, at] = k.to(self.k[layer].dtype)
+        self.v[layer][:, :, at] = v.to(self.v[layer].dtype)
 
     def read(self, layer: int, end: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """The layer's keys and values at positions [0, end) (None: all; int8 dequantized to float32)."""
-        k, v = self.k[layer][:, :, :end], self.v[layer][:, :, :end]
-        if self.quantized:
-            k = k.float() * self.k_scale[layer][:, :, :end, None]
-            v = v.float() * self.v_scale[layer][:, :, :end, None]
-        return k, v
+        """The layer's keys and values at positions [0, end) (None: all)."""
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
     def update(self, layer: int, pos: int | torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         """write(), then the keys and values to attend over: positions [0, pos + T) for an int pos, the whole
@@ -334,6 +299,9 @@ class ImageGPTOutput:
     hidden_states: tuple[torch.Tensor, ...] | None = None
 
 
+ClassifierOutput = ImageGPTOutput  # the classifier's logits are (B, num_labels)
+
+
 def init_weights(model: nn.Module, config: ImageGPTConfig) -> None:
     """The original code's initialisation, which the paper reports matters for stable training."""
     if any(p.is_meta for p in model.parameters()):
@@ -414,13 +382,6 @@ class ImageGPT(Pretrained):
             return self.loss_per_image(ids, mask).mean()
         logits = self(sos_inputs(ids, self.config.sos_id)).logits
         return F.cross_entropy(logits.flatten(0, 1).float(), ids.flatten())
-
-
-@dataclass
-class ClassifierOutput:
-    logits: torch.Tensor
-    loss: torch.Tensor | None = None
-    hidden_states: tuple[torch.Tensor, ...] | None = None
 
 
 class ImageGPTClassifier(Pretrained):

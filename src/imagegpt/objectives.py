@@ -6,7 +6,7 @@
   model reads the image with the token embeddings of the positions in M zeroed (no mask token, no SOS; the
   position embeddings are still added), attends without a causal mask, and is trained on the cross-entropy at
   the positions in M only, averaged per image over its masked positions, then over the batch: OpenAI's
-  image-gpt src/model.py, written as `model.bert_loss_per_image`.
+  image-gpt src/model.py, written as `bert_loss_per_image` (below).
 
 This module holds what the BERT objective needs beside the model (the masks, the ensemble vote, the checks)
 and imports nothing of the model, which draws on it; pretraining's loop objectives (train.NextPixel,
@@ -32,6 +32,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from .config import OBJECTIVES, ImageGPTConfig
 from .errors import ArgumentError, ConfigError
@@ -137,3 +138,11 @@ def check_evaluation_masks(masks) -> int:
     if isinstance(masks, bool) or not isinstance(masks, int) or masks < 1:
         raise ArgumentError(f"the number of evaluation masks per image must be at least 1, got {masks!r}")
     return masks
+
+
+def bert_loss_per_image(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """L_BERT of each image (B,): the cross-entropy of its masked tokens (mask True), averaged over them as in
+    the original code; 0 for an image without a masked position (the paper's sum over an empty M)."""
+    nll = F.cross_entropy(logits.flatten(0, 1).float(), ids.flatten(), reduction="none").view(ids.shape)
+    mask = mask.to(nll.dtype)
+    return (nll * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)

@@ -163,6 +163,25 @@ def config_from_transformers(values: dict, *, source: str = "config.json") -> Im
     """
     if not isinstance(values, dict):
         raise CheckpointError(f"{source} does not hold a JSON object; it is not a transformers config.json")
+    objective = _objective(values, source)
+    _refuse_unsupported(values, source)
+    fields = {name: values[name] for name in (*_SHAPE_FIELDS, *_FLOAT_FIELDS) if values.get(name) is not None}
+    fields.update({name: float(fields[name]) for name in _FLOAT_FIELDS if name in fields})
+    fields.update({name: values[name] for name in ("n_inner", "bert_mask_prob") if name in values})
+    fields.update(objective=objective, **_labels(values))
+    try:
+        return ImageGPTConfig(**fields)
+    except (TypeError, ValueError) as e:
+        if isinstance(e, ConfigError):
+            raise ConfigError(f"{source}: {e}") from e
+        raise ConfigError(f"{source} holds an invalid ImageGPT config: {e}") from e
+
+
+_FLOAT_FIELDS = ("resid_pdrop", "embd_pdrop", "attn_pdrop", "layer_norm_epsilon")
+
+
+def _objective(values: dict, source: str) -> str:
+    """The objective a config.json's model_type (and objective, if set) says, checked to agree."""
     model_type = values.get("model_type")
     if model_type not in (MODEL_TYPE, BERT_MODEL_TYPE):
         raise CheckpointError(
@@ -177,6 +196,11 @@ def config_from_transformers(values: dict, *, source: str = "config.json") -> Im
             "a next-pixel model's 'imagegpt'. The file was edited by hand: restore the one the model was "
             "saved with"
         )
+    return objective
+
+
+def _refuse_unsupported(values: dict, source: str) -> None:
+    """A ConfigError for options imagegpt does not implement; a warning naming the keys it does not know."""
     for key, (wanted, why) in _REQUIRED_VALUES.items():
         if key in values and values[key] != wanted:
             raise ConfigError(
@@ -194,50 +218,26 @@ def config_from_transformers(values: dict, *, source: str = "config.json") -> Im
             f"{source} describes quantised weights (quantization_config), which imagegpt cannot load; save "
             "the model unquantised with transformers first"
         )
-    known = {f for f in ImageGPTConfig.__dataclass_fields__} | {
-        "num_labels",
-        "_num_labels",
-        "quantization_config",
-    }
-    unknown = sorted(
-        k for k in values if k not in known and k not in _HARMLESS_KEYS and k not in _REQUIRED_VALUES
-    )
+    known = {*ImageGPTConfig.__dataclass_fields__, "num_labels", "_num_labels", "quantization_config"}
+    unknown = sorted(k for k in values if k not in known | _HARMLESS_KEYS | _REQUIRED_VALUES.keys())
     if unknown:
         warnings.warn(
             f"{source}: ignoring keys imagegpt does not know: {', '.join(unknown)}. If one of them changes "
             "the model's maths, the loaded model will differ from transformers'",
-            stacklevel=3,
+            stacklevel=4,
         )
 
-    fields = {}
-    for name in (*_SHAPE_FIELDS, "resid_pdrop", "embd_pdrop", "attn_pdrop", "layer_norm_epsilon"):
-        if name in values and values[name] is not None:
-            fields[name] = values[name]
-    if "n_inner" in values:
-        fields["n_inner"] = values["n_inner"]
-    for name in ("resid_pdrop", "embd_pdrop", "attn_pdrop", "layer_norm_epsilon"):
-        if name in fields:
-            fields[name] = float(fields[name])
-    fields["objective"] = objective
-    if "bert_mask_prob" in values:
-        fields["bert_mask_prob"] = values["bert_mask_prob"]
+
+def _labels(values: dict) -> dict:
+    """num_labels and, when they carry names, id2label, from id2label or (without it) num_labels."""
     id2label = values.get("id2label")
     if id2label:
         id2label = {int(k): str(v) for k, v in id2label.items()}
-        fields["num_labels"] = len(id2label)
         # transformers' placeholder names carry no information; keep the config as a fresh one would be.
-        if any(v != f"LABEL_{k}" for k, v in id2label.items()):
-            fields["id2label"] = id2label
-    else:
-        num_labels = values.get("num_labels", values.get("_num_labels"))
-        if num_labels is not None:
-            fields["num_labels"] = num_labels
-    try:
-        return ImageGPTConfig(**fields)
-    except (TypeError, ValueError) as e:
-        if isinstance(e, ConfigError):
-            raise ConfigError(f"{source}: {e}") from e
-        raise ConfigError(f"{source} holds an invalid ImageGPT config: {e}") from e
+        named = any(v != f"LABEL_{k}" for k, v in id2label.items())
+        return {"num_labels": len(id2label), **({"id2label": id2label} if named else {})}
+    num_labels = values.get("num_labels", values.get("_num_labels"))
+    return {} if num_labels is None else {"num_labels": num_labels}
 
 
 def config_to_transformers(config: ImageGPTConfig, architecture: str = CAUSAL_LM_ARCHITECTURE) -> dict:

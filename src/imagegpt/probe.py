@@ -485,36 +485,14 @@ def run_probe(
         masks per test image (the paper's 5; 1 turns the ensemble off). See the module's docstring.
     """
     splits = {"train": train, "val": val, "test": test}
-    if isinstance(ensemble_masks, bool) or not isinstance(ensemble_masks, int) or ensemble_masks < 1:
-        raise ArgumentError(f"ensemble_masks must be a positive integer, got {ensemble_masks!r}")
-    draws = 1 if model.config.is_causal else ensemble_masks
-    data = {}  # split -> (images: a dataset, images or token ids; labels)
-    for split, dataset in splits.items():
-        images, labels = (dataset, dataset.labels) if hasattr(dataset, "labels") else dataset
-        data[split] = (images, _check_labels(labels, split))
-    if labels_per_class is not None and seeds < 1:
-        raise ArgumentError(f"seeds must be at least 1, got {seeds}")
+    data = _checked_splits(splits, labels_per_class, seeds)
+    draws = _ensemble_draws(model.config, ensemble_masks)
     layers = resolve_layers(layers, model.config.n_layer)
-    if labels_per_class is not None:
-        labels_per_class_subset(data["train"][1], labels_per_class, 0)  # checked before any feature is made
-    train_classes = set(np.unique(data["train"][1]).tolist())
-    for split in ("val", "test"):
-        unseen = set(np.unique(data[split][1]).tolist()) - train_classes
-        if unseen:
-            raise DataError(f"the {split} split has classes {sorted(unseen)} that the training split lacks")
 
     def features_of(split_ids, draw=0):
-        return extract_features(
-            model,
-            split_ids,
-            layers,
-            batch_size=batch_size,
-            device=device,
-            dtype=dtype,
-            cache_dir=None if cache_dir is None else Path(cache_dir) / "features",
-            progress=progress,
-            draw=draw,
-        )
+        features_dir = None if cache_dir is None else Path(cache_dir) / "features"
+        return extract_features(model, split_ids, layers, batch_size=batch_size, device=device, dtype=dtype,
+                                cache_dir=features_dir, progress=progress, draw=draw)  # fmt: skip
 
     features, ids = {}, {}
     for split, (images, _) in data.items():
@@ -538,25 +516,57 @@ def run_probe(
             lambda split: np.concatenate([features[split][layer] for layer in layers], axis=1),
             [np.concatenate([f[layer] for layer in layers], axis=1) for f in further],
         )
-    baseline_row = palette_row = None
-    if baseline:
-        pixels = {split: raw_pixel_features(images, processor) for split, (images, _) in data.items()}
-        baseline_row = row("pixels", lambda split: pixels[split])
-        # The same images as the model reads them: every pixel replaced by its palette colour.
-        centers = processor.palette.centers
-        palette_row = row(
-            "palette",
-            lambda split: centers[np.asarray(ids[split], dtype=np.int64)].reshape(len(ids[split]), -1),
-        )
-    best = max(rows, key=lambda r: r["val_accuracy"])
-    n_classes = len(train_classes)
+    baselines = _baseline_rows(data, ids, processor, row) if baseline else (None, None)
+    report = _report(model, train, data, layers, rows, draws, labels_per_class, seeds, Cs, dtype)
+    report.update({"concat": concat_row, "baseline": baselines[0], "palette_baseline": baselines[1]})
+    return report
+
+
+def _checked_splits(splits: dict, labels_per_class: int | None, seeds: int) -> dict:
+    """split -> (images: a dataset, images or token ids; labels), checked before any feature is made."""
+    data = {}
+    for split, dataset in splits.items():
+        images, labels = (dataset, dataset.labels) if hasattr(dataset, "labels") else dataset
+        data[split] = (images, _check_labels(labels, split))
+    if labels_per_class is not None:
+        if seeds < 1:
+            raise ArgumentError(f"seeds must be at least 1, got {seeds}")
+        labels_per_class_subset(data["train"][1], labels_per_class, 0)
+    train_classes = set(np.unique(data["train"][1]).tolist())
+    for split in ("val", "test"):
+        unseen = set(np.unique(data[split][1]).tolist()) - train_classes
+        if unseen:
+            raise DataError(f"the {split} split has classes {sorted(unseen)} that the training split lacks")
+    return data
+
+
+def _ensemble_draws(config, ensemble_masks) -> int:
+    """How many masks each test image is read under: 1 for next-pixel models, ensemble_masks for BERT's."""
+    if isinstance(ensemble_masks, bool) or not isinstance(ensemble_masks, int) or ensemble_masks < 1:
+        raise ArgumentError(f"ensemble_masks must be a positive integer, got {ensemble_masks!r}")
+    return 1 if config.is_causal else ensemble_masks
+
+
+def _baseline_rows(data: dict, ids: dict, processor, row) -> tuple[dict, dict]:
+    """The probes on raw pixels and on the palette's pixels (every pixel its palette colour: the images as
+    the model reads them)."""
+    pixels = {split: raw_pixel_features(images, processor) for split, (images, _) in data.items()}
+    centers = processor.palette.centers
+    palette = {split: centers[np.asarray(i, dtype=np.int64)].reshape(len(i), -1) for split, i in ids.items()}
+    return row("pixels", lambda split: pixels[split]), row("palette", lambda split: palette[split])
+
+
+def _report(model, train, data, layers, rows, draws, labels_per_class, seeds, Cs, dtype) -> dict:
+    """run_probe's report but for the concat and baseline rows."""
+    config = model.config
+    n_classes = len(np.unique(data["train"][1]))
     return {
         "data": getattr(train, "name", None),
-        "objective": model.config.objective,
-        "bert_mask_prob": None if model.config.is_causal else model.config.bert_mask_prob,
+        "objective": config.objective,
+        "bert_mask_prob": None if config.is_causal else config.bert_mask_prob,
         "ensemble_masks": draws if draws > 1 else None,
-        "n_layer": model.config.n_layer,
-        "n_embd": model.config.n_embd,
+        "n_layer": config.n_layer,
+        "n_embd": config.n_embd,
         "layers": layers,
         "sizes": {split: len(images) for split, (images, _) in data.items()},
         "classes": n_classes,
@@ -566,10 +576,7 @@ def run_probe(
         "C_grid": [float(c) for c in sorted(Cs)],
         "dtype": str(resolve_dtype(dtype, next(model.parameters()).device)).removeprefix("torch."),
         "rows": rows,
-        "concat": concat_row,
-        "baseline": baseline_row,
-        "palette_baseline": palette_row,
-        "best_layer": best["layer"],
+        "best_layer": max(rows, key=lambda r: r["val_accuracy"])["layer"],
     }
 
 

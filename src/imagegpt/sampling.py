@@ -35,8 +35,9 @@ from . import cpu
 from .device import DTYPES, autocast, resolve_device, resolve_dtype
 from .errors import ArgumentError, CheckpointError, ConfigError
 from .limits import check_memory
-from .model import ImageGPT, KVCache, cache_position_bytes
+from .model import ImageGPT, KVCache
 from .objectives import require_causal
+from .quantize import cache_position_bytes, new_cache
 
 # The default batch holds at most this many bytes of KV cache (igpt-s in float32: 20 images of 32x32).
 CACHE_BUDGET_BYTES = 2 * 1024**3
@@ -254,7 +255,8 @@ class Decoder:
         # A compiled dynamic step gets one spare position, so that its view of the cache never spans the whole
         # tensor: the last step would otherwise be compiled anew for being contiguous.
         spare = int(bool(self.compile) and not self.static)
-        cache = KVCache(config, batch_size, length + spare, self.device, self.cache_dtype, zeroed=self.static)
+        length += spare
+        cache = new_cache(config, batch_size, length, self.device, self.cache_dtype, zeroed=self.static)
         if self.static and self.device.type == "cuda":  # CUDA graphs replay on the cache's memory
             for tensor in cache.k + cache.v:
                 torch._dynamo.mark_static_address(tensor)

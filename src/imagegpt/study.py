@@ -42,7 +42,7 @@ class StudyOptions:
     runs: list[str] = field(default_factory=list)
     presets: list[str] = field(default_factory=lambda: ["igpt-nano", "igpt-micro"])
     data: str = "shapes"
-    data_options: dict = field(default_factory=lambda: {"colour": "mono"})
+    data_options: dict | None = None  # None: colour=mono for shapes, nothing for the other sets
     resolution: int | None = 12
     clusters: int = 8
     steps: int = 1000
@@ -56,6 +56,13 @@ class StudyOptions:
     device: str = "auto"
     dtype: str = "auto"
     progress: bool = True
+
+    @property
+    def dataset_options(self) -> dict:
+        """The training data's options: data_options, or by default colour=mono for shapes (form alone)."""
+        if self.data_options is not None:
+            return dict(self.data_options)
+        return {"colour": "mono"} if self.data == "shapes" else {}
 
     def validate(self) -> None:
         if not self.runs and not self.presets:
@@ -81,7 +88,7 @@ def train_runs(options: StudyOptions) -> list[Path]:
             data=options.data, out=str(run_dir), preset=preset, resolution=options.resolution,
             clusters=options.clusters, steps=options.steps, batch_size=options.batch_size, lr=options.lr,
             warmup=options.warmup, eval_every=0, save_every=max(options.steps // 4, 1), seed=options.seed,
-            data_seed=options.seed, data_options=dict(options.data_options), device=options.device,
+            data_seed=options.seed, data_options=options.dataset_options, device=options.device,
             dtype=options.dtype, progress=options.progress, keep_checkpoints=options.checkpoints,
         )  # fmt: skip
         resume = (run_dir / "args.json").exists()

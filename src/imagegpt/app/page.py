@@ -19,6 +19,7 @@ from functools import partial  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import gradio as gr  # noqa: E402
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from ..errors import ArgumentError, ImageGPTError  # noqa: E402
@@ -158,24 +159,41 @@ class Handlers:
             stop.ended.set()
 
     def _grow(self, prefixes, run, stop, figure, what: str):
+        """Yields (grid, status, download) as the tokens grow; a grid the page already shows is sent as
+        gr.skip(). gradio writes each image it is sent to a file named by its bytes, so sending the same
+        grid again rewrites the file the browser may be reading: the image then never shows."""
         start = time.perf_counter()
-        grid = None
+        grid = shown = None
         try:
             for tokens, fraction in core.stream(self.served, prefixes, run, stop, self.served.width):
                 grid = figure(tokens)
                 rows = int(fraction * (self.served.height - prefixes.size(1) // self.served.width))
                 seconds = time.perf_counter() - start
                 status = f"{progress_bar(fraction)} · {rows} rows decoded · {seconds:.1f} s"
-                yield grid, status, _no_download()
+                yield _unless_shown(grid, shown), status, _no_download()
+                shown = grid
         except core.Stopped:
-            yield grid, f"Stopped after {time.perf_counter() - start:.1f} s.", _no_download()
+            yield (
+                _unless_shown(grid, shown),
+                f"Stopped after {time.perf_counter() - start:.1f} s.",
+                _no_download(),
+            )
             return
         except ImageGPTError as e:
-            yield grid, f"**Cannot {what}:** {e}", _no_download()
+            yield _unless_shown(grid, shown), f"**Cannot {what}:** {e}", _no_download()
             return
         path = save_image(grid, self.out_dir / f"{what}-{uuid.uuid4().hex[:8]}.png")
         done = f"Done in {time.perf_counter() - start:.1f} s."
-        yield grid, done, gr.DownloadButton("Download PNG", value=str(path), interactive=True)
+        yield (
+            _unless_shown(grid, shown),
+            done,
+            gr.DownloadButton("Download PNG", value=str(path), interactive=True),
+        )
+
+
+def _unless_shown(grid, shown):
+    """grid, or gr.skip() when it is the grid the page shows already (see Handlers._grow)."""
+    return gr.skip() if grid is not None and shown is not None and np.array_equal(grid, shown) else grid
 
 
 def progress_bar(fraction: float, width: int = 24) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import fields
 
-from ..demo import DemoOptions, format_summary, run_demo
+from ..demo import MAX_STEPS, MIN_STEPS, DemoOptions, format_summary, run_demo
 from ._options import AUTO_TRAINING, add_device_options, add_output_argument
 
 
@@ -27,20 +27,21 @@ def register(subparsers) -> None:
     parser.add_argument(
         "--colour", default=defaults["colour"], choices=["mono", "random"], help="shapes' colours (mono)"
     )
-    names = (
-        "resolution",
-        "images",
-        "clusters",
-        "steps",
-        "batch_size",
-        "seed",
-        "samples",
-        "completions",
-        "threads",
-    )
-    for name in names:
+    for name in ("resolution", "images", "clusters", "batch_size", "seed", "samples", "completions"):
         flag = "--" + name.replace("_", "-")
         parser.add_argument(flag, type=int, default=defaults[name], help=f"(default {defaults[name]})")
+    parser.add_argument(
+        "--steps", type=int, default=None,
+        help=f"pretraining steps (default: as many as fit --train-seconds here, {MIN_STEPS} to {MAX_STEPS})",
+    )  # fmt: skip
+    parser.add_argument(
+        "--train-seconds", type=float, default=defaults["train_seconds"],
+        help=f"the pretraining budget that sets the steps (default {defaults['train_seconds']:g})",
+    )  # fmt: skip
+    parser.add_argument(
+        "--threads", type=int, default=None,
+        help="torch threads (default: 2 where two CPUs are idle, else 1)",
+    )  # fmt: skip
     parser.add_argument("--preset", default=defaults["preset"], help=f"(default {defaults['preset']})")
     parser.add_argument("--lr", type=float, default=defaults["lr"], help=f"(default {defaults['lr']})")
     parser.add_argument("--keep", type=float, default=defaults["keep"], help="rows kept when completing")
@@ -62,6 +63,7 @@ def run(args) -> int:
         clusters=args.clusters,
         preset=args.preset,
         steps=args.steps,
+        train_seconds=args.train_seconds,
         batch_size=args.batch_size,
         lr=args.lr,
         seed=args.seed,

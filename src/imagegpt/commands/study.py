@@ -10,7 +10,7 @@ from ._options import add_device_options, add_output_argument, parse_data_option
 
 def register(subparsers) -> None:
     defaults = {f.name: f.default for f in fields(StudyOptions)}
-    defaults.update(presets=StudyOptions().presets, data_options=StudyOptions().data_options)
+    defaults.update(presets=StudyOptions().presets)
     parser = subparsers.add_parser(
         "study",
         help="better generative models make better features: bits/dim against probe accuracy",
@@ -48,9 +48,7 @@ def register(subparsers) -> None:
 
 def run(args) -> int:
     defaults = StudyOptions()
-    data_options = parse_data_options(args.data_option) if args.data_option else None
-    if data_options is None:
-        data_options = defaults.data_options if args.data == "shapes" else {}
+    data_options = parse_data_options(args.data_option) if args.data_option else None  # the data's default
     options = StudyOptions(
         out=args.out, runs=args.run, presets=args.preset or ([] if args.run else defaults.presets),
         data=args.data, data_options=data_options, resolution=args.resolution, clusters=args.clusters,

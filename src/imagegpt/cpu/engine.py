@@ -26,6 +26,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..model import ImageGPT, KVCache
+from ..quantize import Int8KVCache
 from . import ops
 
 # The packed weights are a second copy of the blocks' linear layers; models with more than this many bytes
@@ -56,6 +57,10 @@ class NativeKVCache(KVCache):
         scales = (self.k_scale[layer][:, :, :end], self.v_scale[layer][:, :, :end]) if self.quantized else ()
         y = torch.ops.imagegpt.decode_attention(q.float(), keys, values, *(scales or (None, None)))
         return y.to(q.dtype)
+
+
+class NativeInt8KVCache(NativeKVCache, Int8KVCache):
+    """An Int8KVCache that NativeKVCache's one-token attention reads as stored."""
 
 
 @dataclass
@@ -167,6 +172,8 @@ class DecodeEngine:
         return cls(model, weight_dtype) if ops.available() else None
 
     def new_cache(self, batch_size: int, max_length: int, dtype: torch.dtype, zeroed=True) -> NativeKVCache:
+        if dtype == torch.int8:
+            return NativeInt8KVCache(self.model.config, batch_size, max_length, "cpu", zeroed)
         return NativeKVCache(self.model.config, batch_size, max_length, "cpu", dtype, zeroed)
 
     def takes(self, cache: KVCache) -> bool:

@@ -208,7 +208,7 @@ def _fake_pack_int8(weight, scale):
 @_operator("pack_linear_int8(Tensor weight, float scale) -> (Tensor, Tensor)", _fake_pack_int8)
 def pack_linear_int8(weight: Tensor, scale: float) -> tuple[Tensor, Tensor]:
     """weight (N, K) float32 times `scale`, each row (an output column) quantized to int8 with its own scale
-    (model.quantize_int8's rounding), in column blocks of 16, each [K / 4][16][4] bytes: (ceil(N / 16), K / 4,
+    (quantize_int8's rounding), in column blocks of 16, each [K / 4][16][4] bytes: (ceil(N / 16), K / 4,
     16, 4); and the column scales (16 ceil(N / 16),), 0 for the padding columns. K a multiple of 8."""
     _check(weight, "weight", contiguous=False)
     _require(weight.dim() == 2 and weight.stride(1) == 1, "weight must be (N, K) with rows contiguous")
@@ -246,7 +246,7 @@ def packed_linear(x: Tensor, packed: Tensor, bias: Tensor, out_features: int, ac
                   scales: Tensor | None) -> Tensor:  # fmt: skip
     """act(x W^T + bias) for x (M, K) float32, M <= MAX_ROWS, with W packed by pack_linear and bias padded to
     its blocks (zeros for none); act "none" or "silu". With `scales`, W is pack_linear_int8's (these its
-    column scales) and x's rows are quantized as model.quantize_int8 does: out = sx sw (qx . qw) + bias, the
+    column scales) and x's rows are quantized as quantize_int8 does: out = sx sw (qx . qw) + bias, the
     int8 products summed exactly in int32."""
     _check(x, "x")
     _require(
@@ -289,7 +289,7 @@ def decode_blocks(
     (fc_width, silu applied: quick-GELU's scales folded in by the caller) and out (C), each stacked over the
     blocks: (L, *pack_linear's shape) and (L, padded bias); or all int8 (L, *pack_linear_int8's shape) with
     `scales`, their column scales (L, padded), each layer's input rows then quantized as
-    model.quantize_int8 does. k, v: L caches (B, nh, S, hs) float32, bfloat16, float16, or int8 with k_scale
+    quantize_int8 does. k, v: L caches (B, nh, S, hs) float32, bfloat16, float16, or int8 with k_scale
     and v_scale (L of (B, nh, S)); hs a multiple of 8. scratch: at least scratch_size() float32 elements.
     """
     table = _blocks_table(x, norms, weights, biases, scales, k, v, k_scale, v_scale, scratch,
