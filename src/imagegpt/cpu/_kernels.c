@@ -1,4 +1,5 @@
-/* imagegpt.cpu._kernels: the decode step's CPU kernels on x86-64 CPUs with AVX2, FMA and F16C.
+/* imagegpt.cpu._kernels: the decode step's CPU kernels on x86-64 CPUs with AVX2, FMA and F16C; the float32
+ * linear layers also have AVX-512F tiles, taken where the caller asks for them (avx512 arguments).
  *
  * decode_attention: a decode step of a batch of images reads every cached key and value once, so on a CPU
  * its attention is bound by memory traffic. PyTorch's CPU SDPA kernel reads a float32 cache below the
@@ -10,16 +11,20 @@
  * s); the result goes to b * o_sb + h * o_sh. The last dimension (hs, a multiple of 8) is contiguous
  * everywhere.
  *
- * pack_linear / packed_linear: few-rows linear layers on weights packed once (see below).
+ * pack_linear / packed_linear: few-rows linear layers on weights packed once (see below), on AVX2 or
+ * AVX-512F tiles.
  *
  * decode_blocks: whole pre-norm blocks, one after another, for one new token per image, on packed weights
- * and a KV cache.
+ * and a KV cache. A decode step of a batch of 16 is bound by memory traffic: it reads every weight and every
+ * cached key and value once, so the kernels are laid out to stream (see STREAM_AHEAD, prefetch_pairs, claim).
  *
  * Work is split over PyTorch's OpenMP pool (`threads` of it); built without OpenMP (setup.py enables it on
  * Linux) the kernels run on the calling thread. Built by setup.py as an optional extension; imagegpt.cpu.ops
  * registers each entry point as a PyTorch operator that checks its tensors before handing over their
  * addresses, and sampling runs on PyTorch alone where the extension is missing or the CPU lacks
- * AVX2/FMA/F16C.
+ * AVX2/FMA/F16C. Whether to take the AVX-512F tiles is decided in one place, imagegpt.cpu.ops.avx512 (the CPU
+ * and IMAGEGPT_CPU_AVX512), and passed to every call; a call that asks for them where the CPU lacks AVX-512F
+ * is refused.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -299,10 +304,10 @@ static TARGET void linear_rows(const float *x, Py_ssize_t ldx, const float *bloc
 #define TARGET512 __attribute__((target("avx512f,avx2,fma,f16c")))
 #define INLINE512 static inline __attribute__((always_inline)) TARGET512
 
-/* How far ahead (bytes) the AVX-512 tile asks for its weights' lines, into L2. A thread's consecutive column
- * blocks lie one after another, one stream, which this keeps ahead of the tile across the blocks' ends and
- * across 4 KiB pages, where the hardware prefetcher stops. Measured against asking for the next block's line
- * at each k (as the AVX2 tile does), for the blocks the thread's next share may not hold: docs/performance.md. */
+/* How far ahead (bytes) the AVX-512 tile asks for its weights' lines, into L2. A thread's share of column
+ * blocks lies in one piece of memory, one stream, which this keeps ahead of the tile across the blocks' ends
+ * and the 4 KiB pages, where the hardware prefetcher stops. (The AVX2 tile asks for the next block's line at
+ * each k, a block another thread may take: docs/performance.md compares the two.) */
 #define STREAM_AHEAD 8192
 
 INLINE512 __m512 exp16(__m512 x) {
