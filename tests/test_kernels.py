@@ -215,11 +215,23 @@ def test_the_avx512_and_avx2_tiles_give_the_same_numbers(monkeypatch):
 
 
 @needs_kernel
+def test_decode_blocks_can_end_with_the_final_norm():
+    arguments = blocks_arguments(B=5)
+    weight = 1 + 0.1 * torch.randn(32, generator=torch.Generator().manual_seed(9))
+    x, _, _ = decode_blocks_on_copies(arguments)
+    normed, _, _ = decode_blocks_on_copies([*arguments, weight])
+    torch.testing.assert_close(normed, F.rms_norm(x, (32,), weight, 1e-5), atol=1e-6, rtol=1e-5)
+    with pytest.raises(ValueError, match="final_norm must be \\(32,\\)"):
+        torch.ops.imagegpt.decode_blocks(*arguments, torch.ones(16))
+
+
+@needs_kernel
 def test_the_avx512_switch_reaches_the_kernels(monkeypatch):
     calls = {name: [] for name in ("packed_linear", "decode_blocks")}
-    for name, seen in calls.items():  # the C functions' last argument: avx512
-        real = getattr(ops._kernels, name)
-        monkeypatch.setattr(ops._kernels, name, lambda *a, f=real, seen=seen: seen.append(a[-1]) or f(*a))
+    at = {"packed_linear": 12, "decode_blocks": 19}  # where the C functions take avx512
+    for name, seen in calls.items():
+        real, i = getattr(ops._kernels, name), at[name]
+        monkeypatch.setattr(ops._kernels, name, lambda *a, f=real, i=i, seen=seen: seen.append(a[i]) or f(*a))
     packed = ops.pack_linear(torch.randn(20, 16), 1.0)
     for flag in ("0", None):
         if flag is None:
@@ -372,9 +384,9 @@ def test_the_operators_pass_torch_librarys_checks(int8, cache_dtype):
     packed, scales = ops.pack_linear_int8(weight, 1.0) if int8 else (ops.pack_linear(weight, 1.0), None)
     args = (torch.randn(3, 16), packed, torch.zeros(32), 20, "silu", scales)
     torch.library.opcheck(torch.ops.imagegpt.packed_linear, args)
-    torch.library.opcheck(
-        torch.ops.imagegpt.decode_blocks, blocks_arguments(int8=int8, cache_dtype=cache_dtype)
-    )
+    arguments = blocks_arguments(int8=int8, cache_dtype=cache_dtype)
+    torch.library.opcheck(torch.ops.imagegpt.decode_blocks, arguments)
+    torch.library.opcheck(torch.ops.imagegpt.decode_blocks, [*arguments, torch.ones(32)])
 
 
 @needs_kernel

@@ -904,12 +904,13 @@ static PyObject *packed_linear(PyObject *self, PyObject *args) {
 enum { TABLE_WIDTH = 18 };
 
 static PyObject *decode_blocks(PyObject *self, PyObject *args) {
-    unsigned long long x, table, scratch, qscratch;
+    unsigned long long x, table, scratch, qscratch, final;
     int M, C, nh, N_fc, wq, layers, dt, pos, threads, avx512;
     float eps;
     Py_ssize_t kv_sb, kv_sh, kv_ss, s_sb, s_sh;
-    if (!PyArg_ParseTuple(args, "KiiifiiiinnnnnKiKKii", &x, &M, &C, &nh, &eps, &N_fc, &wq, &layers, &dt, &kv_sb,
-                          &kv_sh, &kv_ss, &s_sb, &s_sh, &table, &pos, &scratch, &qscratch, &threads, &avx512))
+    if (!PyArg_ParseTuple(args, "KiiifiiiinnnnnKiKKiiK", &x, &M, &C, &nh, &eps, &N_fc, &wq, &layers, &dt, &kv_sb,
+                          &kv_sh, &kv_ss, &s_sb, &s_sh, &table, &pos, &scratch, &qscratch, &threads, &avx512,
+                          &final))
         return NULL;
     if (!check_cpu(avx512)) return NULL;
     const unsigned long long *T = (const unsigned long long *)(uintptr_t)table;
@@ -945,6 +946,8 @@ static PyObject *decode_blocks(PyObject *self, PyObject *args) {
         jobs[l] = job;
     }
     if (threads < 1) threads = 1;
+    float *X = (float *)(uintptr_t)x;
+    const float *G = (const float *)(uintptr_t)final;
     int failed = 0;
     Py_BEGIN_ALLOW_THREADS;
 #ifdef _OPENMP
@@ -955,9 +958,15 @@ static PyObject *decode_blocks(PyObject *self, PyObject *args) {
             failed |= block_share(&jobs[l], t, n);
             BARRIER(); /* block l's output rows are whole before block l + 1 reads them */
         }
+        if (final) { /* the final norm, in place: each row's mean square is taken before it is written */
+            int first, last;
+            share(M, t, n, &first, &last);
+            rms_rows(X, C, G, eps, X, first, last);
+        }
     }
 #else
     for (int l = 0; l < layers; l++) failed |= block_share(&jobs[l], 0, 1);
+    if (final) rms_rows(X, C, G, eps, X, 0, M);
 #endif
     Py_END_ALLOW_THREADS;
     free(jobs);
@@ -989,11 +998,11 @@ static PyMethodDef methods[] = {
      "row; avx512 (not 0): float32 weights take the AVX-512F tiles (supports_avx512())."},
     {"decode_blocks", decode_blocks, METH_VARARGS,
      "decode_blocks(x, M, C, nh, eps, N_fc, int8_weights, layers, dtype_code, kv_sb, kv_sh, kv_ss, s_sb, "
-     "s_sh, table, pos, scratch, int8_scratch, threads, avx512): `layers` transformer blocks for one new token "
-     "per image, in place on x (M, C), each writing its key and value into its cache at pos (int8: with their "
-     "scales); table: 18 pointers per block (ln1, ln2, (w, b, s) of qkv, proj, fc and out, k, v, k_scale, "
-     "v_scale); scratch holds M (5 C + N_fc) floats, int8_scratch (int8 weights) 2 M max(C, N_fc) + 4 M "
-     "bytes (see imagegpt.cpu.ops)."},
+     "s_sh, table, pos, scratch, int8_scratch, threads, avx512, final_norm): `layers` transformer blocks for "
+     "one new token per image, in place on x (M, C), each writing its key and value into its cache at pos "
+     "(int8: with their scales), then x normed by final_norm's C weights (0: not); table: 18 pointers per "
+     "block (ln1, ln2, (w, b, s) of qkv, proj, fc and out, k, v, k_scale, v_scale); scratch holds M (5 C + "
+     "N_fc) floats, int8_scratch (int8 weights) 2 M max(C, N_fc) + 4 M bytes (see imagegpt.cpu.ops)."},
     {"supported", supported, METH_NOARGS, "whether this CPU can run the kernels"},
     {"supports_avx512", supports_avx512, METH_NOARGS,
      "whether this CPU runs the AVX-512F paths (packed_linear's and decode_blocks' avx512 argument)"},
