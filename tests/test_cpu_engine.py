@@ -188,6 +188,9 @@ def test_an_int8_cache_is_quantized_as_the_cache_quantizes():
 
 
 def test_the_native_cache_attends_one_token_natively_and_the_rest_as_the_model_does(monkeypatch):
+    # the model's initial weights seeded too: the steps' float32 results differ in the last bits, which can
+    # round a later key to a neighbouring bfloat16 value (1e-5 in the logits) for some weights
+    torch.manual_seed(0)
     model = randomised(ImageGPT(config_for()))
     engine = cpu.DecodeEngine(model)
     attention = Spy(monkeypatch, "decode_attention")
