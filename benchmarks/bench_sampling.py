@@ -281,7 +281,7 @@ def main() -> None:
         help="tokens per timed stretch (default 128); given, only the stretches are timed (no whole images)",
     )  # fmt: skip
     parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--flops-batch", type=int, default=64)
+    parser.add_argument("--flops-batch", type=int, default=64, help="section 2's batch (0: no section 2)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument(
         "--dtype", default="auto", help="our autocast dtype (auto = float32, the sampling default)"
@@ -366,7 +366,7 @@ def main() -> None:
     results = {s.name: measure(s, *shape, whole) for s in samplers}
     report(results, stretch)
 
-    for cache_dtype, weight_dtype in variants:
+    for cache_dtype, weight_dtype in variants if args.flops_batch > 0 else []:  # 0: no section 2
         flops(ours, args, cache_dtype, weight_dtype, stretch, peak_bf16, peak_f32, bandwidth)
 
 

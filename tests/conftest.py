@@ -50,3 +50,16 @@ def native_kernels(request, monkeypatch):
     if request.param and not cpu.available():
         pytest.skip("the native kernels do not run here (not built, or the CPU lacks AVX2/FMA/F16C)")
     return request.param
+
+
+@pytest.fixture(params=[False, True], ids=["avx2", "avx512"])
+def cpu_avx512(request, monkeypatch):
+    """Both sides of the native kernels' AVX-512F detection (imagegpt.cpu.ops.avx512), switched with
+    IMAGEGPT_CPU_AVX512. The AVX-512 side is skipped only where the CPU lacks AVX-512F: instructions a CPU
+    does not have cannot be switched on."""
+    from imagegpt.cpu import ops
+
+    monkeypatch.setenv("IMAGEGPT_CPU_AVX512", "1" if request.param else "0")
+    if request.param and not ops.avx512():
+        pytest.skip("this CPU lacks AVX-512F (or the kernels are not built): no switch can run its path here")
+    return request.param

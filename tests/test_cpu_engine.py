@@ -53,7 +53,7 @@ class Spy:
 
 @pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16, torch.float16, torch.int8])
 @pytest.mark.parametrize(("n_embd", "n_head", "n_inner"), [(40, 5, 88), (64, 2, None), (96, 4, 200)])
-def test_a_step_equals_the_models_own(monkeypatch, cache_dtype, n_embd, n_head, n_inner):
+def test_a_step_equals_the_models_own(monkeypatch, cache_dtype, n_embd, n_head, n_inner, cpu_avx512):
     # widths that are not multiples of the kernel's 16 columns (40, 120, 88, 200) and head widths of 8..32
     model = randomised(ImageGPT(config_for(n_embd, n_head, n_inner)))
     engine = cpu.DecodeEngine(model)
@@ -188,6 +188,9 @@ def test_an_int8_cache_is_quantized_as_the_cache_quantizes():
 
 
 def test_the_native_cache_attends_one_token_natively_and_the_rest_as_the_model_does(monkeypatch):
+    # the model's initial weights seeded too: the steps' float32 results differ in the last bits, which can
+    # round a later key to a neighbouring bfloat16 value (1e-5 in the logits) for some weights
+    torch.manual_seed(0)
     model = randomised(ImageGPT(config_for()))
     engine = cpu.DecodeEngine(model)
     attention = Spy(monkeypatch, "decode_attention")

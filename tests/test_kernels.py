@@ -156,7 +156,7 @@ def test_arguments_the_kernels_do_not_take_are_a_clear_error():
 
 @needs_kernel
 @pytest.mark.parametrize("activation", ["none", "silu"])
-def test_packed_linear_equals_the_definition(activation):
+def test_packed_linear_equals_the_definition(activation, cpu_avx512):
     generator = torch.Generator().manual_seed(7)
     for N, K in [(1, 1), (8, 5), (16, 64), (17, 33), (40, 24), (515, 64)]:
         weight = torch.randn(N, 2 * K, generator=generator)[:, :K]  # rows strided, a view of a wider weight
@@ -165,7 +165,7 @@ def test_packed_linear_equals_the_definition(activation):
         assert packed.shape == ((N + 15) // 16, K, 16)
         padded = torch.zeros(packed.size(0) * 16)
         padded[:N] = 0.25 * bias
-        for M in [0, 1, 2, 3, 4, 5, 6, 7, 13, ops.MAX_ROWS]:
+        for M in [0, 1, 2, 3, 4, 5, 6, 7, 13, 16, 17, 33, ops.MAX_ROWS]:  # the tiles' 6 and 16 rows, and more
             x = torch.randn(M, K, generator=generator)
             expected = 1.5 * x @ weight.T + 0.25 * bias
             if activation == "silu":
@@ -173,6 +173,76 @@ def test_packed_linear_equals_the_definition(activation):
             got = ops.packed_linear(x, packed, padded, N, activation, None)
             assert got.shape == (M, N)
             torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def on_both_paths(monkeypatch, function, *arguments) -> list:
+    """function(*arguments) with the AVX-512 tiles switched off, then on."""
+    results = []
+    for flag in ("0", "1"):
+        monkeypatch.setenv("IMAGEGPT_CPU_AVX512", flag)
+        results.append(function(*arguments))
+    return results
+
+
+def decode_blocks_on_copies(arguments: list) -> tuple:
+    """decode_blocks on copies of what it changes (x and the caches); those copies, as it left them."""
+    x, k, v = arguments[0].clone(), [t.clone() for t in arguments[5]], [t.clone() for t in arguments[6]]
+    torch.ops.imagegpt.decode_blocks(x, *arguments[1:5], k, v, *arguments[7:])
+    return x, k, v
+
+
+@needs_kernel
+def test_the_avx512_and_avx2_tiles_give_the_same_numbers(monkeypatch):
+    # the same chain of FMAs over k for every output, the same exp: equal bit for bit, residuals included
+    if not ops._cpu_avx512():
+        pytest.skip("this CPU lacks AVX-512F: only the AVX2 path can run here")
+    generator = torch.Generator().manual_seed(8)
+    for N, K in [(17, 33), (40, 24), (515, 64)]:
+        packed = ops.pack_linear(torch.randn(N, K, generator=generator), 1.0)
+        bias = torch.randn(packed.size(0) * 16, generator=generator)
+        for M in [1, 6, 15, 16, 17, 40]:
+            x = torch.randn(M, K, generator=generator)
+            for activation in ("none", "silu"):
+                arguments = (x, packed, bias, N, activation, None)
+                avx2, avx512 = on_both_paths(monkeypatch, ops.packed_linear, *arguments)
+                assert torch.equal(avx2, avx512)
+    for cache_dtype in (torch.float32, torch.bfloat16):
+        for B in (3, 16, 20):
+            arguments = blocks_arguments(B=B, cache_dtype=cache_dtype)
+            (x2, k2, v2), (x5, k5, v5) = on_both_paths(monkeypatch, decode_blocks_on_copies, arguments)
+            assert torch.equal(x2, x5) and not torch.equal(x2, arguments[0])
+            assert all(torch.equal(a, b) for a, b in zip(k2 + v2, k5 + v5))
+
+
+@needs_kernel
+def test_decode_blocks_can_end_with_the_final_norm():
+    arguments = blocks_arguments(B=5)
+    weight = 1 + 0.1 * torch.randn(32, generator=torch.Generator().manual_seed(9))
+    x, _, _ = decode_blocks_on_copies(arguments)
+    normed, _, _ = decode_blocks_on_copies([*arguments, weight])
+    torch.testing.assert_close(normed, F.rms_norm(x, (32,), weight, 1e-5), atol=1e-6, rtol=1e-5)
+    with pytest.raises(ValueError, match="final_norm must be \\(32,\\)"):
+        torch.ops.imagegpt.decode_blocks(*arguments, torch.ones(16))
+
+
+@needs_kernel
+def test_the_avx512_switch_reaches_the_kernels(monkeypatch):
+    calls = {name: [] for name in ("packed_linear", "decode_blocks")}
+    at = {"packed_linear": 12, "decode_blocks": 19}  # where the C functions take avx512
+    for name, seen in calls.items():
+        real, i = getattr(ops._kernels, name), at[name]
+        monkeypatch.setattr(ops._kernels, name, lambda *a, f=real, i=i, seen=seen: seen.append(a[i]) or f(*a))
+    packed = ops.pack_linear(torch.randn(20, 16), 1.0)
+    for flag in ("0", None):
+        if flag is None:
+            monkeypatch.delenv("IMAGEGPT_CPU_AVX512", raising=False)
+        else:
+            monkeypatch.setenv("IMAGEGPT_CPU_AVX512", flag)
+        ops.packed_linear(torch.randn(3, 16), packed, torch.zeros(32), 20, "none", None)
+        torch.ops.imagegpt.decode_blocks(*blocks_arguments())
+    detected = int("avx512f" in cpu_flags())  # on Linux, the kernel's word for what the CPU and OS run
+    assert ops.avx512() is bool(detected)
+    assert calls == {"packed_linear": [0, detected], "decode_blocks": [0, detected]}
 
 
 def pack_linear_int8_reference(weight: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -314,9 +384,9 @@ def test_the_operators_pass_torch_librarys_checks(int8, cache_dtype):
     packed, scales = ops.pack_linear_int8(weight, 1.0) if int8 else (ops.pack_linear(weight, 1.0), None)
     args = (torch.randn(3, 16), packed, torch.zeros(32), 20, "silu", scales)
     torch.library.opcheck(torch.ops.imagegpt.packed_linear, args)
-    torch.library.opcheck(
-        torch.ops.imagegpt.decode_blocks, blocks_arguments(int8=int8, cache_dtype=cache_dtype)
-    )
+    arguments = blocks_arguments(int8=int8, cache_dtype=cache_dtype)
+    torch.library.opcheck(torch.ops.imagegpt.decode_blocks, arguments)
+    torch.library.opcheck(torch.ops.imagegpt.decode_blocks, [*arguments, torch.ones(32)])
 
 
 @needs_kernel

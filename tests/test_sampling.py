@@ -107,7 +107,7 @@ def spy(monkeypatch, name):
 
 
 @needs_kernel
-def test_decode_steps_run_the_native_engine_and_give_pytorchs_tokens(monkeypatch):
+def test_decode_steps_run_the_native_engine_and_give_pytorchs_tokens(monkeypatch, cpu_avx512):
     model = tiny_model(30)
     steps = spy(monkeypatch, "decode_blocks")
     native = complete(model, random_ids(3, 31), 0.25, seed=5, top_k=4)
@@ -228,7 +228,7 @@ def hf_greedy(hf, prefix: torch.Tensor) -> torch.Tensor:
     return out[:, 1:]
 
 
-def test_greedy_sampling_equals_transformers_generate(transformers_pair):
+def test_greedy_sampling_equals_transformers_generate(transformers_pair, cpu_avx512):
     hf, ours = transformers_pair
     expected = hf_greedy(hf, torch.empty(4, 0, dtype=torch.long))
     assert torch.equal(sample(ours, 4, temperature=0, dtype="float32"), expected)

@@ -69,7 +69,7 @@ def filter_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0
     one).
     """
     logits = logits.float()
-    if temperature > 0:
+    if temperature > 0 and temperature != 1:  # x / 1 is x: no copy for the default
         logits = logits / temperature
     if 0 < top_k < logits.size(-1):
         kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]  # (B, 1)

@@ -1,4 +1,5 @@
-/* imagegpt.cpu._kernels: the decode step's CPU kernels on x86-64 CPUs with AVX2, FMA and F16C.
+/* imagegpt.cpu._kernels: the decode step's CPU kernels on x86-64 CPUs with AVX2, FMA and F16C; the float32
+ * linear layers also have AVX-512F tiles, taken where the caller asks for them (avx512 arguments).
  *
  * decode_attention: a decode step of a batch of images reads every cached key and value once, so on a CPU
  * its attention is bound by memory traffic. PyTorch's CPU SDPA kernel reads a float32 cache below the
@@ -10,16 +11,20 @@
  * s); the result goes to b * o_sb + h * o_sh. The last dimension (hs, a multiple of 8) is contiguous
  * everywhere.
  *
- * pack_linear / packed_linear: few-rows linear layers on weights packed once (see below).
+ * pack_linear / packed_linear: few-rows linear layers on weights packed once (see below), on AVX2 or
+ * AVX-512F tiles.
  *
  * decode_blocks: whole pre-norm blocks, one after another, for one new token per image, on packed weights
- * and a KV cache.
+ * and a KV cache. A decode step of a batch of 16 is bound by memory traffic: it reads every weight and every
+ * cached key and value once, so the kernels are laid out to stream (see STREAM_AHEAD, prefetch_pairs, claim).
  *
  * Work is split over PyTorch's OpenMP pool (`threads` of it); built without OpenMP (setup.py enables it on
  * Linux) the kernels run on the calling thread. Built by setup.py as an optional extension; imagegpt.cpu.ops
  * registers each entry point as a PyTorch operator that checks its tensors before handing over their
  * addresses, and sampling runs on PyTorch alone where the extension is missing or the CPU lacks
- * AVX2/FMA/F16C.
+ * AVX2/FMA/F16C. Whether to take the AVX-512F tiles is decided in one place, imagegpt.cpu.ops.avx512 (the CPU
+ * and IMAGEGPT_CPU_AVX512), and passed to every call; a call that asks for them where the CPU lacks AVX-512F
+ * is refused.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -59,20 +64,19 @@ INLINE __m256 load8(const void *p, int dt) {
 }
 
 /* exp(x) for x <= 0 (x - max of a softmax): 2^(x log2 e) as 2^n * 2^f, |f| <= 1/2, 2^f by a degree-6
- * polynomial; relative error about 2e-7. Below -80 the result is flushed to exp(-80) ~ 2e-35, which no
- * softmax over at least one exp(0) = 1 can tell from 0. */
+ * polynomial (EXP2_POLY, highest power first); relative error about 2e-7. Below -80 the result is flushed
+ * to exp(-80) ~ 2e-35, which no softmax over at least one exp(0) = 1 can tell from 0. exp16 (AVX-512)
+ * computes the same numbers, step for step. */
+static const float EXP2_POLY[7] = {1.535336188319500e-4f, 1.339887440266574e-3f, 9.618437357674640e-3f,
+                                   5.550332471162809e-2f, 2.402264791363012e-1f, 6.931472028550421e-1f, 1.0f};
+
 INLINE __m256 exp8(__m256 x) {
     x = _mm256_max_ps(x, _mm256_set1_ps(-80.0f));
     __m256 t = _mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f));
     __m256 n = _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     __m256 f = _mm256_sub_ps(t, n);
-    __m256 p = _mm256_set1_ps(1.535336188319500e-4f);
-    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.339887440266574e-3f));
-    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(9.618437357674640e-3f));
-    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(5.550332471162809e-2f));
-    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2.402264791363012e-1f));
-    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(6.931472028550421e-1f));
-    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
+    __m256 p = _mm256_set1_ps(EXP2_POLY[0]);
+    for (int i = 1; i < 7; i++) p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(EXP2_POLY[i]));
     __m256i e = _mm256_slli_epi32(_mm256_cvtps_epi32(n), 23);
     return _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(p), e));
 }
@@ -289,16 +293,106 @@ static TARGET void linear_rows(const float *x, Py_ssize_t ldx, const float *bloc
     }
 }
 
+/* ---- the same tiles on AVX-512F: one zmm register holds a block's 16 columns at one k ----
+ *
+ * Twice the multiply-adds per instruction of AVX2, and 32 registers: a tile of up to 16 rows keeps one
+ * accumulator per row, so a decode step's batch of 16 reads each column block once. Each output is the
+ * same chain of FMAs over k as the AVX2 tile's, and exp16 is exp8 lane for lane, so the two paths give the
+ * same numbers bit for bit. Compiled for AVX-512F whatever the build machine, and taken only where the
+ * caller says so (imagegpt.cpu.ops.avx512 decides, from the CPU and IMAGEGPT_CPU_AVX512). */
+
+#define TARGET512 __attribute__((target("avx512f,avx2,fma,f16c")))
+#define INLINE512 static inline __attribute__((always_inline)) TARGET512
+
+/* How far ahead (bytes) the AVX-512 tile asks for its weights' lines, into L2. A thread's share of column
+ * blocks lies in one piece of memory, one stream, which this keeps ahead of the tile across the blocks' ends
+ * and the 4 KiB pages, where the hardware prefetcher stops. (The AVX2 tile asks for the next block's line at
+ * each k, a block another thread may take: docs/performance.md compares the two.) */
+#define STREAM_AHEAD 8192
+
+INLINE512 __m512 exp16(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-80.0f));
+    __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
+    __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 f = _mm512_sub_ps(t, n);
+    __m512 p = _mm512_set1_ps(EXP2_POLY[0]);
+    for (int i = 1; i < 7; i++) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(EXP2_POLY[i]));
+    __m512i e = _mm512_slli_epi32(_mm512_cvtps_epi32(n), 23);
+    return _mm512_castsi512_ps(_mm512_add_epi32(_mm512_castps_si512(p), e));
+}
+
+INLINE512 __m512 silu16(__m512 z) {
+    __m512 e = exp16(_mm512_min_ps(_mm512_sub_ps(_mm512_setzero_ps(), z), _mm512_set1_ps(80.0f)));
+    return _mm512_div_ps(z, _mm512_add_ps(_mm512_set1_ps(1.0f), e));
+}
+
+/* tile_store for one row of 16 columns: the last, partial block's columns past `cols` are masked off */
+INLINE512 void tile_store16(__m512 v, const float *bias, int act, float *out, int cols) {
+    const __mmask16 keep = (__mmask16)((1u << cols) - 1);
+    v = _mm512_add_ps(v, _mm512_loadu_ps(bias));
+    if (act == 1) v = silu16(v);
+    if (act == 2) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(keep, out)); /* a residual */
+    _mm512_mask_storeu_ps(out, keep, v);
+}
+
+INLINE512 void linear_tile16(const float *x, Py_ssize_t ldx, const float *block, int K, int R, const float *bias,
+                             int act, float *out, Py_ssize_t ldo, int cols) {
+    __m512 c[16]; /* every loop over r unrolled, as in linear_tile */
+#pragma GCC unroll 16
+    for (int r = 0; r < 16; r++) c[r] = _mm512_setzero_ps();
+    for (int k = 0; k < K; k++) {
+        const __m512 w = _mm512_loadu_ps(block + 16 * k);
+        _mm_prefetch((const char *)(block + 16 * k) + STREAM_AHEAD, _MM_HINT_T1);
+#pragma GCC unroll 16
+        for (int r = 0; r < R; r++) c[r] = _mm512_fmadd_ps(_mm512_set1_ps(x[r * ldx + k]), w, c[r]);
+    }
+#pragma GCC unroll 16
+    for (int r = 0; r < R; r++) tile_store16(c[r], bias, act, out + r * ldo, cols);
+}
+
+/* rows [m, m + R) of one column block, R <= 16 */
+static TARGET512 void linear_rows16(const float *x, Py_ssize_t ldx, const float *block, int K, int R,
+                                    const float *bias, int act, float *out, Py_ssize_t ldo, int cols) {
+#define TILE16(R) linear_tile16(x, ldx, block, K, R, bias, act, out, ldo, cols)
+    switch (R) {
+    case 16: TILE16(16); break;
+    case 15: TILE16(15); break;
+    case 14: TILE16(14); break;
+    case 13: TILE16(13); break;
+    case 12: TILE16(12); break;
+    case 11: TILE16(11); break;
+    case 10: TILE16(10); break;
+    case 9: TILE16(9); break;
+    case 8: TILE16(8); break;
+    case 7: TILE16(7); break;
+    case 6: TILE16(6); break;
+    case 5: TILE16(5); break;
+    case 4: TILE16(4); break;
+    case 3: TILE16(3); break;
+    case 2: TILE16(2); break;
+    default: TILE16(1); break;
+    }
+#undef TILE16
+}
+
+/* out = act(x W^T + b) for column blocks [first, last) of a packed weight, all M rows; on AVX-512F in tiles
+ * of up to 16 rows, else in tiles of up to 6 */
 static TARGET void linear_blocks(const float *x, Py_ssize_t ldx, int M, int K, const float *packed, int N,
-                                 const float *bias, int act, float *out, Py_ssize_t ldo, int first, int last) {
+                                 const float *bias, int act, float *out, Py_ssize_t ldo, int first, int last,
+                                 int avx512) {
+    const int rows = avx512 ? 16 : 6;
     for (int nb = first; nb < last; nb++) {
         const float *block = packed + (Py_ssize_t)nb * K * 16;
         const float *next = nb + 1 < (N + 15) / 16 ? block + (Py_ssize_t)K * 16 : block;
         const int cols = N - 16 * nb < 16 ? N - 16 * nb : 16;
-        for (int m = 0; m < M; m += 6) {
-            const int R = M - m < 6 ? M - m : 6;
-            linear_rows(x + m * ldx, ldx, block, next, K, R, bias + 16 * nb, act, out + m * ldo + 16 * nb, ldo,
-                        cols);
+        for (int m = 0; m < M; m += rows) {
+            const int R = M - m < rows ? M - m : rows;
+            const float *xm = x + m * ldx, *b = bias + 16 * nb;
+            float *o = out + m * ldo + 16 * nb;
+            if (avx512)
+                linear_rows16(xm, ldx, block, K, R, b, act, o, ldo, cols);
+            else
+                linear_rows(xm, ldx, block, next, K, R, b, act, o, ldo, cols);
         }
     }
 }
@@ -328,93 +422,26 @@ typedef struct {
     int ld;           /* K */
 } QuantRows;
 
-/* one row of the 4-row tile's k loop (inline assembly below): row r's 4 bytes of q and |q| at QA and AA,
- * broadcast; the two weight vectors (ymm8, ymm9) take q's signs; |q| x signed weights, pairs into int16,
- * pairs of those into int32, added to the row's two accumulators C0 and C1 */
-#define I8_ROW(QA, AA, C0, C1)                        \
-    "vpbroadcastd " QA ", %%ymm10\n\t"                \
-    "vpbroadcastd " AA ", %%ymm11\n\t"                \
-    "vpsignb %%ymm10, %%ymm8, %%ymm12\n\t"            \
-    "vpsignb %%ymm10, %%ymm9, %%ymm13\n\t"            \
-    "vpmaddubsw %%ymm12, %%ymm11, %%ymm12\n\t"        \
-    "vpmaddubsw %%ymm13, %%ymm11, %%ymm13\n\t"        \
-    "vpmaddwd %[ones], %%ymm12, %%ymm12\n\t"          \
-    "vpmaddwd %[ones], %%ymm13, %%ymm13\n\t"          \
-    "vpaddd %%ymm12, %[" C0 "], %[" C0 "]\n\t"        \
-    "vpaddd %%ymm13, %[" C1 "], %[" C1 "]\n\t"
-#define I8_K4(W, Q)                                                  \
-    "vmovdqu " W "(%[w]), %%ymm8\n\t"                                \
-    "vmovdqu 32+" W "(%[w]), %%ymm9\n\t"                             \
-    "prefetcht1 " W "(%[w],%[ahead])\n\t"                            \
-    I8_ROW(Q "(%[q])", Q "(%[a])", "c00", "c10")                     \
-    I8_ROW(Q "(%[q],%[ld])", Q "(%[a],%[ld])", "c01", "c11")         \
-    I8_ROW(Q "(%[q],%[ld],2)", Q "(%[a],%[ld],2)", "c02", "c12")     \
-    I8_ROW(Q "(%[q],%[ld3])", Q "(%[a],%[ld3])", "c03", "c13")
-
-/* The k loop of a full 4-row tile, K a multiple of 8, as assembly: written with intrinsics, GCC keeps three
- * of the eight accumulators on the stack and reloads the broadcasts' addresses (slower on Zen 3 and on an
- * AMX Xeon: docs/performance.md). The accumulators live in ymm0-7, the weights in ymm8-9, temporaries in
- * ymm10-13. Rows are ld bytes apart; next is where the next block's lines are prefetched (into L2) as this
- * one's pass. Built with -DIMAGEGPT_NO_ASM, full tiles take the intrinsics loop of linear_tile_i8 instead
- * (to measure the assembly against). */
-#ifndef IMAGEGPT_NO_ASM
-#define USE_ASM 1
-#else
-#define USE_ASM 0
-#endif
-INLINE void tile4_i8(const int8_t *q, const uint8_t *a, Py_ssize_t ld, const int8_t *w, const int8_t *next,
-                     int K, __m256i c0[4], __m256i c1[4]) {
-    register __m256i c00 __asm__("xmm0") = _mm256_setzero_si256();
-    register __m256i c01 __asm__("xmm1") = c00;
-    register __m256i c02 __asm__("xmm2") = c00;
-    register __m256i c03 __asm__("xmm3") = c00;
-    register __m256i c10 __asm__("xmm4") = c00;
-    register __m256i c11 __asm__("xmm5") = c00;
-    register __m256i c12 __asm__("xmm6") = c00;
-    register __m256i c13 __asm__("xmm7") = c00;
-    register __m256i ones __asm__("xmm14") = _mm256_set1_epi16(1);
-    const int8_t *end = w + 16 * (Py_ssize_t)K;
-    const Py_ssize_t ld3 = 3 * ld, ahead = next - w;
-    __asm__ volatile("1:\n\t" I8_K4("0", "0") I8_K4("64", "4")
-                     "add $128, %[w]\n\t"
-                     "add $8, %[q]\n\t"
-                     "add $8, %[a]\n\t"
-                     "cmp %[end], %[w]\n\t"
-                     "jne 1b\n\t"
-                     : [c00] "+x"(c00), [c01] "+x"(c01), [c02] "+x"(c02), [c03] "+x"(c03), [c10] "+x"(c10),
-                       [c11] "+x"(c11), [c12] "+x"(c12), [c13] "+x"(c13), [w] "+r"(w), [q] "+r"(q), [a] "+r"(a)
-                     : [ones] "x"(ones), [ld] "r"(ld), [ld3] "r"(ld3), [ahead] "r"(ahead), [end] "r"(end)
-                     : "cc", "memory", "xmm8", "xmm9", "xmm10", "xmm11", "xmm12", "xmm13");
-    c0[0] = c00, c0[1] = c01, c0[2] = c02, c0[3] = c03;
-    c1[0] = c10, c1[1] = c11, c1[2] = c12, c1[3] = c13;
-}
-#undef I8_K4
-#undef I8_ROW
-
 INLINE void linear_tile_i8(const QuantRows *x, int m, const int8_t *block, const int8_t *next, int K, int R,
                            const float *scales, const float *bias, int act, float *out, Py_ssize_t ldo,
                            int cols) {
     __m256i c0[4], c1[4];
     const int8_t *q = x->q + (Py_ssize_t)m * x->ld;
     const uint8_t *a = x->a + (Py_ssize_t)m * x->ld;
-    if (R == 4 && USE_ASM) {
-        tile4_i8(q, a, x->ld, block, next, K, c0, c1);
-    } else { /* the last 1-3 rows (and every tile without USE_ASM) */
-        const __m256i ones = _mm256_set1_epi16(1);
+    const __m256i ones = _mm256_set1_epi16(1);
 #pragma GCC unroll 4
-        for (int r = 0; r < 4; r++) c0[r] = c1[r] = _mm256_setzero_si256();
-        for (int k = 0; k < K; k += 4) {
-            const __m256i w0 = _mm256_loadu_si256((const __m256i *)(block + 16 * k));
-            const __m256i w1 = _mm256_loadu_si256((const __m256i *)(block + 16 * k + 32));
-            _mm_prefetch((const char *)(next + 16 * k), _MM_HINT_T1);
+    for (int r = 0; r < 4; r++) c0[r] = c1[r] = _mm256_setzero_si256();
+    for (int k = 0; k < K; k += 4) {
+        const __m256i w0 = _mm256_loadu_si256((const __m256i *)(block + 16 * k));
+        const __m256i w1 = _mm256_loadu_si256((const __m256i *)(block + 16 * k + 32));
+        _mm_prefetch((const char *)(next + 16 * k), _MM_HINT_T1);
 #pragma GCC unroll 4
-            for (int r = 0; r < R; r++) {
-                const __m256i sign = broadcast4(q + r * x->ld + k), mag = broadcast4(a + r * x->ld + k);
-                c0[r] = _mm256_add_epi32(
-                    c0[r], _mm256_madd_epi16(_mm256_maddubs_epi16(mag, _mm256_sign_epi8(w0, sign)), ones));
-                c1[r] = _mm256_add_epi32(
-                    c1[r], _mm256_madd_epi16(_mm256_maddubs_epi16(mag, _mm256_sign_epi8(w1, sign)), ones));
-            }
+        for (int r = 0; r < R; r++) {
+            const __m256i sign = broadcast4(q + r * x->ld + k), mag = broadcast4(a + r * x->ld + k);
+            c0[r] = _mm256_add_epi32(c0[r],
+                                     _mm256_madd_epi16(_mm256_maddubs_epi16(mag, _mm256_sign_epi8(w0, sign)), ones));
+            c1[r] = _mm256_add_epi32(c1[r],
+                                     _mm256_madd_epi16(_mm256_maddubs_epi16(mag, _mm256_sign_epi8(w1, sign)), ones));
         }
     }
     const __m256 s0 = _mm256_loadu_ps(scales), s1 = _mm256_loadu_ps(scales + 8);
@@ -459,6 +486,7 @@ static TARGET void linear_blocks_i8(const QuantRows *x, int M, int K, const int8
 typedef struct {
     float *x;
     int M, C, nh, N_fc, dt, pos, wq;
+    int avx512; /* the linear layers take their AVX-512F tiles */
     const float *ln1, *ln2;
     float eps;
     const void *w[4];  /* qkv, proj, fc, out: packed float32 blocks, or int8 ones (wq) */
@@ -521,27 +549,26 @@ static TARGET void quantize_row(const float *x, int n, int8_t *out, float *scale
     *scale_out = scale > 0.0f ? scale : 1.0f;
 }
 
-/* the new key and value of images [first, last) into the cache at pos */
+/* the new key and value of (image, head) pairs [first, last), b * nh + h, into the cache at pos */
 static TARGET void write_cache(const BlockJob *j, int first, int last) {
     const int C = j->C, hs = C / j->nh, es = ELEMENT_SIZE(j->dt);
-    for (int b = first; b < last; b++) {
-        for (int h = 0; h < j->nh; h++) {
-            const Py_ssize_t at = ((Py_ssize_t)b * j->kv_sb + h * j->kv_sh + (Py_ssize_t)j->pos * j->kv_ss) * es;
-            for (int which = 0; which < 2; which++) {
-                const float *src = j->qkv + (Py_ssize_t)b * 3 * C + (1 + which) * C + h * hs;
-                char *dst = (which ? j->v : j->k) + at;
-                if (j->dt == I8) {
-                    float *scale = (which ? j->vs : j->ks) + b * j->s_sb + h * j->s_sh + j->pos;
-                    quantize_row(src, hs, (int8_t *)dst, scale);
-                } else if (j->dt == F32) {
-                    memcpy(dst, src, (size_t)hs * 4);
-                } else if (j->dt == BF16) {
-                    for (int d = 0; d < hs; d++) ((uint16_t *)dst)[d] = to_bf16(src[d]);
-                } else {
-                    for (int d = 0; d < hs; d += 8)
-                        _mm_storeu_si128((__m128i *)(dst + 2 * d),
-                                         _mm256_cvtps_ph(_mm256_loadu_ps(src + d), _MM_FROUND_TO_NEAREST_INT));
-                }
+    for (int i = first; i < last; i++) {
+        const int b = i / j->nh, h = i % j->nh;
+        const Py_ssize_t at = ((Py_ssize_t)b * j->kv_sb + h * j->kv_sh + (Py_ssize_t)j->pos * j->kv_ss) * es;
+        for (int which = 0; which < 2; which++) {
+            const float *src = j->qkv + (Py_ssize_t)b * 3 * C + (1 + which) * C + h * hs;
+            char *dst = (which ? j->v : j->k) + at;
+            if (j->dt == I8) {
+                float *scale = (which ? j->vs : j->ks) + b * j->s_sb + h * j->s_sh + j->pos;
+                quantize_row(src, hs, (int8_t *)dst, scale);
+            } else if (j->dt == F32) {
+                memcpy(dst, src, (size_t)hs * 4);
+            } else if (j->dt == BF16) {
+                for (int d = 0; d < hs; d++) ((uint16_t *)dst)[d] = to_bf16(src[d]);
+            } else {
+                for (int d = 0; d < hs; d += 8)
+                    _mm_storeu_si128((__m128i *)(dst + 2 * d),
+                                     _mm256_cvtps_ph(_mm256_loadu_ps(src + d), _MM_FROUND_TO_NEAREST_INT));
             }
         }
     }
@@ -568,26 +595,54 @@ static TARGET void quantize_rows(QuantRows r, const float *x, Py_ssize_t ld, int
 /* the block's quantized rows, K wide (int8 weights' input) */
 INLINE QuantRows block_rows(const BlockJob *j, int K) { return (QuantRows){j->rq, j->ra, j->rs, K}; }
 
-/* The next `chunk` of a phase's `total` items into [first, last), or 0 when all are taken. The phases'
- * items go to whichever thread is free: split evenly in advance, a phase lasts as long as the slower
- * core's half, and on a shared machine one core is often slower (docs/performance.md). */
-static inline int claim(int *claimed, int chunk, int total, int *first, int *last) {
-    *first = __atomic_fetch_add(claimed, chunk, __ATOMIC_RELAXED);
-    *last = *first + chunk < total ? *first + chunk : total;
-    return *first < total;
+/* The next share of a phase's `total` items into [first, last), or 0 when all are taken. The items go to
+ * whichever thread is free: split evenly in advance, a phase lasts as long as the slower core's half, and on
+ * a shared machine one core is often slower (docs/performance.md). A share is a part of what is left (1 / 2n
+ * of it for n threads, guided scheduling): long runs first, which stream from memory best, then shorter ones,
+ * so that the threads finish close together. */
+static inline int claim(int *claimed, int total, int threads, int *first, int *last) {
+    int at = __atomic_load_n(claimed, __ATOMIC_RELAXED), size;
+    do {
+        if (at >= total) return 0;
+        size = (total - at) / (2 * threads);
+        size = size > 1 ? size : 1;
+    } while (!__atomic_compare_exchange_n(claimed, &at, at + size, 1, __ATOMIC_RELAXED, __ATOMIC_RELAXED));
+    *first = at;
+    *last = at + size;
+    return 1;
+}
+
+/* Before the pairs [first, last) are attended: their cache rows at pos fetched (to be written), and the first
+ * PREFETCH bytes of their keys and values asked for. Each pair's two streams start cold; met one after the
+ * other, each start waits a round trip to memory, asked for together the round trips overlap. */
+static TARGET void prefetch_pairs(const BlockJob *j, int first, int last) {
+    const int es = ELEMENT_SIZE(j->dt), row = j->C / j->nh * es;
+    const Py_ssize_t held = (Py_ssize_t)(j->pos + 1) * j->kv_ss * es; /* bytes from the first key past the last */
+    for (int i = first; i < last; i++) {
+        const Py_ssize_t base = ((Py_ssize_t)(i / j->nh) * j->kv_sb + (i % j->nh) * j->kv_sh) * es;
+        const Py_ssize_t at = base + (Py_ssize_t)j->pos * j->kv_ss * es;
+        for (int d = 0; d < row; d += 64) {
+            _mm_prefetch(j->k + at + d, _MM_HINT_T0);
+            _mm_prefetch(j->v + at + d, _MM_HINT_T0);
+        }
+        for (Py_ssize_t d = 0; d < PREFETCH && d < held; d += 64) {
+            _mm_prefetch(j->k + base + d, _MM_HINT_T0);
+            _mm_prefetch(j->v + base + d, _MM_HINT_T1);
+        }
+    }
 }
 
 /* layer i of the block (0 qkv, 1 proj, 2 fc, 3 out) over its input `in` (M, K), in chunks of column blocks
  * claimed in turn; int8 weights take the input as quantize_rows left it */
 static TARGET void block_linear(BlockJob *j, int i, const float *in, int K, int N, int act, float *out,
-                                int ldo) {
+                                int ldo, int threads) {
     int first, last;
-    while (claim(&j->claimed[i], 4, (N + 15) / 16, &first, &last)) {
+    while (claim(&j->claimed[i], (N + 15) / 16, threads, &first, &last)) {
         if (j->wq) {
             const QuantRows rows = block_rows(j, K);
             linear_blocks_i8(&rows, j->M, K, j->w[i], N, j->s[i], j->b[i], act, out, ldo, first, last);
         } else {
-            linear_blocks(in, K, j->M, K, j->w[i], N, j->b[i], act, out, ldo, first, last);
+            linear_blocks(in, K, j->M, K, j->w[i], N, j->b[i], act, out, ldo, first, last, j->avx512);
         }
     }
 }
@@ -599,14 +654,16 @@ static TARGET int block_share(BlockJob *j, int t, int n) {
     rms_rows(j->x, C, j->ln1, j->eps, j->xn, first, last);
     if (j->wq) quantize_rows(block_rows(j, C), j->xn, C, first, last);
     BARRIER();
-    block_linear(j, 0, j->xn, C, 3 * C, 0, j->qkv, 3 * C);
-    BARRIER();
-    share(M, t, n, &first, &last);
-    write_cache(j, first, last);
+    block_linear(j, 0, j->xn, C, 3 * C, 0, j->qkv, 3 * C, n);
     BARRIER();
     Job att = {j->qkv, j->k, j->v, j->y, 3 * C, hs, j->kv_sb, j->kv_sh, j->kv_ss, C, hs, j->nh, hs, j->pos + 1,
                j->dt, (float)(1.0 / sqrt((double)hs)), j->ks, j->vs, j->s_sb, j->s_sh, 0, 0, 0};
-    while (!att.failed && claim(&j->claimed[4], 4, M * j->nh, &att.first, &att.last)) attend(&att);
+    /* a pair's new key and value are read by its own attention alone: written just before it */
+    while (!att.failed && claim(&j->claimed[4], M * j->nh, n, &att.first, &att.last)) {
+        prefetch_pairs(j, att.first, att.last);
+        write_cache(j, att.first, att.last);
+        attend(&att);
+    }
     failed |= att.failed;
     BARRIER();
     if (j->wq) { /* an image's heads may come from both threads: its row is whole only now */
@@ -614,20 +671,20 @@ static TARGET int block_share(BlockJob *j, int t, int n) {
         quantize_rows(block_rows(j, C), j->y, C, first, last);
         BARRIER();
     }
-    block_linear(j, 1, j->y, C, C, 2, j->x, C);
+    block_linear(j, 1, j->y, C, C, 2, j->x, C, n);
     BARRIER();
     share(M, t, n, &first, &last);
     rms_rows(j->x, C, j->ln2, j->eps, j->xn, first, last);
     if (j->wq) quantize_rows(block_rows(j, C), j->xn, C, first, last);
     BARRIER();
-    block_linear(j, 2, j->xn, C, j->N_fc, 1, j->h, j->N_fc);
+    block_linear(j, 2, j->xn, C, j->N_fc, 1, j->h, j->N_fc, n);
     BARRIER();
     if (j->wq) {
         share(M, t, n, &first, &last);
         quantize_rows(block_rows(j, j->N_fc), j->h, j->N_fc, first, last);
         BARRIER();
     }
-    block_linear(j, 3, j->h, j->N_fc, C, 2, j->x, C);
+    block_linear(j, 3, j->h, j->N_fc, C, 2, j->x, C, n);
     return failed;
 }
 
@@ -635,10 +692,30 @@ static int cpu_supported(void) {
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
 }
+
+/* whether the CPU (and the OS, which must save the zmm registers: libgcc checks both) runs AVX-512F */
+static int cpu_avx512(void) {
+    __builtin_cpu_init();
+    return cpu_supported() && __builtin_cpu_supports("avx512f");
+}
 #else
 #define IMAGEGPT_AVX2 0
 static int cpu_supported(void) { return 0; }
+static int cpu_avx512(void) { return 0; }
 #endif
+
+/* 0 after setting an exception unless the kernels run here, and AVX-512F too where `avx512` asks for it */
+static int check_cpu(int avx512) {
+    if (!cpu_supported()) {
+        PyErr_SetString(PyExc_RuntimeError, "imagegpt.cpu._kernels needs an x86-64 CPU with AVX2, FMA and F16C");
+        return 0;
+    }
+    if (avx512 && !cpu_avx512()) {
+        PyErr_SetString(PyExc_RuntimeError, "imagegpt.cpu._kernels: this CPU lacks AVX-512F (avx512 must be 0)");
+        return 0;
+    }
+    return 1;
+}
 
 static PyObject *decode_attention(PyObject *self, PyObject *args) {
     unsigned long long q, k, v, ks, vs, out;
@@ -649,10 +726,7 @@ static PyObject *decode_attention(PyObject *self, PyObject *args) {
                           &vs, &s_sb, &s_sh, &out, &o_sb, &o_sh, &batch, &nh, &hs, &length, &dt, &scale,
                           &threads))
         return NULL;
-    if (!cpu_supported()) {
-        PyErr_SetString(PyExc_RuntimeError, "imagegpt.cpu._kernels needs an x86-64 CPU with AVX2, FMA and F16C");
-        return NULL;
-    }
+    if (!check_cpu(0)) return NULL;
     if (batch < 0 || nh < 1 || hs < 8 || hs % 8 != 0 || length < 1 || dt < 0 || dt > 3 ||
         (dt == 3 && (ks == 0 || vs == 0))) {
         PyErr_SetString(PyExc_ValueError, "decode_attention: bad shape, dtype code or int8 scales");
@@ -725,10 +799,7 @@ static PyObject *pack_linear_int8(PyObject *self, PyObject *args) {
     Py_ssize_t ldw;
     float scale;
     if (!PyArg_ParseTuple(args, "KiinfKK", &w, &N, &K, &ldw, &scale, &packed, &scales)) return NULL;
-    if (!cpu_supported()) {
-        PyErr_SetString(PyExc_RuntimeError, "imagegpt.cpu._kernels needs an x86-64 CPU with AVX2, FMA and F16C");
-        return NULL;
-    }
+    if (!check_cpu(0)) return NULL;
     if (N < 1 || K < 8 || K % 8 != 0 || ldw < K) {
         PyErr_SetString(PyExc_ValueError, "pack_linear_int8: bad shape");
         return NULL;
@@ -772,14 +843,11 @@ static PyObject *pack_linear_int8(PyObject *self, PyObject *args) {
 static PyObject *packed_linear(PyObject *self, PyObject *args) {
     unsigned long long x, packed, bias, out, scales;
     Py_ssize_t ldx, ldo;
-    int M, K, N, act, threads;
-    if (!PyArg_ParseTuple(args, "KniiKiKiKnKi", &x, &ldx, &M, &K, &packed, &N, &bias, &act, &out, &ldo, &scales,
-                          &threads))
+    int M, K, N, act, threads, avx512;
+    if (!PyArg_ParseTuple(args, "KniiKiKiKnKii", &x, &ldx, &M, &K, &packed, &N, &bias, &act, &out, &ldo, &scales,
+                          &threads, &avx512))
         return NULL;
-    if (!cpu_supported()) {
-        PyErr_SetString(PyExc_RuntimeError, "imagegpt.cpu._kernels needs an x86-64 CPU with AVX2, FMA and F16C");
-        return NULL;
-    }
+    if (!check_cpu(avx512)) return NULL;
     if (M < 0 || K < 1 || N < 1 || ldx < K || ldo < N || act < 0 || act > 2 || (scales && K % 8 != 0)) {
         PyErr_SetString(PyExc_ValueError, "packed_linear: bad shape or activation");
         return NULL;
@@ -813,14 +881,15 @@ static PyObject *packed_linear(PyObject *self, PyObject *args) {
         if (S != NULL)
             linear_blocks_i8(&rows, M, K, (const int8_t *)(uintptr_t)packed, N, S, B, act, O, ldo, first, last);
         else
-            linear_blocks(X, ldx, M, K, (const float *)(uintptr_t)packed, N, B, act, O, ldo, first, last);
+            linear_blocks(X, ldx, M, K, (const float *)(uintptr_t)packed, N, B, act, O, ldo, first, last,
+                          avx512);
     }
 #else
     if (S != NULL) {
         quantize_rows(rows, X, ldx, 0, M);
         linear_blocks_i8(&rows, M, K, (const int8_t *)(uintptr_t)packed, N, S, B, act, O, ldo, 0, blocks);
     } else {
-        linear_blocks(X, ldx, M, K, (const float *)(uintptr_t)packed, N, B, act, O, ldo, 0, blocks);
+        linear_blocks(X, ldx, M, K, (const float *)(uintptr_t)packed, N, B, act, O, ldo, 0, blocks, avx512);
     }
 #endif
     Py_END_ALLOW_THREADS;
@@ -835,17 +904,15 @@ static PyObject *packed_linear(PyObject *self, PyObject *args) {
 enum { TABLE_WIDTH = 18 };
 
 static PyObject *decode_blocks(PyObject *self, PyObject *args) {
-    unsigned long long x, table, scratch, qscratch;
-    int M, C, nh, N_fc, wq, layers, dt, pos, threads;
+    unsigned long long x, table, scratch, qscratch, final;
+    int M, C, nh, N_fc, wq, layers, dt, pos, threads, avx512;
     float eps;
     Py_ssize_t kv_sb, kv_sh, kv_ss, s_sb, s_sh;
-    if (!PyArg_ParseTuple(args, "KiiifiiiinnnnnKiKKi", &x, &M, &C, &nh, &eps, &N_fc, &wq, &layers, &dt, &kv_sb,
-                          &kv_sh, &kv_ss, &s_sb, &s_sh, &table, &pos, &scratch, &qscratch, &threads))
+    if (!PyArg_ParseTuple(args, "KiiifiiiinnnnnKiKKiiK", &x, &M, &C, &nh, &eps, &N_fc, &wq, &layers, &dt, &kv_sb,
+                          &kv_sh, &kv_ss, &s_sb, &s_sh, &table, &pos, &scratch, &qscratch, &threads, &avx512,
+                          &final))
         return NULL;
-    if (!cpu_supported()) {
-        PyErr_SetString(PyExc_RuntimeError, "imagegpt.cpu._kernels needs an x86-64 CPU with AVX2, FMA and F16C");
-        return NULL;
-    }
+    if (!check_cpu(avx512)) return NULL;
     const unsigned long long *T = (const unsigned long long *)(uintptr_t)table;
     int bad = M < 1 || layers < 1 || nh < 1 || C < 8 || C % nh != 0 || (C / nh) % 8 != 0 || N_fc < 1 || dt < 0 ||
               dt > 3 || pos < 0 || kv_ss < C / nh || (wq && (N_fc % 8 != 0 || qscratch == 0));
@@ -865,12 +932,12 @@ static PyObject *decode_blocks(PyObject *self, PyObject *args) {
     int8_t *Q = (int8_t *)(uintptr_t)qscratch;
     for (int l = 0; l < layers; l++) {
         const unsigned long long *p = T + (Py_ssize_t)l * TABLE_WIDTH;
-        BlockJob job = {(float *)(uintptr_t)x, M, C, nh, N_fc, dt, pos, wq, (const float *)(uintptr_t)p[0],
-                        (const float *)(uintptr_t)p[1], eps, {0}, {0}, {0}, (char *)(uintptr_t)p[14],
-                        (char *)(uintptr_t)p[15], kv_sb, kv_sh, kv_ss, (float *)(uintptr_t)p[16],
-                        (float *)(uintptr_t)p[17], s_sb, s_sh, S, S + (Py_ssize_t)M * C, S + (Py_ssize_t)M * 4 * C,
-                        S + (Py_ssize_t)M * 5 * C, Q, (uint8_t *)(Q + M * widest),
-                        (float *)(uintptr_t)(Q + 2 * M * widest), {0}};
+        BlockJob job = {(float *)(uintptr_t)x, M, C, nh, N_fc, dt, pos, wq, avx512,
+                        (const float *)(uintptr_t)p[0], (const float *)(uintptr_t)p[1], eps, {0}, {0}, {0},
+                        (char *)(uintptr_t)p[14], (char *)(uintptr_t)p[15], kv_sb, kv_sh, kv_ss,
+                        (float *)(uintptr_t)p[16], (float *)(uintptr_t)p[17], s_sb, s_sh, S,
+                        S + (Py_ssize_t)M * C, S + (Py_ssize_t)M * 4 * C, S + (Py_ssize_t)M * 5 * C, Q,
+                        (uint8_t *)(Q + M * widest), (float *)(uintptr_t)(Q + 2 * M * widest), {0}};
         for (int i = 0; i < 4; i++) {
             job.w[i] = (const void *)(uintptr_t)p[2 + 3 * i];
             job.b[i] = (const float *)(uintptr_t)p[3 + 3 * i];
@@ -879,6 +946,8 @@ static PyObject *decode_blocks(PyObject *self, PyObject *args) {
         jobs[l] = job;
     }
     if (threads < 1) threads = 1;
+    float *X = (float *)(uintptr_t)x;
+    const float *G = (const float *)(uintptr_t)final;
     int failed = 0;
     Py_BEGIN_ALLOW_THREADS;
 #ifdef _OPENMP
@@ -889,9 +958,15 @@ static PyObject *decode_blocks(PyObject *self, PyObject *args) {
             failed |= block_share(&jobs[l], t, n);
             BARRIER(); /* block l's output rows are whole before block l + 1 reads them */
         }
+        if (final) { /* the final norm, in place: each row's mean square is taken before it is written */
+            int first, last;
+            share(M, t, n, &first, &last);
+            rms_rows(X, C, G, eps, X, first, last);
+        }
     }
 #else
     for (int l = 0; l < layers; l++) failed |= block_share(&jobs[l], 0, 1);
+    if (final) rms_rows(X, C, G, eps, X, 0, M);
 #endif
     Py_END_ALLOW_THREADS;
     free(jobs);
@@ -901,6 +976,8 @@ static PyObject *decode_blocks(PyObject *self, PyObject *args) {
 }
 
 static PyObject *supported(PyObject *self, PyObject *args) { return PyBool_FromLong(cpu_supported()); }
+
+static PyObject *supports_avx512(PyObject *self, PyObject *args) { return PyBool_FromLong(cpu_avx512()); }
 
 static PyMethodDef methods[] = {
     {"decode_attention", decode_attention, METH_VARARGS,
@@ -915,17 +992,20 @@ static PyMethodDef methods[] = {
      "into int8 column blocks of 16, [ceil(N / 16)][K / 4][16][4] bytes, and the rows' scales (see "
      "imagegpt.cpu.ops)."},
     {"packed_linear", packed_linear, METH_VARARGS,
-     "packed_linear(x, ldx, M, K, packed, N, bias, act, out, ldo, scales, threads): out (M, N) = act(x (M, "
-     "K) W^T + bias) on a packed weight and a bias padded to the blocks; act 0 none, 1 silu, 2 none added "
-     "to out; scales (not 0): W is int8 (pack_linear_int8) with these column scales, x quantized per row."},
+     "packed_linear(x, ldx, M, K, packed, N, bias, act, out, ldo, scales, threads, avx512): out (M, N) = "
+     "act(x (M, K) W^T + bias) on a packed weight and a bias padded to the blocks; act 0 none, 1 silu, 2 none "
+     "added to out; scales (not 0): W is int8 (pack_linear_int8) with these column scales, x quantized per "
+     "row; avx512 (not 0): float32 weights take the AVX-512F tiles (supports_avx512())."},
     {"decode_blocks", decode_blocks, METH_VARARGS,
      "decode_blocks(x, M, C, nh, eps, N_fc, int8_weights, layers, dtype_code, kv_sb, kv_sh, kv_ss, s_sb, "
-     "s_sh, table, pos, scratch, int8_scratch, threads): `layers` transformer blocks for one new token per "
-     "image, in place on x (M, C), each writing its key and value into its cache at pos (int8: with their "
-     "scales); table: 18 pointers per block (ln1, ln2, (w, b, s) of qkv, proj, fc and out, k, v, k_scale, "
-     "v_scale); scratch holds M (5 C + N_fc) floats, int8_scratch (int8 weights) 2 M max(C, N_fc) + 4 M "
-     "bytes (see imagegpt.cpu.ops)."},
+     "s_sh, table, pos, scratch, int8_scratch, threads, avx512, final_norm): `layers` transformer blocks for "
+     "one new token per image, in place on x (M, C), each writing its key and value into its cache at pos "
+     "(int8: with their scales), then x normed by final_norm's C weights (0: not); table: 18 pointers per "
+     "block (ln1, ln2, (w, b, s) of qkv, proj, fc and out, k, v, k_scale, v_scale); scratch holds M (5 C + "
+     "N_fc) floats, int8_scratch (int8 weights) 2 M max(C, N_fc) + 4 M bytes (see imagegpt.cpu.ops)."},
     {"supported", supported, METH_NOARGS, "whether this CPU can run the kernels"},
+    {"supports_avx512", supports_avx512, METH_NOARGS,
+     "whether this CPU runs the AVX-512F paths (packed_linear's and decode_blocks' avx512 argument)"},
     {NULL, NULL, 0, NULL},
 };
 

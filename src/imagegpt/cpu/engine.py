@@ -8,8 +8,8 @@ the model as it is and builds, once, what the kernels need:
 - every block's linear layers packed into the few-rows multiply's layout (ops.pack_linear; quick-GELU's
   1.702 folded into the MLP's weights, so that the kernel's fused silu computes it), stacked over the
   blocks, and the norms' weights beside them; or, weight_dtype=torch.int8, quantized per output column;
-- a step: the model's own embeddings, then every block in one call (ops.decode_blocks: one parallel region,
-  barriers between phases), then the model's own final norm and head;
+- a step: the model's own embeddings, then every block and the final norm in one call (ops.decode_blocks:
+  one parallel region, barriers between phases), then the model's own head;
 - caches (NativeKVCache) whose one-token attention reads the cache in its own dtype (ops.decode_attention),
   for the prefill and for any step the packed blocks do not take.
 
@@ -105,8 +105,8 @@ def refusal(model: ImageGPT, weight_dtype: torch.dtype) -> str | None:
         )
     if config.head_dim % 8:
         return f"the kernels need the head width a multiple of 8; this model's is {config.head_dim}"
-    if len({eps for b in blocks for eps in (b.ln_1.eps, b.ln_2.eps)}) != 1:
-        return "the kernels take one norm epsilon for every block"
+    if len({eps for b in blocks for eps in (b.ln_1.eps, b.ln_2.eps)} | {model.transformer.ln_f.eps}) != 1:
+        return "the kernels take one norm epsilon for every block and the final norm"
     return None
 
 
@@ -199,8 +199,9 @@ class DecodeEngine:
         torch.ops.imagegpt.decode_blocks(
             x, packed.norms, packed.weights, packed.biases, packed.scales, cache.k, cache.v, *scales,
             self._scratch(x.size(0)), position, model.config.n_head, eps, packed.fc_width,
+            transformer.ln_f.weight.detach(),
         )  # fmt: skip
-        return model.lm_head(transformer.ln_f(x)[:, -1])
+        return model.lm_head(x[:, -1])  # x as ln_f leaves it
 
     def _fresh(self) -> bool:
         """Whether the blocks still hold the parameters packed, unchanged since (each in-place change counts

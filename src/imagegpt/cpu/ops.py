@@ -9,7 +9,7 @@ to the C code. Each has a fake implementation, so torch.compile traces around it
     pack_linear_int8(weight, scale)              the same, quantized per output column
     packed_linear(x, packed, bias, out_features, activation, scales)   act(x W^T + b) for a few rows
     decode_blocks(x, norms, weights, biases, scales, k, v, k_scale, v_scale, scratch, position, n_head,
-                  eps, fc_width)                 every block's step for one new token per image, in place
+                  eps, fc_width, final_norm)     every block's step for one new token per image, in place
 
 The extension is optional (setup.py): where it is not built, `built()` is False and calling an operator is a
 RuntimeError; `available()` is what callers ask.
@@ -50,6 +50,19 @@ def available() -> bool:
     """Whether the kernels run here: built(), and not switched off with IMAGEGPT_NATIVE_KERNELS=0 (read at
     every call, so that tests and users can switch). The one place that decides."""
     return os.environ.get("IMAGEGPT_NATIVE_KERNELS", "1") != "0" and built()
+
+
+@functools.cache
+def _cpu_avx512() -> bool:
+    return built() and _kernels.supports_avx512()
+
+
+def avx512() -> bool:
+    """Whether the float32 linear layers take their AVX-512F tiles: the CPU (and OS) runs AVX-512F, and
+    IMAGEGPT_CPU_AVX512=0 does not switch them off (read at every call, so that tests and users can switch;
+    there is no switching them on where the CPU lacks the instructions). The one place that decides; the
+    two paths give the same numbers."""
+    return os.environ.get("IMAGEGPT_CPU_AVX512", "1") != "0" and _cpu_avx512()
 
 
 def _require(condition: bool, message: str) -> None:
@@ -248,7 +261,7 @@ def packed_linear(x: Tensor, packed: Tensor, bias: Tensor, out_features: int, ac
     out = torch.empty(M, out_features)
     _kernel().packed_linear(
         x.data_ptr(), K, M, K, packed.data_ptr(), out_features, bias.data_ptr(), ACTIVATIONS[activation],
-        out.data_ptr(), out_features, 0 if scales is None else scales.data_ptr(), _threads(),
+        out.data_ptr(), out_features, 0 if scales is None else scales.data_ptr(), _threads(), int(avx512()),
     )  # fmt: skip
     return out
 
@@ -259,13 +272,13 @@ def packed_linear(x: Tensor, packed: Tensor, bias: Tensor, out_features: int, ac
 @_operator(
     "decode_blocks(Tensor(a!) x, Tensor norms, Tensor[] weights, Tensor[] biases, Tensor[] scales, "
     "Tensor(b!)[] k, Tensor(c!)[] v, Tensor(d!)[] k_scale, Tensor(e!)[] v_scale, Tensor(f!) scratch, "
-    "int position, int n_head, float eps, int fc_width) -> ()",
+    "int position, int n_head, float eps, int fc_width, Tensor? final_norm=None) -> ()",
     lambda *arguments: None,  # it changes its arguments in place and returns nothing
 )
 def decode_blocks(
     x: Tensor, norms: Tensor, weights: list[Tensor], biases: list[Tensor], scales: list[Tensor],
     k: list[Tensor], v: list[Tensor], k_scale: list[Tensor], v_scale: list[Tensor],
-    scratch: Tensor, position: int, n_head: int, eps: float, fc_width: int,
+    scratch: Tensor, position: int, n_head: int, eps: float, fc_width: int, final_norm: Tensor | None = None,
 ) -> None:  # fmt: skip
     """L pre-norm blocks for one new token per image, in place on x (B, 1, C) float32, B <= MAX_ROWS:
 
@@ -278,16 +291,20 @@ def decode_blocks(
     `scales`, their column scales (L, padded), each layer's input rows then quantized as
     quantize_int8 does. k, v: L caches (B, nh, S, hs) float32, bfloat16, float16, or int8 with k_scale
     and v_scale (L of (B, nh, S)); hs a multiple of 8. scratch: at least scratch_size() float32 elements.
+    final_norm (C,): x is then normed as the blocks' norms do, with these weights (a model's final norm).
     """
     table = _blocks_table(x, norms, weights, biases, scales, k, v, k_scale, v_scale, scratch,
                                 position, n_head, fc_width)  # fmt: skip
     B, _, C = x.shape
+    if final_norm is not None:
+        _check(final_norm, "final_norm", shape=(C,))
     code = CODES[k[0].dtype]
     strides = (*k[0].stride()[:3], *(k_scale[0].stride()[:2] if k_scale else (0, 0)))
     rows = scratch.data_ptr() + 4 * B * (5 * C + fc_width)  # the int8 weights' quantized rows, after
     _kernel().decode_blocks(
         x.data_ptr(), B, C, n_head, eps, fc_width, int(bool(scales)), len(k), code, *strides,
-        table.data_ptr(), position, scratch.data_ptr(), rows if scales else 0, _threads(),
+        table.data_ptr(), position, scratch.data_ptr(), rows if scales else 0, _threads(), int(avx512()),
+        0 if final_norm is None else final_norm.data_ptr(),
     )  # fmt: skip
 
 
