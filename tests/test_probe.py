@@ -338,3 +338,23 @@ def test_images_are_encoded_with_the_processor():
         np.testing.assert_array_equal(from_images[layer], from_ids[layer])
     as_list = extract_features(model, list(images), layers=[1], processor=processor, dtype="float32")
     np.testing.assert_array_equal(as_list[1], from_ids[1])
+
+
+def test_max_iter_reaches_every_fit_and_the_report(monkeypatch):
+    """run_probe(max_iter=N) caps each L-BFGS fit at N iterations (the demo's faster probe) and says so."""
+    from sklearn.linear_model import LogisticRegression
+
+    seen = []
+    fit = LogisticRegression.fit
+
+    def spy(self, *args, **kwargs):
+        seen.append(self.max_iter)
+        return fit(self, *args, **kwargs)
+
+    monkeypatch.setattr(LogisticRegression, "fit", spy)
+    rng = np.random.default_rng(3)
+    model = tiny_model()
+    ids = rng.integers(0, model.config.n_clusters, (30, model.config.n_positions))
+    split = (ids, np.arange(30) % 2)
+    report = run_probe(model, None, split, split, split, layers=[1, 2], baseline=False, Cs=(1.0,), max_iter=7)
+    assert report["max_iter"] == 7 and seen and set(seen) == {7}

@@ -277,6 +277,7 @@ def _check_labels(labels, what: str) -> np.ndarray:
     return np.asarray(labels, dtype=np.int64)
 
 
+MAX_ITER = 1000  # L-BFGS iterations per fit: enough to converge on every probe here
 SMALL_PROBLEM = 4_000_000  # feature values (samples x features) below which the probe uses one BLAS thread
 
 
@@ -289,7 +290,7 @@ def fit_probe(
     test_labels=None,
     *,
     Cs: Sequence[float] = DEFAULT_CS,
-    max_iter: int = 1000,
+    max_iter: int = MAX_ITER,
     ensemble: Sequence[np.ndarray] = (),
 ) -> ProbeResult:
     """L-BFGS logistic regression on standardised features; C chosen by validation accuracy (ties: smaller C).
@@ -392,21 +393,18 @@ def labels_per_class_subset(labels, k: int, seed: int) -> np.ndarray:
     return np.sort(np.concatenate(chosen))
 
 
-def _probe_row(name, train, val, test, labels_per_class, seeds, Cs, ensemble=()) -> dict:
+def _probe_row(name, train, val, test, labels_per_class, seeds, Cs, ensemble=(), max_iter=MAX_ITER) -> dict:
     """A table row: one probe (full data) or the mean and std over seeds (low-data mode). ensemble: the test
     features under further BERT masks (fit_probe)."""
     (train_x, train_y), (val_x, val_y), (test_x, test_y) = train, val, test
+    fit = dict(Cs=Cs, ensemble=ensemble, max_iter=max_iter)
     if labels_per_class is None:
-        result = fit_probe(train_x, train_y, val_x, val_y, test_x, test_y, Cs=Cs, ensemble=ensemble)
+        result = fit_probe(train_x, train_y, val_x, val_y, test_x, test_y, **fit)
         return {"layer": name, **_result_dict(result)}
     runs = []
     for seed in range(seeds):
         subset = labels_per_class_subset(train_y, labels_per_class, seed)
-        runs.append(
-            fit_probe(
-                train_x[subset], train_y[subset], val_x, val_y, test_x, test_y, Cs=Cs, ensemble=ensemble
-            )
-        )
+        runs.append(fit_probe(train_x[subset], train_y[subset], val_x, val_y, test_x, test_y, **fit))
     tests = np.array([r.test_accuracy for r in runs])
     vals = np.array([r.val_accuracy for r in runs])
     row = {
@@ -471,6 +469,7 @@ def run_probe(
     cache_dir: str | os.PathLike | None = None,
     progress: bool = False,
     ensemble_masks: int = ENSEMBLE_MASKS,
+    max_iter: int = MAX_ITER,
 ) -> dict:
     """Per-layer linear probes and pixel baselines on three labelled splits; returns a JSON-able report.
 
@@ -483,6 +482,7 @@ def run_probe(
     concat: also probe the concatenation of the chosen layers (a row named like '3+4+5').
     ensemble_masks: BERT models: the test accuracy is also reported for the modal prediction over this many
         masks per test image (the paper's 5; 1 turns the ensemble off). See the module's docstring.
+    max_iter: L-BFGS iterations per fit (fewer: a faster probe, not quite converged at weak regularisation).
     """
     splits = {"train": train, "val": val, "test": test}
     data = _checked_splits(splits, labels_per_class, seeds)
@@ -502,8 +502,9 @@ def run_probe(
 
     def row(name, pick, ensemble=()):
         return _probe_row(
-            name, *((pick(split), data[split][1]) for split in splits), labels_per_class, seeds, Cs, ensemble
-        )
+            name, *((pick(split), data[split][1]) for split in splits), labels_per_class, seeds, Cs, ensemble,
+            max_iter,
+        )  # fmt: skip
 
     rows = [
         row(layer, lambda split, layer=layer: features[split][layer], [f[layer] for f in further])
@@ -519,6 +520,7 @@ def run_probe(
     baselines = _baseline_rows(data, ids, processor, row) if baseline else (None, None)
     report = _report(model, train, data, layers, rows, draws, labels_per_class, seeds, Cs, dtype)
     report.update({"concat": concat_row, "baseline": baselines[0], "palette_baseline": baselines[1]})
+    report["max_iter"] = max_iter
     return report
 
 
@@ -738,11 +740,12 @@ def probe_pretrained(
     data_options: dict | None = None,
     progress: bool = False,
     ensemble_masks: int = ENSEMBLE_MASKS,
+    max_iter: int = MAX_ITER,
 ) -> tuple[dict, dict[str, Path]]:
     """`imagegpt probe`: load a model directory and a dataset's three splits, probe, write probe.json/.png.
 
     cache_dir defaults to `out/cache`; data_options go to imagegpt.data.load_dataset (limit, n, resolution).
-    ensemble_masks: BERT models' test ensemble (run_probe).
+    ensemble_masks: BERT models' test ensemble; max_iter: L-BFGS iterations per fit (run_probe).
     """
     model_dir = latest_model_dir(model_dir)  # a model directory, or a run directory's model
     check_folders(out=out, cache_dir=cache_dir)
@@ -765,6 +768,7 @@ def probe_pretrained(
         cache_dir=Path(out) / "cache" if cache_dir is None else cache_dir,
         progress=progress,
         ensemble_masks=ensemble_masks,
+        max_iter=max_iter,
     )
     report = {"model": str(model_dir), **report, "data": str(data), "seed": seed}
     return report, write_report(report, out)
