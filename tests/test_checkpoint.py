@@ -11,18 +11,11 @@ from safetensors.torch import load_file, save_file
 from imagegpt import ImageGPT, ImageGPTClassifier, ImageGPTConfig
 from imagegpt.checkpoint import config_from_transformers, config_to_transformers, read_config
 from imagegpt.errors import ArgumentError, CheckpointError, ConfigError
+from model_helpers import randomised
 
 
 def nano(**overrides):
     return ImageGPTConfig.from_preset("igpt-nano", resolution=(4, 6), clusters=16, **overrides)
-
-
-def randomised(model, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.1 * torch.randn(p.shape, generator=generator))
-    return model
 
 
 @pytest.fixture

@@ -15,6 +15,7 @@ from imagegpt.errors import ConfigError
 from imagegpt.model import KVCache
 from imagegpt.quantize import new_cache, quantize_int8
 from imagegpt.sampling import decode_one_token
+from model_helpers import randomised
 
 needs_kernel = pytest.mark.skipif(not cpu.available(), reason="the native kernels do not run here")
 pytestmark = needs_kernel
@@ -24,14 +25,6 @@ def config_for(n_embd=64, n_head=2, n_inner=None, n_layer=2):
     return ImageGPTConfig(
         vocab_size=17, n_positions=40, n_embd=n_embd, n_layer=n_layer, n_head=n_head, n_inner=n_inner
     )
-
-
-def randomised(model, seed=0, scale=0.1):
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(scale * torch.randn(p.shape, generator=generator))
-    return model.eval()
 
 
 def filled(cache: KVCache, seed: int) -> KVCache:
@@ -55,7 +48,7 @@ class Spy:
 @pytest.mark.parametrize(("n_embd", "n_head", "n_inner"), [(40, 5, 88), (64, 2, None), (96, 4, 200)])
 def test_a_step_equals_the_models_own(monkeypatch, cache_dtype, n_embd, n_head, n_inner, cpu_avx512):
     # widths that are not multiples of the kernel's 16 columns (40, 120, 88, 200) and head widths of 8..32
-    model = randomised(ImageGPT(config_for(n_embd, n_head, n_inner)))
+    model = randomised(ImageGPT(config_for(n_embd, n_head, n_inner))).eval()
     engine = cpu.DecodeEngine(model)
     blocks = Spy(monkeypatch, "decode_blocks")
     threads = torch.get_num_threads()
@@ -116,7 +109,7 @@ def int8_step(model, token, position, cache):
 @pytest.mark.parametrize("cache_dtype", [torch.float32, torch.int8])
 @pytest.mark.parametrize(("n_embd", "n_head", "n_inner"), [(40, 5, 88), (64, 2, None), (96, 4, 200)])
 def test_an_int8_weights_step_equals_its_definition(cache_dtype, n_embd, n_head, n_inner):
-    model = randomised(ImageGPT(config_for(n_embd, n_head, n_inner, n_layer=1)))
+    model = randomised(ImageGPT(config_for(n_embd, n_head, n_inner, n_layer=1))).eval()
     engine = cpu.DecodeEngine(model, torch.int8)
     rows = agreeing = 0
     for seed, (batch, position) in enumerate([(7, 1), (64, 37), (16, 39)]):
@@ -191,7 +184,7 @@ def test_the_native_cache_attends_one_token_natively_and_the_rest_as_the_model_d
     # the model's initial weights seeded too: the steps' float32 results differ in the last bits, which can
     # round a later key to a neighbouring bfloat16 value (1e-5 in the logits) for some weights
     torch.manual_seed(0)
-    model = randomised(ImageGPT(config_for()))
+    model = randomised(ImageGPT(config_for())).eval()
     engine = cpu.DecodeEngine(model)
     attention = Spy(monkeypatch, "decode_attention")
     ids = torch.randint(0, 16, (3, 12), generator=torch.Generator().manual_seed(2))
@@ -218,7 +211,7 @@ def test_the_native_cache_attends_one_token_natively_and_the_rest_as_the_model_d
 
 
 def test_the_engine_attaches_nothing_to_the_model():
-    model = randomised(ImageGPT(config_for()))
+    model = randomised(ImageGPT(config_for())).eval()
     state = {name: dict(vars(module)) for name, module in model.named_modules()}
     engine = cpu.DecodeEngine(model)
     with torch.no_grad():
@@ -227,7 +220,7 @@ def test_the_engine_attaches_nothing_to_the_model():
 
 
 def test_changed_weights_are_packed_again(monkeypatch):
-    model = randomised(ImageGPT(config_for()))
+    model = randomised(ImageGPT(config_for())).eval()
     engine = cpu.DecodeEngine(model)
     token = torch.randint(0, 16, (2, 1), generator=torch.Generator().manual_seed(3))
 
@@ -252,7 +245,7 @@ def test_changed_weights_are_packed_again(monkeypatch):
 
 
 def test_the_engine_steps_aside_in_training_under_autocast_and_for_large_batches(monkeypatch):
-    model = randomised(ImageGPT(config_for()))
+    model = randomised(ImageGPT(config_for())).eval()
     engine = cpu.DecodeEngine(model)
     blocks = Spy(monkeypatch, "decode_blocks")
     with torch.no_grad():

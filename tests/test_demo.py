@@ -12,12 +12,12 @@ from imagegpt.demo import (
     MAX_STEPS,
     MIN_STEPS,
     DemoOptions,
-    auto_threads,
-    demo_threads,
+    fastest_threads,
     format_summary,
     planned_steps,
     run_demo,
     seconds_per_step,
+    thread_choices,
 )
 from imagegpt.errors import ArgumentError
 
@@ -72,12 +72,26 @@ def test_demo_refuses_bad_options_with_exit_2(tmp_path, capsys):
     assert not (tmp_path / "d").exists()
 
 
-def test_the_demo_takes_a_second_thread_only_where_two_cpus_are_idle():
-    assert demo_threads(cpus=2, load=0.2) == 2
-    assert demo_threads(cpus=2, load=1.0) == 1  # one core busy: a second thread would wait on it
-    assert demo_threads(cpus=1, load=0.0) == 1
-    assert demo_threads(cpus=16, load=9.0) == 2
-    assert auto_threads() in (1, 2)
+def test_the_demo_times_its_step_on_each_thread_count_and_keeps_the_fastest(monkeypatch):
+    """fastest_threads on made-up step times, with the second thread the faster and then the slower (a core
+    taken by another process): each count of thread_choices() is timed once, the fastest is set."""
+    assert thread_choices(1) == [1] and thread_choices(2) == [1, 2] and thread_choices(16) == [1, 2, 4]
+    monkeypatch.setattr(demo, "usable_cpus", lambda: 2)
+    config = ImageGPTConfig.from_preset("igpt-nano", 4, 6)
+    threads = torch.get_num_threads()
+    try:
+        for step_seconds, fastest in (({1: 0.37, 2: 0.21}, 2), ({1: 0.37, 2: 1.4}, 1)):
+            timed = []
+
+            def fake(*args, timed=timed, step_seconds=step_seconds):
+                timed.append(torch.get_num_threads())
+                return step_seconds[timed[-1]]
+
+            monkeypatch.setattr(demo, "seconds_per_step", fake)
+            assert fastest_threads(config, 8, "cpu", "auto") == (fastest, step_seconds)
+            assert sorted(timed) == [1, 2] and torch.get_num_threads() == fastest
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_planned_steps_fill_the_budget_within_bounds():

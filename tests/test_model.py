@@ -13,23 +13,11 @@ from imagegpt import ImageGPT, ImageGPTClassifier, ImageGPTConfig
 from imagegpt.errors import ArgumentError
 from imagegpt.model import MLP, KVCache, Norm, quick_gelu, sos_inputs
 from imagegpt.quantize import Int8KVCache, cache_position_bytes, new_cache, quantize_int8
+from model_helpers import ids_for, randomised
 
 
 def nano(**overrides):
     return ImageGPTConfig.from_preset("igpt-nano", resolution=(6, 5), clusters=16, **overrides)
-
-
-def randomised(model, seed=0, scale=0.1):
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(scale * torch.randn(p.shape, generator=generator))
-    return model
-
-
-def ids_for(config, batch=3, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randint(0, config.n_clusters, (batch, config.n_positions), generator=generator)
 
 
 # Presets and sizes

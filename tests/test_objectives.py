@@ -23,6 +23,7 @@ from imagegpt.processor import ImageProcessor
 from imagegpt.sampling import complete, load_for_sampling, sample
 from imagegpt.train import MaskedPixels, NextPixel, TrainOptions, pretraining_objective, resume_options, train
 from imagegpt.trainer import find_checkpoint, read_metrics
+from model_helpers import ids_for, randomised
 from test_train import losses
 from test_train import options as train_options
 
@@ -33,19 +34,6 @@ def bert_config(**overrides) -> ImageGPTConfig:
     return ImageGPTConfig.from_preset(
         "igpt-nano", resolution=(4, 5), clusters=7, **{"objective": "bert", **overrides}
     )
-
-
-def randomised(model, seed=0, scale=0.2):
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(scale * torch.randn(p.shape, generator=generator))
-    return model.eval()
-
-
-def ids_for(config, batch=3, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randint(0, config.n_clusters, (batch, config.n_positions), generator=generator)
 
 
 def a_mask(config, batch=3, seed=1, prob=0.3):
@@ -87,7 +75,7 @@ def bert_loss_by_definition(model, ids, mask):
 
 def test_bert_loss_equals_its_definition_on_random_weights():
     config = bert_config()
-    model = randomised(ImageGPT(config))
+    model = randomised(ImageGPT(config), scale=0.2).eval()
     ids, mask = ids_for(config), a_mask(config)
     expected, expected_logits = bert_loss_by_definition(model, ids, mask)
     torch.testing.assert_close(model(ids, mask=mask).logits.double(), expected_logits, rtol=1e-4, atol=1e-5)
@@ -102,7 +90,7 @@ def test_bert_loss_equals_its_definition_on_random_weights():
 
 def test_an_image_without_a_masked_position_adds_zero_to_the_batch_mean():
     config = bert_config()
-    model = randomised(ImageGPT(config))
+    model = randomised(ImageGPT(config), scale=0.2).eval()
     ids, mask = ids_for(config), a_mask(config)
     mask[1] = False
     per_image = model.loss_per_image(ids, mask)
@@ -112,7 +100,7 @@ def test_an_image_without_a_masked_position_adds_zero_to_the_batch_mean():
 
 def test_a_masked_tokens_id_changes_neither_the_logits_nor_the_loss():
     config = bert_config()
-    model = randomised(ImageGPT(config))
+    model = randomised(ImageGPT(config), scale=0.2).eval()
     ids, mask = ids_for(config), a_mask(config)
     other = torch.where(mask, (ids + 3) % config.n_clusters, ids)  # every masked id changed
     assert not torch.equal(other, ids)
@@ -126,7 +114,7 @@ def test_a_masked_tokens_id_changes_neither_the_logits_nor_the_loss():
 @pytest.mark.parametrize("objective", ["bert", "ar"])
 def test_an_unmasked_token_changes_the_logits_on_both_sides_only_for_bert(objective):
     config = bert_config(objective=objective)
-    model = randomised(ImageGPT(config))
+    model = randomised(ImageGPT(config), scale=0.2).eval()
     ids = ids_for(config, batch=1)
     mask = torch.zeros_like(ids, dtype=torch.bool) if objective == "bert" else None
     j = config.n_positions // 2
@@ -143,7 +131,7 @@ def test_an_unmasked_token_changes_the_logits_on_both_sides_only_for_bert(object
 
 def test_a_bert_classifier_attends_both_ways_too():
     config = bert_config(num_labels=3)
-    classifier = randomised(ImageGPTClassifier(config))
+    classifier = randomised(ImageGPTClassifier(config), scale=0.2).eval()
     ids = ids_for(config, batch=1)
     x, _ = classifier.transformer(ids)
     changed = ids.clone()
@@ -154,7 +142,7 @@ def test_a_bert_classifier_attends_both_ways_too():
 
 def test_bfloat16_autocast_bert_model_is_close_to_float32(cpu_bf16):
     config = bert_config()
-    model = randomised(ImageGPT(config))
+    model = randomised(ImageGPT(config), scale=0.2).eval()
     ids, mask = ids_for(config), a_mask(config)
     reference = model.image_loss(ids, mask)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -216,7 +204,7 @@ def test_bad_objectives_and_mask_probabilities_are_config_errors():
 
 def test_a_bert_directory_records_its_objective_and_reloads(tmp_path):
     config = bert_config(bert_mask_prob=0.2)
-    model = randomised(ImageGPT(config))
+    model = randomised(ImageGPT(config), scale=0.2).eval()
     model.save_pretrained(tmp_path / "bert")
     values = json.loads((tmp_path / "bert" / "config.json").read_text())
     assert values["model_type"] == "imagegpt_bert" and values["objective"] == "bert"
@@ -373,7 +361,7 @@ def test_bad_objective_options_are_user_errors(tmp_path, changes, message):
 
 def test_evaluation_scores_the_masked_tokens_of_fixed_masks_whatever_the_batch():
     config = bert_config()
-    model = randomised(ImageGPT(config))
+    model = randomised(ImageGPT(config), scale=0.2).eval()
     ids = ids_for(config, batch=7)
     total, count = token_nll(model, ids, batch_size=3)
     mask = evaluation_masks(config, range(7))
@@ -408,7 +396,7 @@ def test_probe_reads_bert_images_masked_and_reports_the_ensemble(tmp_path):
     from imagegpt.probe import extract_features, format_report, run_probe
 
     config = bert_config(bert_mask_prob=0.3)
-    model = randomised(ImageGPT(config))
+    model = randomised(ImageGPT(config), scale=0.2).eval()
     ids = ids_for(config, batch=5)
     features = extract_features(model, ids, [config.n_layer])[config.n_layer]
     mask = evaluation_masks(config, range(5))
@@ -426,7 +414,11 @@ def test_probe_reads_bert_images_masked_and_reports_the_ensemble(tmp_path):
     text = format_report(report)
     assert "BERT objective (p=0.3)" in text and "5-mask vote" in text
     ar = run_probe(
-        randomised(ImageGPT(config.replace(objective="ar"))), None, *splits, layers="0", baseline=False
+        randomised(ImageGPT(config.replace(objective="ar")), scale=0.2).eval(),
+        None,
+        *splits,
+        layers="0",
+        baseline=False,
     )
     assert ar["objective"] == "ar" and ar["ensemble_masks"] is None
     assert "next-pixel (ar) objective" in format_report(ar) and "vote" not in format_report(ar)
@@ -436,7 +428,7 @@ def test_bert_fine_tuning_uses_l_bert_on_the_same_masked_pass():
     from imagegpt.finetune import FinetuneModel, predict
 
     config = bert_config()
-    pretrained = randomised(ImageGPT(config))
+    pretrained = randomised(ImageGPT(config), scale=0.2).eval()
     model = FinetuneModel(pretrained, num_labels=3).eval()
     ids, mask = ids_for(config), a_mask(config)
     with torch.no_grad():

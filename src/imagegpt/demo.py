@@ -40,20 +40,16 @@ MIN_STEPS, MAX_STEPS = 300, 1000
 TIMED_STEPS = 3  # training steps timed (after one untimed) to plan the rest
 
 
-def demo_threads(cpus: int, load: float) -> int:
-    """torch intra-op threads for the demo: 2 where two CPUs are idle by the 1-minute load average, else 1.
+def usable_cpus() -> int:
+    """The CPUs this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
-    The demo's model is small: a second thread makes its steps about 1.7 times faster on an idle core, and
-    several times slower on a busy one, whose other work its synchronisation then waits on
+
+def thread_choices(cpus: int) -> list[int]:
+    """The torch intra-op thread counts the demo times: 1, 2 and 4, as far as the CPUs go. Its model is
+    small: more threads mostly add synchronisation, and on a core another process is using they wait on it
     (docs/performance.md, "The demo's thread count")."""
-    return 2 if cpus >= 2 and cpus - load >= 1.5 else 1
-
-
-def auto_threads() -> int:
-    """demo_threads() for this machine: the CPUs this process may use and the load average."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float(cpus)
-    return demo_threads(cpus, load)
+    return [n for n in (1, 2, 4) if n <= max(cpus, 1)]
 
 
 def planned_steps(budget_seconds: float, seconds_per_step: float) -> int:
@@ -83,6 +79,21 @@ def seconds_per_step(config: ImageGPTConfig, batch_size: int, device, dtype) -> 
     for _ in range(TIMED_STEPS):
         step()
     return (time.perf_counter() - started) / TIMED_STEPS
+
+
+def fastest_threads(config: ImageGPTConfig, batch_size: int, device, dtype) -> tuple[int, dict[int, float]]:
+    """Time pretraining steps (seconds_per_step) at each of thread_choices() and keep the fastest count set.
+
+    Measured rather than guessed, since what a second thread gains depends on the CPU and on what else runs
+    now: the load average still counts the set-up that ran a minute ago. Returns the count and every timing.
+    """
+    seconds = {}
+    for threads in thread_choices(usable_cpus()):
+        torch.set_num_threads(threads)
+        seconds[threads] = seconds_per_step(config, batch_size, device, dtype)
+    best = min(seconds, key=seconds.get)
+    torch.set_num_threads(best)
+    return best, seconds
 
 
 class ThreadFallback:
@@ -119,7 +130,8 @@ class DemoOptions:
     random gradients, a far harder task for a model this small: docs/results.md).
     steps/batch_size/lr: pretraining; steps=None trains as many steps as fit train_seconds on this machine
     (planned_steps), between MIN_STEPS and MAX_STEPS. keep: the fraction of rows kept when completing
-    held-out images. threads: torch's intra-op threads, None for demo_threads()'s choice.
+    held-out images. threads: torch's intra-op threads, None for the fastest of
+    thread_choices() timed on the demo's model (fastest_threads).
     """
 
     out: str = "imagegpt-demo"
@@ -247,11 +259,12 @@ def train_step(ctx: DemoContext) -> None:
     o = ctx.options
     run_dir = ctx.out / "run"
     resume = (run_dir / "args.json").exists()
+    seconds = _choose_threads(ctx)
     if resume:  # the steps it was started with, whatever this machine would plan now
         steps = json.loads((run_dir / "args.json").read_text())["steps"]
         ctx.say(f"train: resuming the interrupted run in {run_dir}")
     else:
-        steps = o.steps or _plan(ctx)
+        steps = o.steps or _plan(ctx, seconds)
     options = train_options(o, ctx.out, ctx.palette_path, steps)
     result = train(options, resume=resume, on_step=ThreadFallback(ctx.say))
     if result.stopped:
@@ -269,11 +282,26 @@ def train_step(ctx: DemoContext) -> None:
     }
 
 
-def _plan(ctx: DemoContext) -> int:
-    """The steps that fit the training budget here (planned_steps on a timed step), said."""
+def _choose_threads(ctx: DemoContext) -> float | None:
+    """On the CPU without --threads: set the fastest thread count (fastest_threads), said; returns its
+    seconds per step. None where --threads was given or the device is a GPU."""
     o = ctx.options
+    if o.threads is not None or resolve_device(o.device).type != "cpu":
+        return None
     config = ImageGPTConfig.from_preset(o.preset, o.resolution, o.clusters)
-    seconds = seconds_per_step(config, o.batch_size, o.device, o.dtype)
+    threads, seconds = fastest_threads(config, o.batch_size, o.device, o.dtype)
+    timed = ", ".join(f"{n} thread{'s' * (n > 1)} {t:.2f} s" for n, t in seconds.items())
+    ctx.say(f"train: {threads} thread{'s' * (threads > 1)}, the fastest step here ({timed})")
+    return seconds[threads]
+
+
+def _plan(ctx: DemoContext, seconds: float | None) -> int:
+    """The steps that fit the training budget here (planned_steps on `seconds` a step, timed now if None),
+    said."""
+    o = ctx.options
+    if seconds is None:
+        config = ImageGPTConfig.from_preset(o.preset, o.resolution, o.clusters)
+        seconds = seconds_per_step(config, o.batch_size, o.device, o.dtype)
     steps = planned_steps(o.train_seconds, seconds)
     ctx.say(
         f"train: {steps} steps ({seconds:.2f} s each here) fit the {o.train_seconds:g} s budget "
@@ -405,7 +433,7 @@ def run_demo(options: DemoOptions | None = None, steps: list[tuple[str, Step]] |
     options = options or DemoOptions()
     options.validate()
     threads = torch.get_num_threads()
-    torch.set_num_threads(options.threads or auto_threads())
+    torch.set_num_threads(options.threads or min(2, usable_cpus()))  # until training times them
     try:
         return _run_steps(options, steps)
     finally:
