@@ -110,7 +110,9 @@ def test_without_steps_the_demo_trains_what_fits_its_budget_and_resumes_with_it(
     options = {**TINY, "steps": None}
     ctx = run_demo(DemoOptions(out=str(tmp_path / "short"), train_seconds=1e-6, **options), steps=first)
     assert ctx.results["train"]["steps"] == 3
-    ctx = run_demo(DemoOptions(out=str(tmp_path / "long"), train_seconds=1e6, **options), steps=first)
+    ctx = run_demo(  # --threads given: no thread timing, _plan times its own step
+        DemoOptions(out=str(tmp_path / "long"), train_seconds=1e6, threads=1, **options), steps=first
+    )
     assert ctx.results["train"]["steps"] == 5
     # an interrupted run: its args.json says 5 steps; planned now, it would get 3
     args = json.loads((tmp_path / "long" / "run" / "args.json").read_text())

@@ -282,14 +282,18 @@ def train_step(ctx: DemoContext) -> None:
     }
 
 
+def _model_config(o: DemoOptions) -> ImageGPTConfig:
+    """The config of the model the demo trains, for timing its steps before the run builds it."""
+    return ImageGPTConfig.from_preset(o.preset, o.resolution, o.clusters)
+
+
 def _choose_threads(ctx: DemoContext) -> float | None:
     """On the CPU without --threads: set the fastest thread count (fastest_threads), said; returns its
     seconds per step. None where --threads was given or the device is a GPU."""
     o = ctx.options
     if o.threads is not None or resolve_device(o.device).type != "cpu":
         return None
-    config = ImageGPTConfig.from_preset(o.preset, o.resolution, o.clusters)
-    threads, seconds = fastest_threads(config, o.batch_size, o.device, o.dtype)
+    threads, seconds = fastest_threads(_model_config(o), o.batch_size, o.device, o.dtype)
     timed = ", ".join(f"{n} thread{'s' * (n > 1)} {t:.2f} s" for n, t in seconds.items())
     ctx.say(f"train: {threads} thread{'s' * (threads > 1)}, the fastest step here ({timed})")
     return seconds[threads]
@@ -300,8 +304,7 @@ def _plan(ctx: DemoContext, seconds: float | None) -> int:
     said."""
     o = ctx.options
     if seconds is None:
-        config = ImageGPTConfig.from_preset(o.preset, o.resolution, o.clusters)
-        seconds = seconds_per_step(config, o.batch_size, o.device, o.dtype)
+        seconds = seconds_per_step(_model_config(o), o.batch_size, o.device, o.dtype)
     steps = planned_steps(o.train_seconds, seconds)
     ctx.say(
         f"train: {steps} steps ({seconds:.2f} s each here) fit the {o.train_seconds:g} s budget "
