@@ -35,7 +35,7 @@ def test_paper_preset_parameter_counts(preset, millions):
         assert model.num_parameters() == config.num_parameters()
 
 
-@pytest.mark.parametrize("preset", ["igpt-mini", "igpt-micro", "igpt-nano"])
+@pytest.mark.parametrize("preset", ["igpt-mini", "igpt-micro", "igpt-demo", "igpt-nano"])
 def test_small_preset_counts_match_the_modules(preset):
     config = ImageGPTConfig.from_preset(preset, resolution=(4, 7), clusters=9, n_inner=24)
     assert ImageGPT(config).num_parameters() == config.num_parameters()

@@ -20,6 +20,7 @@ PRESETS: dict[str, dict[str, int]] = {
     "igpt-s": {"n_embd": 512, "n_layer": 24, "n_head": 8},
     "igpt-mini": {"n_embd": 256, "n_layer": 8, "n_head": 8},
     "igpt-micro": {"n_embd": 128, "n_layer": 4, "n_head": 4},
+    "igpt-demo": {"n_embd": 96, "n_layer": 6, "n_head": 4},  # the demo's: its probe peaks mid-stack
     "igpt-tiny": {"n_embd": 64, "n_layer": 8, "n_head": 4},
     "igpt-nano": {"n_embd": 64, "n_layer": 2, "n_head": 2},
 }

@@ -140,9 +140,9 @@ class DemoOptions:
     resolution: int = 12
     images: int = 8000
     clusters: int = 8
-    preset: str = "igpt-micro"
+    preset: str = "igpt-demo"
     steps: int | None = None
-    train_seconds: float = 210.0
+    train_seconds: float = 225.0
     batch_size: int = 32
     lr: float = 3e-3
     warmup: int = 20
