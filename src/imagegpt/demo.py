@@ -34,7 +34,7 @@ from .train import TrainOptions, train
 from .trainer import LOCK_FILE, RunLock
 
 # The demo trains as many steps as fit its budget on the machine at hand, within these bounds: at MAX_STEPS
-# its completions close rings and triangles; at MIN_STEPS its probe already beats raw pixels 1.8 times
+# its completions close rings and triangles; at MIN_STEPS its probe already beats raw pixels 1.7 times
 # (docs/results.md).
 MIN_STEPS, MAX_STEPS = 300, 1000
 TIMED_STEPS = 3  # training steps timed (after one untimed) to plan the rest
