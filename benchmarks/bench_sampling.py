@@ -46,8 +46,6 @@ from imagegpt.sampling import (
     generate,
     make_decoder,
     prefill,
-    resolve_cache_dtype,
-    resolve_weight_dtype,
     sample_next,
 )
 
@@ -151,6 +149,8 @@ class Ours:
         self.model, self.dtype, self.compile, self.cache_dtype = model, dtype, compile, cache_dtype
         self.weight_dtype = weight_dtype
         self.name = "imagegpt" + (" (compiled)" if compile else "")
+        if dtype != "auto":
+            self.name += f" ({dtype})"
         if cache_dtype is not None:
             self.name += f" ({cache_dtype} cache)"
         if weight_dtype is not None:
@@ -284,7 +284,7 @@ def main() -> None:
     parser.add_argument("--flops-batch", type=int, default=64, help="section 2's batch (0: no section 2)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument(
-        "--dtype", default="auto", help="our autocast dtype (auto = float32, the sampling default)"
+        "--dtype", default="auto", help="our dtype (auto, the sampling default: float32 arithmetic)"
     )
     parser.add_argument(
         "--full", action="store_true", help="section 2 on whole images too (default: its stretches' estimate)"
@@ -297,9 +297,10 @@ def main() -> None:
     )  # fmt: skip
     parser.add_argument(
         "--cache-dtypes",
-        default="auto,bfloat16,int8",
-        help="our KV cache dtypes to time, comma-separated; auto = the compute dtype's, the exact default "
-        "(default auto,bfloat16,int8)",
+        default="auto,exact,int8",
+        help="our KV cache dtypes to time, comma-separated; auto = the default (on the native engine "
+        "bfloat16, with bfloat16 weights); exact = dtype float32: float32 weights and cache (default "
+        "auto,exact,int8)",
     )
     parser.add_argument(
         "--int8-weights-with",
@@ -308,9 +309,10 @@ def main() -> None:
         "weights, comma-separated; '' for none (default int8)",
     )
     args = parser.parse_args()
-    cache_dtypes = [None if name == "auto" else name for name in args.cache_dtypes.split(",")]
-    variants = [(cache_dtype, None) for cache_dtype in cache_dtypes] + [
-        (None if name == "auto" else name, "int8") for name in args.int8_weights_with.split(",") if name
+    named = {"auto": (args.dtype, None), "exact": ("float32", None)}  # (dtype, cache dtype)
+    cache_dtypes = [named.get(name, (args.dtype, name)) for name in args.cache_dtypes.split(",")]
+    variants = [(dtype, cache_dtype, None) for dtype, cache_dtype in cache_dtypes] + [
+        (*named.get(name, (args.dtype, name)), "int8") for name in args.int8_weights_with.split(",") if name
     ]
     stretch = args.stretch or (16 if args.quick else 128)
     whole = not args.quick and args.stretch is None
@@ -333,7 +335,8 @@ def main() -> None:
         f"igpt-s: {params / 1e6:.1f}M parameters, {config.n_positions} tokens per image, top-k {TOP_K}; "
         f"torch {torch.__version__}, transformers {transformers.__version__}, "
         f"{torch.get_num_threads()} threads\nCPU: {describe_cpu()}\n"
-        f"our compute dtype {str(dtype).removeprefix('torch.')}; native decode kernel "
+        f"our compute dtype {str(dtype).removeprefix('torch.')}, by default on the native engine bfloat16 "
+        "weights and cache; native decode kernel "
         f"{'on' if cpu.available() else 'off (SDPA)'}; allocator "
         f"{'glibc, mmap threshold 32 MiB, no trim (tune_malloc)' if tuned else 'as it is'}",
         flush=True,
@@ -354,7 +357,7 @@ def main() -> None:
     print(f"\n1. batch {args.batch}, {what} of {stretch} tokens", flush=True)
     # transformers last: with the allocator left as it is (--default-malloc) it ran faster after our runs had
     # freed their caches (glibc's mmap threshold raised) than first in a fresh process
-    samplers = [Ours(ours, args.dtype, False, cache, weights) for cache, weights in variants]
+    samplers = [Ours(ours, dtype, False, cache, weights) for dtype, cache, weights in variants]
     if args.compile:
         samplers.append(Ours(ours, args.dtype, True))
         warm = torch.full((args.batch, 2), config.sos_id)
@@ -366,8 +369,8 @@ def main() -> None:
     results = {s.name: measure(s, *shape, whole) for s in samplers}
     report(results, stretch)
 
-    for cache_dtype, weight_dtype in variants if args.flops_batch > 0 else []:  # 0: no section 2
-        flops(ours, args, cache_dtype, weight_dtype, stretch, peak_bf16, peak_f32, bandwidth)
+    for dtype, cache_dtype, weight_dtype in variants if args.flops_batch > 0 else []:  # 0: no section 2
+        flops(ours, args, dtype, cache_dtype, weight_dtype, stretch, peak_bf16, peak_f32, bandwidth)
 
 
 def report(results: dict, stretch: int) -> None:
@@ -391,25 +394,25 @@ def report(results: dict, stretch: int) -> None:
             )
 
 
-def flops(ours, args, cache_dtype, weight_dtype, stretch: int, peak_bf16, peak_f32, bandwidth) -> None:
+def flops(ours, args, dtype, cache_dtype, weight_dtype, stretch: int, peak_bf16, peak_f32, bandwidth) -> None:
     """Section 2: our tokens/s at batch args.flops_batch against the compute and memory-traffic limits."""
     config, params, batch = ours.config, ours.num_parameters(), args.flops_batch
-    dtype = resolve_dtype(args.dtype, torch.device("cpu"))
-    cache = resolve_cache_dtype(cache_dtype, dtype, torch.float32)
-    weight = resolve_weight_dtype(weight_dtype)
+    options = SamplingOptions(dtype=dtype, cache_dtype=cache_dtype, weight_dtype=weight_dtype)
+    decoder = make_decoder(ours, options, torch.device("cpu"), batch)  # the dtypes generate() runs
+    cache, weight = decoder.cache_dtype, decoder.weight_dtype
     print(
         f"\n2. batch {batch}, ours, {str(cache).removeprefix('torch.')} cache, "
         f"{str(weight).removeprefix('torch.')} weights",
         flush=True,
     )
-    sampler = Ours(ours, args.dtype, False, cache_dtype, weight_dtype)
+    sampler = Ours(ours, dtype, False, cache_dtype, weight_dtype)
     if args.full:
         seconds, _ = sampler.whole(batch, config.n_positions)
         rate, how = batch * config.n_positions / seconds, "measured on whole images"
     else:
         first = sampler.first(batch, stretch)
         late = torch.full((batch, config.n_positions - stretch + 1), config.sos_id)
-        last = ours_decode(ours, late, stretch, args.dtype, random_cache=True, cache_dtype=cache_dtype,
+        last = ours_decode(ours, late, stretch, dtype, random_cache=True, cache_dtype=cache_dtype,
                            weight_dtype=weight_dtype)  # fmt: skip
         print(f"  first {stretch} tokens {first:.1f} s, last {stretch} tokens {last:.1f} s", flush=True)
         rate = 2 * batch * stretch / (first + last)

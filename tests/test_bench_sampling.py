@@ -55,7 +55,7 @@ def test_the_allocator_is_tuned_with_glibc():
 def test_whole_images_for_both_and_the_ratio(bench, models, capsys):
     hf, ours = models
     results = {}
-    for sampler in (bench.Ours(ours, "float32", False), bench.Transformers(hf)):
+    for sampler in (bench.Ours(ours, "auto", False), bench.Transformers(hf)):
         results[sampler.name] = bench.measure(sampler, 2, 4, 16, 16, whole=True)
     # transformers' stretches come from its whole run: one stamp per generated token
     clock_seconds, stamps = bench.Transformers(hf).whole(2, 16)
@@ -71,6 +71,6 @@ def test_stretches_only_report_the_estimate(bench, models, capsys):
     hf, ours = models
     results = {s.name: bench.measure(s, 2, 4, 16, 16, whole=False) for s in (bench.Transformers(hf),)}
     assert set(results["transformers"]) == {"first", "last", "estimate"}
-    results["imagegpt"] = bench.measure(bench.Ours(ours, "float32", False), 2, 4, 16, 16, whole=False)
+    results["imagegpt"] = bench.measure(bench.Ours(ours, "auto", False), 2, 4, 16, 16, whole=False)
     bench.report(results, 4)
     assert "whole image (est.)" in capsys.readouterr().out

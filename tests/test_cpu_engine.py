@@ -1,8 +1,10 @@
 """The CPU decode engine (imagegpt.cpu.DecodeEngine): its step equals the model's own decode step, over
-every cache dtype, on float32 and int8 weights; its caches attend natively; it attaches nothing to the model,
-notices changed weights, and steps aside where the packed blocks do not apply."""
+every cache dtype, on float32, bfloat16 and int8 weights; its caches attend natively; it attaches nothing to
+the model, notices changed weights, and steps aside where the packed blocks do not apply."""
 
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
@@ -130,6 +132,40 @@ def test_an_int8_weights_step_equals_its_definition(cache_dtype, n_embd, n_head,
         assert (got - exact).abs().max() < 0.1 * largest  # int8 weights stay near the float32 ones
         assert (got - exact).abs().max() > 10 * (got - expected)[close].abs().max()  # but are not them
     assert agreeing >= 0.9 * rows
+
+
+def rounded_to_bfloat16(model: ImageGPT) -> ImageGPT:
+    """A copy of the model whose blocks' linear weights are what the engine packs as bfloat16, undone: w s
+    rounded to bfloat16, over s (s the quick-GELU scale the engine folds into the MLP's weights, else 1)."""
+    rounded = copy.deepcopy(model)
+    with torch.no_grad():
+        for b in rounded.transformer.h:
+            scaled = ((b.attn.c_attn, 1), (b.attn.c_proj, 1), (b.mlp.c_fc, 1.702), (b.mlp.c_proj, 1 / 1.702))
+            for layer, s in scaled:
+                layer.weight.copy_((layer.weight * s).bfloat16().float() / s)
+    return rounded
+
+
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("n_embd", "n_head", "n_inner"), [(40, 5, 88), (96, 4, 200)])
+def test_a_bfloat16_weights_step_is_the_model_on_its_rounded_weights(cache_dtype, n_embd, n_head, n_inner,
+                                                                     cpu_avx512):  # fmt: skip
+    model = randomised(ImageGPT(config_for(n_embd, n_head, n_inner))).eval()
+    rounded = rounded_to_bfloat16(model)
+    engine = cpu.DecodeEngine(model, torch.bfloat16)
+    assert {w.dtype for w in engine.packed.weights} == {torch.bfloat16}
+    tolerance = {torch.float32: 1e-5, torch.bfloat16: 1e-2}[cache_dtype]  # as in the float32 weights' test
+    for seed, (batch, position) in enumerate([(1, 0), (7, 1), (64, 37), (16, 39)]):
+        token = torch.randint(0, 16, (batch, 1), generator=torch.Generator().manual_seed(seed))
+        plain, exact_cache = (filled(new_cache(model.config, batch, dtype=cache_dtype), seed) for _ in "ab")
+        native = filled(engine.new_cache(batch, 40, cache_dtype), seed)
+        with torch.no_grad():
+            expected = decode_one_token(rounded, token, position, plain)
+            exact = decode_one_token(model, token, position, exact_cache)
+            got = engine.step(model, token, position, native)
+        torch.testing.assert_close(got, expected, atol=tolerance, rtol=tolerance)
+        if cache_dtype == torch.float32:  # the weights are rounded: the step is not the float32 model's
+            assert (got - exact).abs().max() > 100 * (got - expected).abs().max()
 
 
 @pytest.mark.parametrize("cache_dtype", [torch.bfloat16, torch.float16])
@@ -260,6 +296,16 @@ def test_the_engine_steps_aside_in_training_under_autocast_and_for_large_batches
     assert blocks.calls == []
 
 
+@pytest.mark.parametrize("weights", [torch.bfloat16, torch.int8])
+def test_rounded_weights_never_step_aside_to_the_float32_modules(weights):
+    # the model's modules would decode on its float32 weights: not what was asked, so it is an error
+    model = randomised(ImageGPT(config_for())).eval()
+    engine = cpu.DecodeEngine(model, weights)
+    token = torch.zeros(65, 1, dtype=torch.long)
+    with pytest.raises(ConfigError, match="weights decode in the packed blocks only"):
+        engine.step(model, token, 0, engine.new_cache(65, 40, torch.float32))
+
+
 def test_what_the_engine_cannot_run_is_said(monkeypatch):
     model = ImageGPT(config_for())
     assert engine_module.refusal(model, torch.float32) is None
@@ -274,5 +320,7 @@ def test_what_the_engine_cannot_run_is_said(monkeypatch):
     assert cpu.DecodeEngine(model).packed is None
     monkeypatch.setenv("IMAGEGPT_NATIVE_KERNELS", "0")
     assert cpu.DecodeEngine.create(model) is None
-    with pytest.raises(ConfigError, match="not available here"):
-        cpu.DecodeEngine.create(model, torch.int8)
+    for weights in ("int8", "bfloat16"):
+        with pytest.raises(ConfigError, match=f"{weights} weights run in .* not available here"):
+            cpu.DecodeEngine.create(model, getattr(torch, weights))
+    assert not cpu.DecodeEngine.runs(model, torch.bfloat16)

@@ -175,6 +175,34 @@ def test_packed_linear_equals_the_definition(activation, cpu_avx512):
             torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
+@needs_kernel
+@pytest.mark.parametrize("activation", ["none", "silu"])
+def test_bfloat16_weights_give_the_numbers_of_float32_weights_of_their_values(activation, cpu_avx512):
+    # a bfloat16 weight is widened to float32 exactly, in registers, then meets the same FMAs: bit for bit
+    generator = torch.Generator().manual_seed(10)
+    for N, K in [(1, 1), (17, 33), (515, 64)]:
+        weight = torch.randn(N, K, generator=generator)
+        packed = ops.pack_linear(weight, 1.5).to(torch.bfloat16)  # rounded to nearest, ties to even
+        rounded = ops.pack_linear((1.5 * weight).bfloat16().float(), 1.0)
+        assert torch.equal(packed.float(), rounded) and not torch.equal(rounded, ops.pack_linear(weight, 1.5))
+        bias = torch.randn(packed.size(0) * 16, generator=generator)
+        for M in [1, 6, 16, 17, 40]:
+            x = torch.randn(M, K, generator=generator)
+            got = ops.packed_linear(x, packed, bias, N, activation, None)
+            assert torch.equal(got, ops.packed_linear(x, rounded, bias, N, activation, None))
+    arguments = blocks_arguments(B=5, bf16=True)
+    widened = [*arguments[:2], [w.float() for w in arguments[2]], *arguments[3:]]
+    assert all(w.dtype == torch.bfloat16 for w in arguments[2])
+    outputs = [flat(decode_blocks_on_copies(a)) for a in (arguments, widened)]
+    assert all(torch.equal(a, b) for a, b in zip(*outputs))
+
+
+def flat(outputs: tuple) -> list:
+    """decode_blocks_on_copies' x, k and v as one list of tensors."""
+    x, k, v = outputs
+    return [x, *k, *v]
+
+
 def on_both_paths(monkeypatch, function, *arguments) -> list:
     """function(*arguments) with the AVX-512 tiles switched off, then on."""
     results = []
@@ -206,9 +234,9 @@ def test_the_avx512_and_avx2_tiles_give_the_same_numbers(monkeypatch):
                 arguments = (x, packed, bias, N, activation, None)
                 avx2, avx512 = on_both_paths(monkeypatch, ops.packed_linear, *arguments)
                 assert torch.equal(avx2, avx512)
-    for cache_dtype in (torch.float32, torch.bfloat16):
+    for cache_dtype, bf16 in ((torch.float32, False), (torch.bfloat16, False), (torch.bfloat16, True)):
         for B in (3, 16, 20):
-            arguments = blocks_arguments(B=B, cache_dtype=cache_dtype)
+            arguments = blocks_arguments(B=B, cache_dtype=cache_dtype, bf16=bf16)
             (x2, k2, v2), (x5, k5, v5) = on_both_paths(monkeypatch, decode_blocks_on_copies, arguments)
             assert torch.equal(x2, x5) and not torch.equal(x2, arguments[0])
             assert all(torch.equal(a, b) for a, b in zip(k2 + v2, k5 + v5))
@@ -319,14 +347,15 @@ def test_an_int8_packed_linear_is_close_to_the_float_one_and_any_thread_count_ag
     assert 0 < error < 0.02
 
 
-def blocks_arguments(L=2, B=3, C=32, n_head=2, fc=80, S=9, int8=False, cache_dtype=torch.float32):
-    """decode_blocks' arguments for L random blocks (as imagegpt.cpu.engine packs them) and a random cache."""
+def blocks_arguments(L=2, B=3, C=32, n_head=2, fc=80, S=9, int8=False, cache_dtype=torch.float32, bf16=False):
+    """decode_blocks' arguments for L random blocks (as imagegpt.cpu.engine packs them: float32, bfloat16 or
+    int8 weights) and a random cache."""
     g = torch.Generator().manual_seed(L * 100 + B)
     pack = (lambda w: ops.pack_linear_int8(w, 1.0)) if int8 else (lambda w: (ops.pack_linear(w, 1.0), None))
     weights, biases, scales = [], [], []
     for N, K in ((3 * C, C), (C, C), (fc, C), (C, fc)):
         packed = [pack(0.1 * torch.randn(N, K, generator=g)) for _ in range(L)]
-        weights.append(torch.stack([w for w, _ in packed]))
+        weights.append(torch.stack([w for w, _ in packed]).to(torch.bfloat16 if bf16 else packed[0][0].dtype))
         biases.append(0.1 * torch.randn(L, 16 * ((N + 15) // 16), generator=g))
         scales += [torch.stack([s for _, s in packed])] if int8 else []
     norms = 1 + 0.1 * torch.randn(L, 2, C, generator=g)
@@ -360,6 +389,7 @@ def test_decode_blocks_refuses_what_does_not_fit_before_touching_anything():
     refused("x must be \\(B, 1, C\\) with 1 <= B <= 64", 0, torch.randn(65, 1, 32))
     refused("norms must be \\(2, 2, 32\\)", 1, torch.ones(3, 2, 32))
     refused("qkv must be", 2, [w.double() for w in arguments[2]])
+    refused("proj must be a CPU torch.bfloat16 tensor", 2, [arguments[2][0].bfloat16(), *arguments[2][1:]])
     refused("proj's bias must be", 3, [arguments[3][0], arguments[3][1][:, :8], *arguments[3][2:]])
     refused("one cache per block", 6, arguments[6][:1])
     refused("the same dtype, shape and strides", 6, [arguments[6][0], arguments[6][1].to(torch.bfloat16)])
@@ -372,8 +402,11 @@ def test_decode_blocks_refuses_what_does_not_fit_before_touching_anything():
 
 
 @needs_kernel
-@pytest.mark.parametrize(("int8", "cache_dtype"), [(False, torch.float32), (True, torch.int8)])
-def test_the_operators_pass_torch_librarys_checks(int8, cache_dtype):
+@pytest.mark.parametrize(
+    ("weights", "cache_dtype"),
+    [("float32", torch.float32), ("bfloat16", torch.bfloat16), ("int8", torch.int8)],
+)
+def test_the_operators_pass_torch_librarys_checks(weights, cache_dtype):
     """torch.library.opcheck: schema (what each operator mutates), fake implementations and torch.compile's
     tracing around them (aot_dispatch) agree with the real ones."""
     q, cache, _ = query_and_cache(2, 2, 16, 5, cache_dtype, 6)
@@ -381,10 +414,11 @@ def test_the_operators_pass_torch_librarys_checks(int8, cache_dtype):
     weight = torch.randn(20, 16)
     torch.library.opcheck(torch.ops.imagegpt.pack_linear, (weight, 1.5))
     torch.library.opcheck(torch.ops.imagegpt.pack_linear_int8, (weight, 1.5))
+    int8 = weights == "int8"
     packed, scales = ops.pack_linear_int8(weight, 1.0) if int8 else (ops.pack_linear(weight, 1.0), None)
-    args = (torch.randn(3, 16), packed, torch.zeros(32), 20, "silu", scales)
+    args = (torch.randn(3, 16), packed.to(getattr(torch, weights)), torch.zeros(32), 20, "silu", scales)
     torch.library.opcheck(torch.ops.imagegpt.packed_linear, args)
-    arguments = blocks_arguments(int8=int8, cache_dtype=cache_dtype)
+    arguments = blocks_arguments(int8=int8, cache_dtype=cache_dtype, bf16=weights == "bfloat16")
     torch.library.opcheck(torch.ops.imagegpt.decode_blocks, arguments)
     torch.library.opcheck(torch.ops.imagegpt.decode_blocks, [*arguments, torch.ones(32)])
 

@@ -110,12 +110,12 @@ def spy(monkeypatch, name):
 def test_decode_steps_run_the_native_engine_and_give_pytorchs_tokens(monkeypatch, cpu_avx512):
     model = tiny_model(30)
     steps = spy(monkeypatch, "decode_blocks")
-    native = complete(model, random_ids(3, 31), 0.25, seed=5, top_k=4)
+    native = complete(model, random_ids(3, 31), 0.25, seed=5, top_k=4, dtype="float32")
     # every decode step is one call for all the blocks; the prefill of SOS and 2 rows runs the model's modules
     assert len(steps) == model.config.n_positions - 2 * SIDE - 1
-    assert all(call[7] == model.config.n_layer for call in steps)
+    assert all(call[6:8] == (0, model.config.n_layer) for call in steps)  # float32 weights, every block
     monkeypatch.setenv("IMAGEGPT_NATIVE_KERNELS", "0")
-    assert torch.equal(native, complete(model, random_ids(3, 31), 0.25, seed=5, top_k=4))
+    assert torch.equal(native, complete(model, random_ids(3, 31), 0.25, seed=5, top_k=4, dtype="float32"))
 
 
 @pytest.mark.parametrize("native", ["1", "0"])
@@ -140,15 +140,18 @@ def test_a_half_precision_cache_holds_the_rounded_keys_and_values(monkeypatch, n
     assert 0 < error < {"bfloat16": 5e-3, "float16": 5e-4, "int8": 1e-2}[cache_dtype]
 
 
-def test_sampling_defaults_to_exact_float32_on_any_cpu(monkeypatch, cpu_bf16):
-    """dtype="auto" samples in float32 whether or not the CPU has bfloat16 units (imagegpt.device)."""
+def test_sampling_defaults_to_float32_arithmetic_on_any_cpu(monkeypatch, cpu_bf16, native_kernels):
+    """dtype="auto" samples in float32 arithmetic whether or not the CPU has bfloat16 units
+    (imagegpt.device); where the native engine runs, on bfloat16 copies of the weights and a bfloat16
+    cache; elsewhere it is dtype="float32", exact."""
     model = tiny_model(33, std=0.1)
     used = []
     real = sampling.autocast
     monkeypatch.setattr(sampling, "autocast", lambda device, dtype: used.append(dtype) or real(device, dtype))
     ids = sample(model, 2, seed=4, top_k=4)
     assert set(used) == {torch.float32}
-    assert torch.equal(ids, sample(model, 2, seed=4, top_k=4, dtype="float32"))
+    compact = {"weight_dtype": "bfloat16", "cache_dtype": "bfloat16"} if native_kernels else {}
+    assert torch.equal(ids, sample(model, 2, seed=4, top_k=4, dtype="float32", **compact))
     used.clear()
     if cpu_bf16:  # named, bfloat16 is honoured where the units are
         sample(model, 1, seed=4, top_k=4, dtype="bfloat16")
@@ -165,10 +168,12 @@ def test_cache_dtype_sets_the_cache_and_the_default_batch(monkeypatch, cpu_bf16)
     monkeypatch.setattr(
         sampling.Decoder, "new_cache", lambda *a: made.append(real(*a).k[0].dtype) or real(*a)
     )
-    exact = sample(model, 2, seed=1, top_k=4)
+    exact = sample(model, 2, seed=1, top_k=4, dtype="float32")
     half = sample(model, 2, seed=1, top_k=4, cache_dtype="bfloat16")
     quarter = sample(model, 2, seed=1, top_k=4, cache_dtype="int8")
-    assert made == [torch.float32, torch.bfloat16, torch.int8]
+    sample(model, 2, seed=1, top_k=4)
+    automatic = torch.bfloat16 if cpu.available() else torch.float32  # the native engine's cache: bfloat16
+    assert made == [torch.float32, torch.bfloat16, torch.int8, automatic]
     for ids in (half, quarter):
         assert ids.shape == exact.shape and ids.min() >= 0 and ids.max() < CLUSTERS
     c = model.config
@@ -563,13 +568,57 @@ def test_int8_weights_reach_every_decode_step_and_reproduce(monkeypatch, cpu_bf1
     steps = spy(monkeypatch, "decode_blocks")
     ids = sample(model, 3, seed=2, top_k=4, weight_dtype="int8")
     # the prefill of [SOS] is one token too: a decode step; every block of every step in one call on int8
-    # weights (the C function's 7th and 8th arguments)
-    assert [call[6:8] for call in steps] == [(1, model.config.n_layer)] * model.config.n_positions
+    # weights (the C function's 7th and 8th arguments: the weights' dtype code, 3, and the blocks)
+    assert [call[6:8] for call in steps] == [(3, model.config.n_layer)] * model.config.n_positions
     assert torch.equal(ids, sample(model, 3, seed=2, top_k=4, weight_dtype="int8"))
     assert ids.min() >= 0 and ids.max() < CLUSTERS
     prefix = random_ids(2, 36)
     done = complete(model, prefix, keep=3, n=2, seed=2, weight_dtype="int8", cache_dtype="int8")
     assert torch.equal(done[:, : 3 * SIDE], prefix[:, : 3 * SIDE].repeat_interleave(2, dim=0))
+
+
+@needs_kernel
+def test_by_default_the_native_engine_decodes_on_bfloat16_weights_and_cache(monkeypatch):
+    model = tiny_model(38, std=0.1)
+    steps = spy(monkeypatch, "decode_blocks")
+    made = []
+    real = sampling.Decoder.new_cache
+    monkeypatch.setattr(
+        sampling.Decoder, "new_cache", lambda *a: made.append(real(*a).k[0].dtype) or real(*a)
+    )
+    ids = sample(model, 3, seed=2, top_k=4)
+    # every step on bfloat16 weights (dtype code 1) over a bfloat16 cache; what a call names is kept
+    assert [call[6:9] for call in steps] == [(1, model.config.n_layer, 1)] * model.config.n_positions
+    named = sample(model, 3, seed=2, top_k=4, weight_dtype="bfloat16", cache_dtype="bfloat16")
+    assert torch.equal(ids, named)
+    steps.clear()
+    sample(model, 3, seed=2, top_k=4, cache_dtype="float32")
+    sample(model, 3, seed=2, top_k=4, weight_dtype="int8")
+    sample(model, 3, seed=2, top_k=4, dtype="float32")
+    sample(model, 65, seed=2, top_k=4, batch_size=65)  # more than the engine takes: float32, on PyTorch
+    sample(model, 3, seed=2, top_k=4, batch_size=100)  # a batch of 3 after all
+    n = model.config.n_positions
+    assert [call[6] for call in steps] == [1] * n + [3] * n + [0] * n + [1] * n  # bfloat16, int8, float32
+    caches = [torch.float32, torch.bfloat16, torch.float32, torch.float32, torch.bfloat16]
+    assert made[2:] == caches
+
+
+@needs_kernel
+def test_bfloat16_weights_reproduce_and_stay_near_the_float32_ones(monkeypatch):
+    model = tiny_model(39, std=0.1)
+    options = {"seed": 3, "top_k": 4, "weight_dtype": "bfloat16"}
+    ids = sample(model, 3, **options)
+    assert torch.equal(ids, sample(model, 3, **options))
+    prefix = random_ids(2, 40)
+    done = complete(model, prefix, keep=3, n=2, cache_dtype="int8", **options)
+    assert torch.equal(done[:, : 3 * SIDE], prefix[:, : 3 * SIDE].repeat_interleave(2, dim=0))
+    with pytest.raises(ArgumentError, match="bfloat16 weights take batches of at most 64 images"):
+        sample(model, 65, weight_dtype="bfloat16", batch_size=65)
+    with pytest.raises(ConfigError, match="bfloat16 weights run in imagegpt's native CPU decode kernel only"):
+        sample(model, 1, weight_dtype="bfloat16", compile=True)
+    monkeypatch.setenv("IMAGEGPT_NATIVE_KERNELS", "0")
+    with pytest.raises(ConfigError, match="not available here"):
+        sample(model, 1, weight_dtype="bfloat16")
 
 
 def test_int8_weights_are_refused_where_they_cannot_run(monkeypatch):

@@ -8,7 +8,9 @@ fine-tuning) where the device multiplies bfloat16 natively (CUDA with bfloat16, 
 AMX) and, on a CPU, the model is at least CPU_BF16_MIN_WIDTH wide (below that, autocast's casts cost more
 than the bfloat16 units save: docs/performance.md); float32 otherwise. float32 for everything that only
 runs the model forward (sampling, evaluation, probes, classification), whose numbers are then exact and the
-same on every CPU. bfloat16 there is a choice the caller makes by name.
+same on every CPU; sampling's decode steps on the native CPU kernels also read bfloat16 copies of the
+weights and cache by default, in float32 arithmetic (imagegpt.sampling.SamplingOptions). bfloat16 autocast
+there is a choice the caller makes by name.
 """
 
 from __future__ import annotations

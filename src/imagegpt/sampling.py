@@ -13,11 +13,14 @@ prefix is therefore exactly unconditional sampling, its prefill of [SOS] a decod
 
 How to sample is one SamplingOptions (temperature, top-k, top-p, seed, dtypes, batch size, compile), checked
 once; every sampler also takes its fields as keywords. Where the decode steps run is decided once per call
-(make_decoder): on CPUs where imagegpt.cpu's native kernels run, its DecodeEngine takes the steps (in float32,
-all of a step's blocks in one call on weights packed once; it also reads bfloat16, float16 and int8 caches as
-they are stored), with the same numbers as PyTorch's path within float32 rounding. `compile=True` compiles
-the PyTorch step with torch.compile: a static-shape step on CUDA (positions as a tensor, attention over the
-whole cache under a mask, mode="reduce-overhead": each step replays a CUDA graph), dynamic shapes elsewhere.
+(make_decoder): on CPUs where imagegpt.cpu's native kernels run, its DecodeEngine takes the steps (float32
+arithmetic, all of a step's blocks in one call on weights packed once, float32, bfloat16 or int8; it reads
+float32, bfloat16, float16 and int8 caches as they are stored). With float32 weights and cache (dtype=
+"float32") it gives the numbers of PyTorch's path within float32 rounding; by default it decodes on bfloat16
+copies of the weights and a bfloat16 cache, which halve the bytes a step streams (SamplingOptions).
+`compile=True` compiles the PyTorch step with torch.compile: a static-shape step on CUDA (positions as a
+tensor, attention over the whole cache under a mask, mode="reduce-overhead": each step replays a CUDA graph),
+dynamic shapes elsewhere.
 On CPUs where the native kernels run, compiling buys nothing (docs/performance.md).
 """
 
@@ -42,7 +45,7 @@ from .quantize import cache_position_bytes, new_cache
 # The default batch holds at most this many bytes of KV cache (igpt-s in float32: 20 images of 32x32).
 CACHE_BUDGET_BYTES = 2 * 1024**3
 CACHE_DTYPES = {**DTYPES, "int8": torch.int8}
-WEIGHT_DTYPES = {"float32": torch.float32, "int8": torch.int8}
+WEIGHT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "int8": torch.int8}
 COMPILE_MODES = (False, True, "static", "dynamic")
 
 
@@ -125,13 +128,17 @@ class SamplingOptions:
     top_p: keep the smallest set of tokens whose mass reaches top_p (1 = off). seed: the same seed, options
     and batch size give the same tokens on the same machine (None: a fresh random seed). batch_size: rows
     generated at a time (None: as many as fit CACHE_BUDGET_BYTES of KV cache). dtype: the autocast compute
-    dtype (None or "auto" = float32 on every device; "bfloat16" only when named). cache_dtype: the KV cache's
-    storage, "float32", "bfloat16", "float16" or "int8" (None: the compute dtype's, so float32 sampling is
-    exact); half precision halves the cache's memory and the attention's memory traffic, int8 (each cached
+    dtype (None or "auto" = float32 arithmetic on every device; "bfloat16" only when named). Where the native
+    CPU engine decodes (imagegpt.cpu, batches of at most 64), None or "auto" also keeps the decode steps'
+    weights and the KV cache in bfloat16 unless weight_dtype or cache_dtype name others: half the bytes
+    each step streams, the arithmetic float32; "float32" keeps both float32, exact. cache_dtype: the KV
+    cache's storage, "float32", "bfloat16", "float16" or "int8" (None: the compute dtype's, or bfloat16 as
+    above); half precision halves the cache's memory and the attention's memory traffic, int8 (each cached
     row of a head scaled to [-127, 127], a float32 scale beside it) quarters them, at a coarser rounding.
-    weight_dtype: "float32" (None) or "int8": the decode steps' linear layers on weights quantized per output
-    column and inputs per row, the products summed exactly in int32 (imagegpt.cpu); a quarter of the
-    weights' memory traffic; CPU, float32, no compile and batches of at most 64 only. compile: False, True,
+    weight_dtype: "float32" (None), "bfloat16" or "int8": the decode steps' linear layers on weights rounded
+    to bfloat16 (the arithmetic stays float32) or quantized per output column and inputs per row, the
+    products summed exactly in int32 (imagegpt.cpu); half or a quarter of the weights' memory traffic; CPU
+    (the native kernels), float32 compute, no compile and batches of at most 64 only. compile: False, True,
     "static" or "dynamic" (see the module docstring).
     """
 
@@ -224,7 +231,8 @@ def resolve_cache_dtype(name, compute: torch.dtype, weights: torch.dtype) -> tor
 
 
 def resolve_weight_dtype(name) -> torch.dtype:
-    """The decode steps' weights: "float32" (None: the model's own) or "int8" (or the torch.dtype)."""
+    """The decode steps' weights: "float32" (None: the model's own), "bfloat16" or "int8" (or the
+    torch.dtype)."""
     return torch.float32 if name is None else _dtype_in(WEIGHT_DTYPES, name, "weight_dtype")
 
 
@@ -263,22 +271,41 @@ class Decoder:
         return cache
 
 
-def make_decoder(model: ImageGPT, options: SamplingOptions, device: torch.device) -> Decoder:
-    """The Decoder for `options` on `device`; a ConfigError where int8 weights cannot run."""
+def make_decoder(model: ImageGPT, options: SamplingOptions, device: torch.device, rows: int = 1) -> Decoder:
+    """The Decoder for `options` on `device`, to generate `rows` rows; a ConfigError where bfloat16 or int8
+    weights, named, cannot run."""
     dtype = resolve_dtype(options.dtype, device)
-    cache_dtype = resolve_cache_dtype(options.cache_dtype, dtype, next(model.parameters()).dtype)
-    weight_dtype = resolve_weight_dtype(options.weight_dtype)
     step, static = decode_step(device, options.compile)
     native = device.type == "cpu" and not options.compile
-    if weight_dtype == torch.int8 and not (native and dtype == torch.float32):
+    compact = native and _auto_decodes_in_bfloat16(model, options, rows)
+    cache_dtype = resolve_cache_dtype(options.cache_dtype, dtype, next(model.parameters()).dtype)
+    weight_dtype = resolve_weight_dtype(options.weight_dtype)
+    if compact:  # what the call names stays as named
+        cache_dtype = cache_dtype if options.cache_dtype is not None else torch.bfloat16
+        weight_dtype = weight_dtype if options.weight_dtype is not None else torch.bfloat16
+    named = options.weight_dtype not in (None, "float32", torch.float32)
+    if named and not (native and dtype == torch.float32):
         raise ConfigError(
-            "int8 weights run in imagegpt's native CPU decode kernel only: sample on the CPU in float32 "
-            "without compile, or use weight_dtype float32"
+            f"{options.weight_dtype} weights run in imagegpt's native CPU decode kernel only: sample on the "
+            "CPU in float32 without compile, or use weight_dtype float32"
         )
     engine = cpu.DecodeEngine.create(model, weight_dtype) if native else None  # the one place cpu is used
     if engine is not None:
         step = engine.step
     return Decoder(device, dtype, cache_dtype, weight_dtype, options.compile, step, static, engine)
+
+
+def _auto_decodes_in_bfloat16(model: ImageGPT, options: SamplingOptions, rows: int) -> bool:
+    """Whether a call that names no dtype decodes on bfloat16 copies of the weights and a bfloat16 KV cache
+    (float32 arithmetic): where the CPU engine runs this model (imagegpt.cpu: x86-64 with AVX2) and takes
+    the batch. A decode step there streams every weight and cached value once, so half the bytes make it
+    1.35-1.5x faster (docs/performance.md); the demo model's bits/dim moves in the sixth decimal.
+    dtype="float32" keeps everything float32: exact."""
+    if options.dtype not in (None, "auto"):
+        return False
+    given = options.batch_size
+    batch = min(given, rows) if given else default_batch_size(model, rows, torch.float32)
+    return batch <= cpu.DecodeEngine.max_batch and cpu.DecodeEngine.runs(model, torch.bfloat16)
 
 
 # ---- generation: batches of prefixes -> full images ----
@@ -296,12 +323,15 @@ def _model_device(model: ImageGPT, device) -> torch.device:
 
 
 def _batch_size(model: ImageGPT, options: SamplingOptions, decoder: Decoder, rows: int) -> int:
-    """options.batch_size, or as many rows as fit the cache budget; int8 weights take at most the engine's."""
-    most = decoder.engine.max_batch if decoder.weight_dtype == torch.int8 else None
+    """options.batch_size, or as many rows as fit the cache budget; bfloat16 and int8 weights take at most the
+    engine's."""
+    most = decoder.engine.max_batch if decoder.weight_dtype != torch.float32 else None
     if options.batch_size is None:
         return min(default_batch_size(model, rows, decoder.cache_dtype), most or rows)
-    if most is not None and options.batch_size > most:
-        raise ArgumentError(f"int8 weights take batches of at most {most} images, got {options.batch_size}")
+    if most is not None and options.batch_size > most and options.weight_dtype is not None:  # named
+        raise ArgumentError(
+            f"{options.weight_dtype} weights take batches of at most {most} images, got {options.batch_size}"
+        )
     return options.batch_size
 
 
@@ -358,7 +388,7 @@ def generate(
     R, P = prefixes.shape
     n_positions = _check_length(config, P, length)
     device = _model_device(model, device)
-    decoder = make_decoder(model, options, device)
+    decoder = make_decoder(model, options, device, R)
     batch_size = _batch_size(model, options, decoder, R)
     _check_memory(config, device, R, n_positions, min(batch_size, R), decoder.cache_dtype)
     generator = _generator(device, options.seed)

@@ -17,6 +17,10 @@ from ..sampling import SamplingOptions
 
 AUTO_TRAINING = "bfloat16 where the device has bfloat16 units (CUDA, AVX512-BF16/AMX CPUs), else float32"
 AUTO_FORWARD = "float32 (exact, the same on every machine)"
+AUTO_SAMPLING = (
+    "float32 arithmetic; where imagegpt's native CPU engine decodes (x86-64 with AVX2, batches <= 64) on "
+    "bfloat16 weights and KV cache, half the bytes; float32 = all float32, exact"
+)
 
 # Every command's exit statuses; `imagegpt --help` and the training commands' --help print this.
 EXIT_STATUS = """exit status:
@@ -162,17 +166,19 @@ def add_sampling_options(parser: argparse.ArgumentParser) -> None:
         "--cache-dtype",
         default=None,
         choices=["float32", "bfloat16", "float16", "int8"],
-        help="KV cache storage (default: the compute dtype's; float32 sampling is exact). bfloat16 or "
+        help="KV cache storage (default: the compute dtype's, bfloat16 on the native CPU engine; --dtype "
+        "float32 is exact). bfloat16 or "
         "float16 halve its memory and, on x86 CPUs with AVX2, make long images faster to sample; int8 "
         "(scaled per row) quarters it, faster still there and coarser",
     )
     parser.add_argument(
         "--weight-dtype",
         default=None,
-        choices=["float32", "int8"],
-        help="the decode steps' weights (default float32, exact). int8 (per output column, inputs per row) "
-        "is faster on x86 CPUs with AVX2, where it runs (CPU, float32, no --compile, batches <= 64), and "
-        "coarser",
+        choices=["float32", "bfloat16", "int8"],
+        help="the decode steps' weights (default float32, bfloat16 on the native CPU engine; --dtype float32 "
+        "is exact). bfloat16 (rounded, float32 arithmetic) and "
+        "int8 (per output column, inputs per row) are faster on x86 CPUs with AVX2, where they run (CPU, "
+        "float32, no --compile, batches <= 64), and coarser",
     )
     add_output_argument(
         parser, "--save-npz", metavar="PATH", help="also save the tokens and decoded images as a .npz file"

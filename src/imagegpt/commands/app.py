@@ -6,7 +6,7 @@ import torch
 
 from ..app.core import load_served
 from ..errors import ArgumentError
-from ._options import add_device_options
+from ._options import AUTO_SAMPLING, add_device_options
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -38,7 +38,7 @@ def register(subparsers) -> None:
         help="CPU threads for generation (default: 1 for models under 10M parameters, such as the demo's, "
         "whose steps are too small to share; PyTorch's default otherwise)",
     )
-    add_device_options(parser)
+    add_device_options(parser, auto=AUTO_SAMPLING)
     parser.set_defaults(func=run)
 
 

@@ -8,6 +8,7 @@ from ..errors import ArgumentError
 from ..grid import completion_grid, save_image
 from ..sampling import complete, keep_rows, load_for_sampling
 from ._options import (
+    AUTO_SAMPLING,
     add_device_options,
     add_model_argument,
     add_output_argument,
@@ -50,7 +51,7 @@ def register(subparsers) -> None:
         help="the image grid to write: PNG, or the format its suffix names (default completions.png)",
     )
     add_sampling_options(parser)
-    add_device_options(parser)
+    add_device_options(parser, auto=AUTO_SAMPLING)
     parser.set_defaults(func=run)
 
 

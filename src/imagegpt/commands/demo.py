@@ -48,7 +48,7 @@ def register(subparsers) -> None:
     parser.add_argument("--no-probe", action="store_true", help="skip the linear probes")
     parser.add_argument("--overwrite", action="store_true", help="replace a finished demo in --out")
     parser.add_argument("--quiet", action="store_true", help="no progress output, only the summary")
-    auto = f"training in {AUTO_TRAINING}; evaluation, sampling and probes in float32"
+    auto = f"training in {AUTO_TRAINING}; evaluation and probes in float32; sampling as imagegpt sample"
     add_device_options(parser, auto=auto)
     parser.set_defaults(func=run)
 

@@ -7,6 +7,7 @@ import time
 from ..grid import sample_grid, save_image
 from ..sampling import load_for_sampling, sample
 from ._options import (
+    AUTO_SAMPLING,
     add_device_options,
     add_model_argument,
     add_output_argument,
@@ -38,7 +39,7 @@ def register(subparsers) -> None:
         help="the image grid to write: PNG, or the format its suffix names (default samples.png)",
     )
     add_sampling_options(parser)
-    add_device_options(parser)
+    add_device_options(parser, auto=AUTO_SAMPLING)
     parser.set_defaults(func=run)
 
 

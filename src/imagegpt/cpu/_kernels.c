@@ -1,5 +1,5 @@
-/* imagegpt.cpu._kernels: the decode step's CPU kernels on x86-64 CPUs with AVX2, FMA and F16C; the float32
- * linear layers also have AVX-512F tiles, taken where the caller asks for them (avx512 arguments).
+/* imagegpt.cpu._kernels: the decode step's CPU kernels on x86-64 CPUs with AVX2, FMA and F16C; the float32 and
+ * bfloat16 linear layers also have AVX-512F tiles, taken where the caller asks for them (avx512 arguments).
  *
  * decode_attention: a decode step of a batch of images reads every cached key and value once, so on a CPU
  * its attention is bound by memory traffic. PyTorch's CPU SDPA kernel reads a float32 cache below the
@@ -11,8 +11,8 @@
  * s); the result goes to b * o_sb + h * o_sh. The last dimension (hs, a multiple of 8) is contiguous
  * everywhere.
  *
- * pack_linear / packed_linear: few-rows linear layers on weights packed once (see below), on AVX2 or
- * AVX-512F tiles.
+ * pack_linear / packed_linear: few-rows linear layers on weights packed once (see below), float32 or
+ * bfloat16 (widened in registers: half the bytes to stream), on AVX2 or AVX-512F tiles; or int8.
  *
  * decode_blocks: whole pre-norm blocks, one after another, for one new token per image, on packed weights
  * and a KV cache. A decode step of a batch of 16 is bound by memory traffic: it reads every weight and every
@@ -259,16 +259,17 @@ INLINE void tile_store(__m256 v0, __m256 v1, const float *bias, int act, float *
     }
 }
 
-INLINE void linear_tile(const float *x, Py_ssize_t ldx, const float *block, const float *next, int K, int R,
-                        const float *bias, int act, float *out, Py_ssize_t ldo, int cols) {
+INLINE void linear_tile(const float *x, Py_ssize_t ldx, const char *block, const char *next, int K, int R,
+                        const float *bias, int act, float *out, Py_ssize_t ldo, int cols, int wt) {
+    const int es = ELEMENT_SIZE(wt); /* wt (F32 or BF16) a constant in each copy */
     /* every loop over r is unrolled: indexed by a variable, the accumulators would live in memory */
     __m256 c0[6], c1[6];
 #pragma GCC unroll 6
     for (int r = 0; r < 6; r++) c0[r] = c1[r] = _mm256_setzero_ps();
     for (int k = 0; k < K; k++) {
-        __m256 w0 = _mm256_loadu_ps(block + 16 * k), w1 = _mm256_loadu_ps(block + 16 * k + 8);
+        __m256 w0 = load8(block + es * 16 * k, wt), w1 = load8(block + es * (16 * k + 8), wt);
         /* the next block's line at this k into L2: its weights stream in while this block computes */
-        _mm_prefetch((const char *)(next + 16 * k), _MM_HINT_T1);
+        _mm_prefetch(next + es * 16 * k, _MM_HINT_T1);
 #pragma GCC unroll 6
         for (int r = 0; r < R; r++) {
             __m256 a = _mm256_broadcast_ss(x + r * ldx + k);
@@ -280,18 +281,21 @@ INLINE void linear_tile(const float *x, Py_ssize_t ldx, const float *block, cons
     for (int r = 0; r < R; r++) tile_store(c0[r], c1[r], bias, act, out + r * ldo, cols);
 }
 
-/* rows [m, m + R) of one column block; R is a constant in each case, so each tile is compiled for it */
-static TARGET void linear_rows(const float *x, Py_ssize_t ldx, const float *block, const float *next, int K,
-                               int R, const float *bias, int act, float *out, Py_ssize_t ldo, int cols) {
-    switch (R) {
-    case 6: linear_tile(x, ldx, block, next, K, 6, bias, act, out, ldo, cols); break;
-    case 5: linear_tile(x, ldx, block, next, K, 5, bias, act, out, ldo, cols); break;
-    case 4: linear_tile(x, ldx, block, next, K, 4, bias, act, out, ldo, cols); break;
-    case 3: linear_tile(x, ldx, block, next, K, 3, bias, act, out, ldo, cols); break;
-    case 2: linear_tile(x, ldx, block, next, K, 2, bias, act, out, ldo, cols); break;
-    default: linear_tile(x, ldx, block, next, K, 1, bias, act, out, ldo, cols); break;
+/* rows [m, m + R) of one column block; R and wt are constants in each case, so each tile is compiled for them */
+#define LINEAR_ROWS(NAME, WT)                                                                                 \
+    static TARGET void NAME(const float *x, Py_ssize_t ldx, const char *block, const char *next, int K, int R, \
+                            const float *bias, int act, float *out, Py_ssize_t ldo, int cols) {               \
+        switch (R) {                                                                                          \
+        case 6: linear_tile(x, ldx, block, next, K, 6, bias, act, out, ldo, cols, WT); break;                 \
+        case 5: linear_tile(x, ldx, block, next, K, 5, bias, act, out, ldo, cols, WT); break;                 \
+        case 4: linear_tile(x, ldx, block, next, K, 4, bias, act, out, ldo, cols, WT); break;                 \
+        case 3: linear_tile(x, ldx, block, next, K, 3, bias, act, out, ldo, cols, WT); break;                 \
+        case 2: linear_tile(x, ldx, block, next, K, 2, bias, act, out, ldo, cols, WT); break;                 \
+        default: linear_tile(x, ldx, block, next, K, 1, bias, act, out, ldo, cols, WT); break;                \
+        }                                                                                                     \
     }
-}
+LINEAR_ROWS(linear_rows, F32)
+LINEAR_ROWS(linear_rows_bf16, BF16)
 
 /* ---- the same tiles on AVX-512F: one zmm register holds a block's 16 columns at one k ----
  *
@@ -335,14 +339,21 @@ INLINE512 void tile_store16(__m512 v, const float *bias, int act, float *out, in
     _mm512_mask_storeu_ps(out, keep, v);
 }
 
-INLINE512 void linear_tile16(const float *x, Py_ssize_t ldx, const float *block, int K, int R, const float *bias,
-                             int act, float *out, Py_ssize_t ldo, int cols) {
+/* 16 weights widened to float32: F32, or BF16 (exactly: a bfloat16 is a float32's top half) */
+INLINE512 __m512 load16(const char *p, int wt) {
+    if (wt == F32) return _mm512_loadu_ps((const float *)p);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
+
+INLINE512 void linear_tile16(const float *x, Py_ssize_t ldx, const char *block, int K, int R, const float *bias,
+                             int act, float *out, Py_ssize_t ldo, int cols, int wt) {
+    const int es = ELEMENT_SIZE(wt);
     __m512 c[16]; /* every loop over r unrolled, as in linear_tile */
 #pragma GCC unroll 16
     for (int r = 0; r < 16; r++) c[r] = _mm512_setzero_ps();
     for (int k = 0; k < K; k++) {
-        const __m512 w = _mm512_loadu_ps(block + 16 * k);
-        _mm_prefetch((const char *)(block + 16 * k) + STREAM_AHEAD, _MM_HINT_T1);
+        const __m512 w = load16(block + es * 16 * k, wt);
+        _mm_prefetch(block + es * 16 * k + STREAM_AHEAD, _MM_HINT_T1);
 #pragma GCC unroll 16
         for (int r = 0; r < R; r++) c[r] = _mm512_fmadd_ps(_mm512_set1_ps(x[r * ldx + k]), w, c[r]);
     }
@@ -351,46 +362,55 @@ INLINE512 void linear_tile16(const float *x, Py_ssize_t ldx, const float *block,
 }
 
 /* rows [m, m + R) of one column block, R <= 16 */
-static TARGET512 void linear_rows16(const float *x, Py_ssize_t ldx, const float *block, int K, int R,
-                                    const float *bias, int act, float *out, Py_ssize_t ldo, int cols) {
-#define TILE16(R) linear_tile16(x, ldx, block, K, R, bias, act, out, ldo, cols)
-    switch (R) {
-    case 16: TILE16(16); break;
-    case 15: TILE16(15); break;
-    case 14: TILE16(14); break;
-    case 13: TILE16(13); break;
-    case 12: TILE16(12); break;
-    case 11: TILE16(11); break;
-    case 10: TILE16(10); break;
-    case 9: TILE16(9); break;
-    case 8: TILE16(8); break;
-    case 7: TILE16(7); break;
-    case 6: TILE16(6); break;
-    case 5: TILE16(5); break;
-    case 4: TILE16(4); break;
-    case 3: TILE16(3); break;
-    case 2: TILE16(2); break;
-    default: TILE16(1); break;
+#define TILE16(R, WT) linear_tile16(x, ldx, block, K, R, bias, act, out, ldo, cols, WT)
+#define LINEAR_ROWS16(NAME, WT)                                                                              \
+    static TARGET512 void NAME(const float *x, Py_ssize_t ldx, const char *block, int K, int R,              \
+                               const float *bias, int act, float *out, Py_ssize_t ldo, int cols) {           \
+        switch (R) {                                                                                         \
+        case 16: TILE16(16, WT); break;                                                                      \
+        case 15: TILE16(15, WT); break;                                                                      \
+        case 14: TILE16(14, WT); break;                                                                      \
+        case 13: TILE16(13, WT); break;                                                                      \
+        case 12: TILE16(12, WT); break;                                                                      \
+        case 11: TILE16(11, WT); break;                                                                      \
+        case 10: TILE16(10, WT); break;                                                                      \
+        case 9: TILE16(9, WT); break;                                                                        \
+        case 8: TILE16(8, WT); break;                                                                        \
+        case 7: TILE16(7, WT); break;                                                                        \
+        case 6: TILE16(6, WT); break;                                                                        \
+        case 5: TILE16(5, WT); break;                                                                        \
+        case 4: TILE16(4, WT); break;                                                                        \
+        case 3: TILE16(3, WT); break;                                                                        \
+        case 2: TILE16(2, WT); break;                                                                        \
+        default: TILE16(1, WT); break;                                                                       \
+        }                                                                                                    \
     }
+LINEAR_ROWS16(linear_rows16, F32)
+LINEAR_ROWS16(linear_rows16_bf16, BF16)
 #undef TILE16
-}
 
-/* out = act(x W^T + b) for column blocks [first, last) of a packed weight, all M rows; on AVX-512F in tiles
- * of up to 16 rows, else in tiles of up to 6 */
-static TARGET void linear_blocks(const float *x, Py_ssize_t ldx, int M, int K, const float *packed, int N,
+/* out = act(x W^T + b) for column blocks [first, last) of a packed weight, float32 or bfloat16 (wt), all M
+ * rows; on AVX-512F in tiles of up to 16 rows, else in tiles of up to 6. bfloat16 weights are widened to
+ * float32 in registers: the same FMAs as float32 weights of those values, on half the bytes. */
+static TARGET void linear_blocks(const float *x, Py_ssize_t ldx, int M, int K, const void *packed, int N,
                                  const float *bias, int act, float *out, Py_ssize_t ldo, int first, int last,
-                                 int avx512) {
+                                 int avx512, int wt) {
     const int rows = avx512 ? 16 : 6;
+    const Py_ssize_t size = (Py_ssize_t)K * 16 * ELEMENT_SIZE(wt); /* bytes of a column block */
     for (int nb = first; nb < last; nb++) {
-        const float *block = packed + (Py_ssize_t)nb * K * 16;
-        const float *next = nb + 1 < (N + 15) / 16 ? block + (Py_ssize_t)K * 16 : block;
+        const char *block = (const char *)packed + nb * size;
+        const char *next = nb + 1 < (N + 15) / 16 ? block + size : block;
         const int cols = N - 16 * nb < 16 ? N - 16 * nb : 16;
         for (int m = 0; m < M; m += rows) {
             const int R = M - m < rows ? M - m : rows;
             const float *xm = x + m * ldx, *b = bias + 16 * nb;
             float *o = out + m * ldo + 16 * nb;
-            if (avx512)
+            if (avx512 && wt == BF16)
+                linear_rows16_bf16(xm, ldx, block, K, R, b, act, o, ldo, cols);
+            else if (avx512)
                 linear_rows16(xm, ldx, block, K, R, b, act, o, ldo, cols);
+            else if (wt == BF16)
+                linear_rows_bf16(xm, ldx, block, next, K, R, b, act, o, ldo, cols);
             else
                 linear_rows(xm, ldx, block, next, K, R, b, act, o, ldo, cols);
         }
@@ -481,23 +501,24 @@ static TARGET void linear_blocks_i8(const QuantRows *x, int M, int K, const int8
  * value are written into the cache at `pos` (rounded to its dtype as PyTorch rounds: to nearest, ties to
  * even) and the attention reads positions [0, pos]. One parallel region, barriers between the phases: a
  * decode step of a small model is otherwise a few hundred short kernels, each a round trip through Python.
- * With int8 weights (wq) each linear layer's input rows are quantized first (quantize_rows). */
+ * The weights are float32, bfloat16 or int8 (wt, a dtype code); with int8 weights each linear layer's input
+ * rows are quantized first (quantize_rows). */
 
 typedef struct {
     float *x;
-    int M, C, nh, N_fc, dt, pos, wq;
+    int M, C, nh, N_fc, dt, pos, wt;
     int avx512; /* the linear layers take their AVX-512F tiles */
     const float *ln1, *ln2;
     float eps;
-    const void *w[4];  /* qkv, proj, fc, out: packed float32 blocks, or int8 ones (wq) */
+    const void *w[4];  /* qkv, proj, fc, out: packed float32, bfloat16 or int8 blocks (wt) */
     const float *b[4]; /* their padded biases */
-    const float *s[4]; /* wq: their padded column scales */
+    const float *s[4]; /* int8: their padded column scales */
     char *k, *v;
     Py_ssize_t kv_sb, kv_sh, kv_ss;
     float *ks, *vs; /* I8: the scales (see Job) */
     Py_ssize_t s_sb, s_sh;
     float *xn, *qkv, *y, *h; /* scratch: M x C, M x 3C, M x C, M x N_fc */
-    int8_t *rq;              /* wq scratch: M x max(C, N_fc) quantized rows, as many |q|, M scales */
+    int8_t *rq;              /* int8 weights' scratch: M x max(C, N_fc) quantized rows, as many |q|, M scales */
     uint8_t *ra;
     float *rs;
     int claimed[5]; /* work handed out so far in the four linear layers' phases and attention's (claim) */
@@ -638,11 +659,11 @@ static TARGET void block_linear(BlockJob *j, int i, const float *in, int K, int 
                                 int ldo, int threads) {
     int first, last;
     while (claim(&j->claimed[i], (N + 15) / 16, threads, &first, &last)) {
-        if (j->wq) {
+        if (j->wt == I8) {
             const QuantRows rows = block_rows(j, K);
             linear_blocks_i8(&rows, j->M, K, j->w[i], N, j->s[i], j->b[i], act, out, ldo, first, last);
         } else {
-            linear_blocks(in, K, j->M, K, j->w[i], N, j->b[i], act, out, ldo, first, last, j->avx512);
+            linear_blocks(in, K, j->M, K, j->w[i], N, j->b[i], act, out, ldo, first, last, j->avx512, j->wt);
         }
     }
 }
@@ -652,7 +673,7 @@ static TARGET int block_share(BlockJob *j, int t, int n) {
     int first, last, failed = 0;
     share(M, t, n, &first, &last);
     rms_rows(j->x, C, j->ln1, j->eps, j->xn, first, last);
-    if (j->wq) quantize_rows(block_rows(j, C), j->xn, C, first, last);
+    if (j->wt == I8) quantize_rows(block_rows(j, C), j->xn, C, first, last);
     BARRIER();
     block_linear(j, 0, j->xn, C, 3 * C, 0, j->qkv, 3 * C, n);
     BARRIER();
@@ -666,7 +687,7 @@ static TARGET int block_share(BlockJob *j, int t, int n) {
     }
     failed |= att.failed;
     BARRIER();
-    if (j->wq) { /* an image's heads may come from both threads: its row is whole only now */
+    if (j->wt == I8) { /* an image's heads may come from both threads: its row is whole only now */
         share(M, t, n, &first, &last);
         quantize_rows(block_rows(j, C), j->y, C, first, last);
         BARRIER();
@@ -675,11 +696,11 @@ static TARGET int block_share(BlockJob *j, int t, int n) {
     BARRIER();
     share(M, t, n, &first, &last);
     rms_rows(j->x, C, j->ln2, j->eps, j->xn, first, last);
-    if (j->wq) quantize_rows(block_rows(j, C), j->xn, C, first, last);
+    if (j->wt == I8) quantize_rows(block_rows(j, C), j->xn, C, first, last);
     BARRIER();
     block_linear(j, 2, j->xn, C, j->N_fc, 1, j->h, j->N_fc, n);
     BARRIER();
-    if (j->wq) {
+    if (j->wt == I8) {
         share(M, t, n, &first, &last);
         quantize_rows(block_rows(j, j->N_fc), j->h, j->N_fc, first, last);
         BARRIER();
@@ -843,13 +864,14 @@ static PyObject *pack_linear_int8(PyObject *self, PyObject *args) {
 static PyObject *packed_linear(PyObject *self, PyObject *args) {
     unsigned long long x, packed, bias, out, scales;
     Py_ssize_t ldx, ldo;
-    int M, K, N, act, threads, avx512;
-    if (!PyArg_ParseTuple(args, "KniiKiKiKnKii", &x, &ldx, &M, &K, &packed, &N, &bias, &act, &out, &ldo, &scales,
-                          &threads, &avx512))
+    int M, K, N, act, threads, avx512, wt;
+    if (!PyArg_ParseTuple(args, "KniiKiKiKnKiii", &x, &ldx, &M, &K, &packed, &N, &bias, &act, &out, &ldo,
+                          &scales, &threads, &avx512, &wt))
         return NULL;
     if (!check_cpu(avx512)) return NULL;
-    if (M < 0 || K < 1 || N < 1 || ldx < K || ldo < N || act < 0 || act > 2 || (scales && K % 8 != 0)) {
-        PyErr_SetString(PyExc_ValueError, "packed_linear: bad shape or activation");
+    if (M < 0 || K < 1 || N < 1 || ldx < K || ldo < N || act < 0 || act > 2 || (scales && K % 8 != 0) ||
+        (scales ? wt != I8 : wt != F32 && wt != BF16)) {
+        PyErr_SetString(PyExc_ValueError, "packed_linear: bad shape, activation or weight dtype code");
         return NULL;
     }
 #if IMAGEGPT_AVX2
@@ -881,15 +903,15 @@ static PyObject *packed_linear(PyObject *self, PyObject *args) {
         if (S != NULL)
             linear_blocks_i8(&rows, M, K, (const int8_t *)(uintptr_t)packed, N, S, B, act, O, ldo, first, last);
         else
-            linear_blocks(X, ldx, M, K, (const float *)(uintptr_t)packed, N, B, act, O, ldo, first, last,
-                          avx512);
+            linear_blocks(X, ldx, M, K, (const void *)(uintptr_t)packed, N, B, act, O, ldo, first, last, avx512,
+                          wt);
     }
 #else
     if (S != NULL) {
         quantize_rows(rows, X, ldx, 0, M);
         linear_blocks_i8(&rows, M, K, (const int8_t *)(uintptr_t)packed, N, S, B, act, O, ldo, 0, blocks);
     } else {
-        linear_blocks(X, ldx, M, K, (const float *)(uintptr_t)packed, N, B, act, O, ldo, 0, blocks, avx512);
+        linear_blocks(X, ldx, M, K, (const void *)(uintptr_t)packed, N, B, act, O, ldo, 0, blocks, avx512, wt);
     }
 #endif
     Py_END_ALLOW_THREADS;
@@ -905,17 +927,19 @@ enum { TABLE_WIDTH = 18 };
 
 static PyObject *decode_blocks(PyObject *self, PyObject *args) {
     unsigned long long x, table, scratch, qscratch, final;
-    int M, C, nh, N_fc, wq, layers, dt, pos, threads, avx512;
+    int M, C, nh, N_fc, wt, layers, dt, pos, threads, avx512;
     float eps;
     Py_ssize_t kv_sb, kv_sh, kv_ss, s_sb, s_sh;
-    if (!PyArg_ParseTuple(args, "KiiifiiiinnnnnKiKKiiK", &x, &M, &C, &nh, &eps, &N_fc, &wq, &layers, &dt, &kv_sb,
+    if (!PyArg_ParseTuple(args, "KiiifiiiinnnnnKiKKiiK", &x, &M, &C, &nh, &eps, &N_fc, &wt, &layers, &dt, &kv_sb,
                           &kv_sh, &kv_ss, &s_sb, &s_sh, &table, &pos, &scratch, &qscratch, &threads, &avx512,
                           &final))
         return NULL;
     if (!check_cpu(avx512)) return NULL;
     const unsigned long long *T = (const unsigned long long *)(uintptr_t)table;
-    int bad = M < 1 || layers < 1 || nh < 1 || C < 8 || C % nh != 0 || (C / nh) % 8 != 0 || N_fc < 1 || dt < 0 ||
-              dt > 3 || pos < 0 || kv_ss < C / nh || (wq && (N_fc % 8 != 0 || qscratch == 0));
+    const int wq = wt == I8;
+    int bad = (wt != F32 && wt != BF16 && !wq) || M < 1 || layers < 1 || nh < 1 || C < 8 || C % nh != 0 ||
+              (C / nh) % 8 != 0 || N_fc < 1 || dt < 0 || dt > 3 || pos < 0 || kv_ss < C / nh ||
+              (wq && (N_fc % 8 != 0 || qscratch == 0));
     for (int l = 0; !bad && l < layers; l++) {
         const unsigned long long *p = T + (Py_ssize_t)l * TABLE_WIDTH;
         bad = (dt == I8 && (p[16] == 0 || p[17] == 0)) || (wq && (!p[4] || !p[7] || !p[10] || !p[13]));
@@ -932,7 +956,7 @@ static PyObject *decode_blocks(PyObject *self, PyObject *args) {
     int8_t *Q = (int8_t *)(uintptr_t)qscratch;
     for (int l = 0; l < layers; l++) {
         const unsigned long long *p = T + (Py_ssize_t)l * TABLE_WIDTH;
-        BlockJob job = {(float *)(uintptr_t)x, M, C, nh, N_fc, dt, pos, wq, avx512,
+        BlockJob job = {(float *)(uintptr_t)x, M, C, nh, N_fc, dt, pos, wt, avx512,
                         (const float *)(uintptr_t)p[0], (const float *)(uintptr_t)p[1], eps, {0}, {0}, {0},
                         (char *)(uintptr_t)p[14], (char *)(uintptr_t)p[15], kv_sb, kv_sh, kv_ss,
                         (float *)(uintptr_t)p[16], (float *)(uintptr_t)p[17], s_sb, s_sh, S,
@@ -992,17 +1016,18 @@ static PyMethodDef methods[] = {
      "into int8 column blocks of 16, [ceil(N / 16)][K / 4][16][4] bytes, and the rows' scales (see "
      "imagegpt.cpu.ops)."},
     {"packed_linear", packed_linear, METH_VARARGS,
-     "packed_linear(x, ldx, M, K, packed, N, bias, act, out, ldo, scales, threads, avx512): out (M, N) = "
-     "act(x (M, K) W^T + bias) on a packed weight and a bias padded to the blocks; act 0 none, 1 silu, 2 none "
-     "added to out; scales (not 0): W is int8 (pack_linear_int8) with these column scales, x quantized per "
-     "row; avx512 (not 0): float32 weights take the AVX-512F tiles (supports_avx512())."},
+     "packed_linear(x, ldx, M, K, packed, N, bias, act, out, ldo, scales, threads, avx512, weight_code): out "
+     "(M, N) = act(x (M, K) W^T + bias) on a packed weight and a bias padded to the blocks; act 0 none, 1 "
+     "silu, 2 none added to out; weight_code 0 float32 or 1 bfloat16 (pack_linear's layout), or 3 int8 "
+     "(pack_linear_int8) with scales (not 0), its column scales, x then quantized per row; avx512 (not 0): "
+     "float weights take the AVX-512F tiles (supports_avx512())."},
     {"decode_blocks", decode_blocks, METH_VARARGS,
-     "decode_blocks(x, M, C, nh, eps, N_fc, int8_weights, layers, dtype_code, kv_sb, kv_sh, kv_ss, s_sb, "
+     "decode_blocks(x, M, C, nh, eps, N_fc, weight_code, layers, dtype_code, kv_sb, kv_sh, kv_ss, s_sb, "
      "s_sh, table, pos, scratch, int8_scratch, threads, avx512, final_norm): `layers` transformer blocks for "
      "one new token per image, in place on x (M, C), each writing its key and value into its cache at pos "
      "(int8: with their scales), then x normed by final_norm's C weights (0: not); table: 18 pointers per "
      "block (ln1, ln2, (w, b, s) of qkv, proj, fc and out, k, v, k_scale, v_scale); scratch holds M (5 C + "
-     "N_fc) floats, int8_scratch (int8 weights) 2 M max(C, N_fc) + 4 M bytes (see imagegpt.cpu.ops)."},
+     "N_fc) floats, int8_scratch (weight_code 3, int8) 2 M max(C, N_fc) + 4 M bytes (see imagegpt.cpu.ops)."},
     {"supported", supported, METH_NOARGS, "whether this CPU can run the kernels"},
     {"supports_avx512", supports_avx512, METH_NOARGS,
      "whether this CPU runs the AVX-512F paths (packed_linear's and decode_blocks' avx512 argument)"},

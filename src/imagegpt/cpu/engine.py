@@ -7,7 +7,8 @@ the model as it is and builds, once, what the kernels need:
 
 - every block's linear layers packed into the few-rows multiply's layout (ops.pack_linear; quick-GELU's
   1.702 folded into the MLP's weights, so that the kernel's fused silu computes it), stacked over the
-  blocks, and the norms' weights beside them; or, weight_dtype=torch.int8, quantized per output column;
+  blocks, and the norms' weights beside them: float32, bfloat16 (weight_dtype=torch.bfloat16: half the
+  bytes a step streams, widened to float32 in registers) or int8 (quantized per output column);
 - a step: the model's own embeddings, then every block and the final norm in one call (ops.decode_blocks:
   one parallel region, barriers between phases), then the model's own head;
 - caches (NativeKVCache) whose one-token attention reads the cache in its own dtype (ops.decode_attention),
@@ -33,6 +34,7 @@ from . import ops
 # of them (igpt-s has 0.3 GB, igpt-m 1.8 GB) decode on PyTorch's kernels rather than double their memory.
 PACK_BUDGET_BYTES = 2 * 1024**3
 GELU = 1.702  # quick_gelu(z) = silu(1.702 z) / 1.702
+_NAMES = {torch.bfloat16: "bfloat16", torch.int8: "int8"}  # the packed weights' dtypes besides float32
 
 
 class NativeKVCache(KVCache):
@@ -71,7 +73,7 @@ class PackedBlocks:
     norms: torch.Tensor  # (L, 2, C)
     weights: list[torch.Tensor]  # qkv, proj, fc, out: (L, *ops.pack_linear's or pack_linear_int8's shape)
     biases: list[torch.Tensor]  # (L, padded)
-    scales: list[torch.Tensor]  # int8: the column scales (L, padded); float32: none
+    scales: list[torch.Tensor]  # int8: the column scales (L, padded); float32 and bfloat16: none
     fc_width: int
     sources: list[
         tuple[dict, str, nn.Parameter, int]
@@ -124,7 +126,7 @@ def pack_blocks(model: ImageGPT, weight_dtype: torch.dtype = torch.float32) -> P
         for i, (N, K) in enumerate(((3 * C, C), (C, C), (fc, C), (C, fc))):
             layers = linears[i::4]
             shape = (ops.column_blocks(N), K // 4, 16, 4) if int8 else (ops.column_blocks(N), K, 16)
-            weight = torch.empty(len(blocks), *shape, dtype=weight_dtype)
+            weight = torch.empty(len(blocks), *shape, dtype=weight_dtype)  # bfloat16: rounded to nearest
             bias = torch.zeros(len(blocks), 16 * ops.column_blocks(N))
             scale = torch.empty(len(blocks), 16 * ops.column_blocks(N)) if int8 else None
             for j, layer in enumerate(layers):
@@ -147,8 +149,9 @@ class DecodeEngine:
     """A model's CPU decode step on the native kernels, built once per generate() call.
 
     step(model, token, position, cache) has sampling.decode_one_token's signature and numbers (float32
-    weights: within float32 rounding; int8 weights: each layer's weights quantized per output column and its
-    input rows per row, the products summed exactly in int32). new_cache() makes the caches it attends over.
+    weights: within float32 rounding; bfloat16 weights: the same on the weights rounded to bfloat16, the
+    arithmetic float32; int8 weights: each layer's weights quantized per output column and its input rows per
+    row, the products summed exactly in int32). new_cache() makes the caches it attends over.
     """
 
     max_batch = ops.MAX_ROWS  # the most images per step the packed blocks take
@@ -159,15 +162,20 @@ class DecodeEngine:
         self.packed = pack_blocks(model, weight_dtype) if refusal(model, weight_dtype) is None else None
         self.scratch = torch.empty(0)
 
+    @staticmethod
+    def runs(model: ImageGPT, weight_dtype: torch.dtype = torch.float32) -> bool:
+        """Whether the packed blocks run this model here, on weights of weight_dtype."""
+        return refusal(model, weight_dtype) is None
+
     @classmethod
     def create(cls, model: ImageGPT, weight_dtype: torch.dtype = torch.float32) -> DecodeEngine | None:
-        """The engine where the kernels run here, else None; int8 weights, which only the packed blocks
-        run, raise a ConfigError saying which condition is not met."""
+        """The engine where the kernels run here, else None; bfloat16 and int8 weights, which only the
+        packed blocks run, raise a ConfigError saying which condition is not met."""
         reason = refusal(model, weight_dtype)
-        if weight_dtype == torch.int8 and reason is not None:
+        if weight_dtype != torch.float32 and reason is not None:
             raise ConfigError(
-                f"int8 weights run in imagegpt's native CPU decode kernel only, but {reason}: use "
-                "weight_dtype float32"
+                f"{_NAMES[weight_dtype]} weights run in imagegpt's native CPU decode kernel only, but "
+                f"{reason}: use weight_dtype float32"
             )
         return cls(model, weight_dtype) if ops.available() else None
 
@@ -185,8 +193,9 @@ class DecodeEngine:
     def step(self, model: ImageGPT, token: torch.Tensor, position: int, cache: KVCache) -> torch.Tensor:
         """Feed token (B, 1) at `position`, attending over the cached positions; its logits (B, V)."""
         if not (self.takes(cache) and not model.training and not torch.is_autocast_enabled("cpu")):
-            if self.weight_dtype == torch.int8:
-                raise ConfigError("int8 weights decode in the packed blocks only: CPU float32, eval mode, "
+            if self.weight_dtype != torch.float32:
+                what = _NAMES[self.weight_dtype]
+                raise ConfigError(f"{what} weights decode in the packed blocks only: CPU float32, eval mode, "
                                   f"batches of at most {self.max_batch}")  # fmt: skip
             x, _ = model.transformer(token, cache, position)
             return model.lm_head(x[:, -1])

@@ -5,7 +5,8 @@ what does not fit, so a wrong argument is an error, never a crash; only then are
 to the C code. Each has a fake implementation, so torch.compile traces around it as one opaque call.
 
     decode_attention(q, k, v, k_scale, v_scale)  one query per image and head over a KV cache
-    pack_linear(weight, scale)                   a weight in the few-rows multiply's layout
+    pack_linear(weight, scale)                   a weight in the few-rows multiply's layout (float32; as
+                                                 bfloat16, .to(torch.bfloat16) of it)
     pack_linear_int8(weight, scale)              the same, quantized per output column
     packed_linear(x, packed, bias, out_features, activation, scales)   act(x W^T + b) for a few rows
     decode_blocks(x, norms, weights, biases, scales, k, v, k_scale, v_scale, scratch, position, n_head,
@@ -29,8 +30,10 @@ try:
 except ImportError:  # not built here
     _kernels = None
 
-# The cache dtypes the kernels read, by the C code's codes; int8 rows come with a float32 scale each.
+# The cache dtypes the kernels read, by the C code's codes; int8 rows come with a float32 scale each. The
+# packed weights use the same codes: float32, bfloat16 or int8 (with a float32 scale per column).
 CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.int8: 3}
+PACKED_DTYPES = (torch.float32, torch.bfloat16)  # pack_linear's layout; int8 has pack_linear_int8's
 ACTIVATIONS = {"none": 0, "silu": 1}
 # The packed multiply serves at most this many rows (a decode step's batch); its register tiles are sized
 # for few rows, and more are the library GEMM's work.
@@ -223,15 +226,24 @@ def pack_linear_int8(weight: Tensor, scale: float) -> tuple[Tensor, Tensor]:
 
 
 def in_features(packed: Tensor) -> int:
-    """K of a weight packed by pack_linear (blocks, K, 16) or pack_linear_int8 (blocks, K / 4, 16, 4)."""
+    """K of a weight packed by pack_linear (blocks, K, 16), float32 or bfloat16, or pack_linear_int8
+    (blocks, K / 4, 16, 4)."""
     return packed.size(-3) * 4 if packed.dtype == torch.int8 else packed.size(-2)
 
 
+def _packed_dtype(packed: Tensor, int8: bool) -> torch.dtype:
+    """The dtype a packed weight must have: int8 where scales come with it; else pack_linear's float32, or
+    bfloat16 (its .to()), whichever it has (float32 named in the error where it has neither)."""
+    dtypes = (torch.int8,) if int8 else PACKED_DTYPES
+    return packed.dtype if isinstance(packed, Tensor) and packed.dtype in dtypes else dtypes[0]
+
+
 def _check_packed(packed: Tensor, bias: Tensor, scales: Tensor | None, N: int, K: int, name: str) -> None:
-    """A packed weight (pack_linear's or, with scales, pack_linear_int8's) of N x K, with its padded bias."""
+    """A packed weight (pack_linear's, float32 or bfloat16, or with scales pack_linear_int8's) of N x K, with
+    its padded bias."""
     int8 = scales is not None
     shape = (column_blocks(N), K // 4, 16, 4) if int8 else (column_blocks(N), K, 16)
-    _check(packed, name, torch.int8 if int8 else torch.float32, shape)
+    _check(packed, name, _packed_dtype(packed, int8), shape)
     _check(bias, f"{name}'s bias", shape=(16 * column_blocks(N),))
     if int8:
         _check(scales, f"{name}'s scales", shape=(16 * column_blocks(N),))
@@ -244,10 +256,11 @@ def _check_packed(packed: Tensor, bias: Tensor, scales: Tensor | None, N: int, K
 )
 def packed_linear(x: Tensor, packed: Tensor, bias: Tensor, out_features: int, activation: str,
                   scales: Tensor | None) -> Tensor:  # fmt: skip
-    """act(x W^T + bias) for x (M, K) float32, M <= MAX_ROWS, with W packed by pack_linear and bias padded to
-    its blocks (zeros for none); act "none" or "silu". With `scales`, W is pack_linear_int8's (these its
-    column scales) and x's rows are quantized as quantize_int8 does: out = sx sw (qx . qw) + bias, the
-    int8 products summed exactly in int32."""
+    """act(x W^T + bias) for x (M, K) float32, M <= MAX_ROWS, with W packed by pack_linear (float32, or
+    bfloat16: widened to float32 in registers, the same numbers as float32 weights of those values) and
+    bias padded to its blocks (zeros for none); act "none" or "silu". With `scales`, W is
+    pack_linear_int8's (these its column scales) and x's rows are quantized as quantize_int8 does: out = sx
+    sw (qx . qw) + bias, the int8 products summed exactly in int32."""
     _check(x, "x")
     _require(
         x.dim() == 2 and x.size(0) <= MAX_ROWS, f"x must be (M, K) with M <= {MAX_ROWS}, got {tuple(x.shape)}"
@@ -262,6 +275,7 @@ def packed_linear(x: Tensor, packed: Tensor, bias: Tensor, out_features: int, ac
     _kernel().packed_linear(
         x.data_ptr(), K, M, K, packed.data_ptr(), out_features, bias.data_ptr(), ACTIVATIONS[activation],
         out.data_ptr(), out_features, 0 if scales is None else scales.data_ptr(), _threads(), int(avx512()),
+        CODES[packed.dtype],
     )  # fmt: skip
     return out
 
@@ -287,11 +301,12 @@ def decode_blocks(
     with each block's new key and value written into its cache at `position` and attention over [0,
     position]. norms (L, 2, C): the blocks' two norm weights. weights, biases: qkv (3C), proj (C), fc
     (fc_width, silu applied: quick-GELU's scales folded in by the caller) and out (C), each stacked over the
-    blocks: (L, *pack_linear's shape) and (L, padded bias); or all int8 (L, *pack_linear_int8's shape) with
-    `scales`, their column scales (L, padded), each layer's input rows then quantized as
-    quantize_int8 does. k, v: L caches (B, nh, S, hs) float32, bfloat16, float16, or int8 with k_scale
-    and v_scale (L of (B, nh, S)); hs a multiple of 8. scratch: at least scratch_size() float32 elements.
-    final_norm (C,): x is then normed as the blocks' norms do, with these weights (a model's final norm).
+    blocks: (L, *pack_linear's shape), all float32 or all bfloat16, and (L, padded bias); or all int8 (L,
+    *pack_linear_int8's shape) with `scales`, their column scales (L, padded), each layer's input rows then
+    quantized as quantize_int8 does. k, v: L caches (B, nh, S, hs) float32, bfloat16, float16, or int8 with
+    k_scale and v_scale (L of (B, nh, S)); hs a multiple of 8. scratch: at least scratch_size() float32
+    elements. final_norm (C,): x is then normed as the blocks' norms do, with these weights (a model's final
+    norm).
     """
     table = _blocks_table(x, norms, weights, biases, scales, k, v, k_scale, v_scale, scratch,
                                 position, n_head, fc_width)  # fmt: skip
@@ -302,7 +317,7 @@ def decode_blocks(
     strides = (*k[0].stride()[:3], *(k_scale[0].stride()[:2] if k_scale else (0, 0)))
     rows = scratch.data_ptr() + 4 * B * (5 * C + fc_width)  # the int8 weights' quantized rows, after
     _kernel().decode_blocks(
-        x.data_ptr(), B, C, n_head, eps, fc_width, int(bool(scales)), len(k), code, *strides,
+        x.data_ptr(), B, C, n_head, eps, fc_width, CODES[weights[0].dtype], len(k), code, *strides,
         table.data_ptr(), position, scratch.data_ptr(), rows if scales else 0, _threads(), int(avx512()),
         0 if final_norm is None else final_norm.data_ptr(),
     )  # fmt: skip
@@ -331,7 +346,7 @@ def _blocks_table(x, norms, weights, biases, scales, k, v, k_scale, v_scale, scr
     sizes = ((3 * C, C), (C, C), (fc, C), (C, fc))  # (out, in) of qkv, proj, fc, out
     for i, (name, (N, K)) in enumerate(zip(("qkv", "proj", "fc", "out"), sizes)):
         shape = (L, column_blocks(N), K // 4, 16, 4) if int8 else (L, column_blocks(N), K, 16)
-        _check(weights[i], name, torch.int8 if int8 else torch.float32, shape)
+        _check(weights[i], name, _packed_dtype(weights[0], int8), shape)
         _check(biases[i], f"{name}'s bias", shape=(L, 16 * column_blocks(N)))
         if int8:
             _check(scales[i], f"{name}'s scales", shape=(L, 16 * column_blocks(N)))
