@@ -1,12 +1,35 @@
 """Fixtures shared by the test modules."""
 
 import importlib.util
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def pytest_configure(config):
+    """torch.compile's on-disk cache in a directory of this run's own, unless the caller chose one.
+
+    Inductor's default cache (/tmp/torchinductor_$USER) is shared by every process of the user, and its keys
+    do not cover every setting that changes the generated code: kernels compiled under
+    ATEN_CPU_CAPABILITY=avx2 and reloaded on the same machine without it gave NaN logits or a corrupted heap.
+    A test run must not depend on what earlier runs left behind; subprocesses inherit the setting.
+    """
+    if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+        config._imagegpt_inductor_cache = tempfile.mkdtemp(prefix="imagegpt-test-inductor-")
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = config._imagegpt_inductor_cache
+
+
+def pytest_unconfigure(config):
+    cache = getattr(config, "_imagegpt_inductor_cache", None)
+    if cache:
+        del os.environ["TORCHINDUCTOR_CACHE_DIR"]
+        shutil.rmtree(cache, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
