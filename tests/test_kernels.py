@@ -39,13 +39,16 @@ needs_kernel = pytest.mark.skipif(not ops.available(), reason="the native kernel
 attention = torch.ops.imagegpt.decode_attention
 
 
-def c_compiler_works() -> bool:
-    """Whether the C compiler setuptools would use (CC, else Python's own) compiles a trivial file here."""
+def c_extension_builds() -> bool:
+    """Whether the C compiler setuptools would use (CC, else Python's own) compiles a file that includes
+    Python.h here: a compiler without Python's headers (no python3-dev) cannot build the extension either."""
     compiler = (os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc").split()
+    include = "-I" + sysconfig.get_paths()["include"]
+    source = "#include <Python.h>\nint f(void) { return 0; }\n"
     try:
         done = subprocess.run(
-            [*compiler, "-x", "c", "-c", "-", "-o", os.devnull],
-            input="int f(void) { return 0; }\n", capture_output=True, text=True, timeout=60,
+            [*compiler, include, "-x", "c", "-c", "-", "-o", os.devnull],
+            input=source, capture_output=True, text=True, timeout=60,
         )  # fmt: skip
     except (OSError, subprocess.SubprocessError):
         return False
@@ -55,9 +58,9 @@ def c_compiler_works() -> bool:
 @pytest.mark.skipif(not CAN_RUN, reason="the kernels are built for x86-64 Linux CPUs with AVX2, FMA and F16C")
 def test_the_kernels_are_built_and_run_where_they_can():
     # setup.py builds them as optional: a broken build would pass unnoticed, with PyTorch everywhere.
-    # Without a working C compiler the install leaves them out on purpose, and everything runs on PyTorch.
-    if ops._kernels is None and not c_compiler_works():
-        pytest.skip("no working C compiler: imagegpt was installed without its native kernels")
+    # Without a C compiler or Python's headers the install leaves them out on purpose: all runs on PyTorch.
+    if ops._kernels is None and not c_extension_builds():
+        pytest.skip("no C compiler or no Python headers: imagegpt was installed without its native kernels")
     assert ops._kernels is not None, "imagegpt.cpu._kernels was not built; reinstall with a C compiler"
     assert ops.built()
     assert ops.available() is (os.environ.get("IMAGEGPT_NATIVE_KERNELS") != "0")
