@@ -39,20 +39,28 @@ needs_kernel = pytest.mark.skipif(not ops.available(), reason="the native kernel
 attention = torch.ops.imagegpt.decode_attention
 
 
-def c_extension_builds() -> bool:
-    """Whether the C compiler setuptools would use (CC, else Python's own) compiles a file that includes
-    Python.h here: a compiler without Python's headers (no python3-dev) cannot build the extension either."""
+KERNELS_C = Path(__file__).resolve().parents[1] / "src" / "imagegpt" / "cpu" / "_kernels.c"
+
+
+def compile_c(source: str, *flags: str) -> subprocess.CompletedProcess | None:
+    """The C compiler setuptools would use (CC, else Python's own) run on `source` with Python's headers;
+    None where no compiler runs."""
     compiler = (os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc").split()
     include = "-I" + sysconfig.get_paths()["include"]
-    source = "#include <Python.h>\nint f(void) { return 0; }\n"
     try:
-        done = subprocess.run(
-            [*compiler, include, "-x", "c", "-c", "-", "-o", os.devnull],
-            input=source, capture_output=True, text=True, timeout=60,
+        return subprocess.run(
+            [*compiler, include, *flags, "-x", "c", "-c", "-", "-o", os.devnull],
+            input=source, capture_output=True, text=True, timeout=120,
         )  # fmt: skip
     except (OSError, subprocess.SubprocessError):
-        return False
-    return done.returncode == 0
+        return None
+
+
+def c_extension_builds() -> bool:
+    """Whether a file that includes Python.h compiles here: without a compiler, or without Python's headers
+    (no python3-dev), setuptools cannot build the extension."""
+    done = compile_c("#include <Python.h>\nint f(void) { return 0; }\n")
+    return done is not None and done.returncode == 0
 
 
 @pytest.mark.skipif(not CAN_RUN, reason="the kernels are built for x86-64 Linux CPUs with AVX2, FMA and F16C")
@@ -64,6 +72,17 @@ def test_the_kernels_are_built_and_run_where_they_can():
     assert ops._kernels is not None, "imagegpt.cpu._kernels was not built; reinstall with a C compiler"
     assert ops.built()
     assert ops.available() is (os.environ.get("IMAGEGPT_NATIVE_KERNELS") != "0")
+
+
+def test_the_source_compiles_without_its_x86_kernels():
+    # On aarch64 and other CPUs setup.py builds the extension without them (every call refused, sampling on
+    # PyTorch); IMAGEGPT_NO_X86 compiles that build here, so a change that breaks it fails on x86 too.
+    if not c_extension_builds():
+        pytest.skip("no C compiler or no Python headers here")
+    flags = ["-std=c11", "-Wall", "-Werror", "-fsyntax-only", "-DIMAGEGPT_NO_X86"]
+    flags += ["-fopenmp"] * sys.platform.startswith("linux")  # as setup.py builds it
+    done = compile_c(KERNELS_C.read_text(), *flags)
+    assert done.returncode == 0, done.stderr[-3000:]
 
 
 def query_and_cache(B, nh, hs, S, dtype, seed, spare=5, scale=1.0):

@@ -29,7 +29,12 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
-#if defined(__GNUC__) && defined(__x86_64__) && !defined(_WIN32)
+/* cache and weight dtypes, as imagegpt.cpu.ops passes them (the argument checks use them on every CPU); an
+ * I8 cache holds round(x / scale) per cached row of hs, scale = max |x| / 127 in a float32 array beside it
+ * (the keys' and the values' own), so q . k = scale * (q . k8) and p v = (p scale) v8 */
+enum { F32 = 0, BF16 = 1, F16 = 2, I8 = 3 };
+
+#if defined(__GNUC__) && defined(__x86_64__) && !defined(_WIN32) && !defined(IMAGEGPT_NO_X86)
 #define IMAGEGPT_AVX2 1
 #include <immintrin.h>
 #include <math.h>
@@ -42,10 +47,6 @@
 
 #define TARGET __attribute__((target("avx2,fma,f16c")))
 #define INLINE static inline __attribute__((always_inline)) TARGET
-
-/* cache dtypes; an I8 cache holds round(x / scale) per cached row of hs, scale = max |x| / 127 in a float32
- * array beside it (the keys' and the values' own), so q . k = scale * (q . k8) and p v = (p scale) v8 */
-enum { F32 = 0, BF16 = 1, F16 = 2, I8 = 3 };
 
 #define ELEMENT_SIZE(dt) ((dt) == F32 ? 4 : (dt) == I8 ? 1 : 2)
 
