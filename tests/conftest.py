@@ -2,6 +2,7 @@
 
 import importlib.util
 import os
+import platform
 import shutil
 import tempfile
 from pathlib import Path
@@ -20,6 +21,15 @@ def pytest_configure(config):
     ATEN_CPU_CAPABILITY=avx2 and reloaded on the same machine without it gave NaN logits or a corrupted heap.
     A test run must not depend on what earlier runs left behind; subprocesses inherit the setting.
     """
+    if platform.machine() in ("aarch64", "arm64"):
+        # GCC 12 (Debian 12) crashes compiling Inductor's SVE kernels against its precompiled headers (README,
+        # "Precision, and which CPU you have"); the variable reaches subprocesses, the config this one.
+        os.environ.setdefault("TORCHINDUCTOR_CPP_CACHE_PRECOMPILE_HEADERS", "0")
+        import torch._inductor.config
+
+        torch._inductor.config.cpp_cache_precompile_headers = (
+            os.environ["TORCHINDUCTOR_CPP_CACHE_PRECOMPILE_HEADERS"] == "1"
+        )
     if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
         config._imagegpt_inductor_cache = tempfile.mkdtemp(prefix="imagegpt-test-inductor-")
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = config._imagegpt_inductor_cache
