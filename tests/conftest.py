@@ -19,20 +19,19 @@ def pytest_configure(config):
     Inductor's default cache (/tmp/torchinductor_$USER) is shared by every process of the user, and its keys
     do not cover every setting that changes the generated code: kernels compiled under
     ATEN_CPU_CAPABILITY=avx2 and reloaded on the same machine without it gave NaN logits or a corrupted heap.
-    A test run must not depend on what earlier runs left behind; subprocesses inherit the setting.
+    A test run must not depend on what earlier runs left behind; subprocesses inherit the setting. Decided
+    before anything imports torch._inductor.config, which sets the variable to the default.
     """
-    if platform.machine() in ("aarch64", "arm64"):
-        # GCC 12 (Debian 12) crashes compiling Inductor's SVE kernels against its precompiled headers (README,
-        # "Precision, and which CPU you have"); the variable reaches subprocesses, the config this one.
-        os.environ.setdefault("TORCHINDUCTOR_CPP_CACHE_PRECOMPILE_HEADERS", "0")
-        import torch._inductor.config
-
-        torch._inductor.config.cpp_cache_precompile_headers = (
-            os.environ["TORCHINDUCTOR_CPP_CACHE_PRECOMPILE_HEADERS"] == "1"
-        )
     if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
         config._imagegpt_inductor_cache = tempfile.mkdtemp(prefix="imagegpt-test-inductor-")
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = config._imagegpt_inductor_cache
+    if platform.machine() in ("aarch64", "arm64"):
+        # GCC 12 (Debian 12) crashes compiling Inductor's SVE kernels against its precompiled headers (README,
+        # "Precision, and which CPU you have"); the variable reaches subprocesses, the config this one.
+        import torch._inductor.config
+
+        chosen = os.environ.setdefault("TORCHINDUCTOR_CPP_CACHE_PRECOMPILE_HEADERS", "0")
+        torch._inductor.config.cpp_cache_precompile_headers = chosen == "1"
 
 
 def pytest_unconfigure(config):

@@ -46,7 +46,7 @@ def test_the_cpu_description_names_the_flags_that_decide_our_paths():
     assert "CPUs; flags:" in text and "native bfloat16: " in text
     with open("/proc/cpuinfo") as f:
         has_avx2 = " avx2" in f.read()
-    named = text.split("flags: ")[1].split(";")[0].split()  # "none of avx2/avx512" where none is: one word
+    named = text.split("flags: ")[1].split(";")[0].split()  # as words: "none of avx2/avx512" names none
     assert ("avx2" in named) is has_avx2
 
 
